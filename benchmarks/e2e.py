@@ -1,0 +1,354 @@
+"""Offline end-to-end benchmark: throughput at a fixed KV budget, TPOT, TTFT, KV capacity.
+
+    python benchmarks/e2e.py --model /models/SmolLM2-135M-Instruct          # ~9 min, H100
+    python benchmarks/e2e.py --model /models/SmolLM2-135M-Instruct --quick  # ~3 min
+    python benchmarks/e2e.py --quick                                        # CPU smoke run
+
+For each KV-cache dtype (ours ``turboquant``, ``auto``, vLLM's ``turboquant_4bit_nc`` and
+``turboquant_k3v4_nc``, ``fp8``) one fresh subprocess (so GPU memory starts clean) builds
+``vllm.LLM`` twice with ``kv_cache_memory_bytes`` fixed, prefix caching off, and measures:
+
+  long   96 x (7700 in, 384 out) tokens at 4 GiB: throughput; then on the same engine
+         TTFT of a 7700-token prompt, and TPOT at 2K context with 1 and with 16 requests
+  short  400 x (1024 in, 256 out) tokens at 1 GiB: throughput
+
+Outputs are fixed-length (``ignore_eos``); prompts are token ids (real English text from
+``vllm_turboquant.textdata`` or ``--prompts synthetic``), the same for every dtype. KV capacity
+(tokens) comes from each engine (``num_gpu_blocks x block_size``). TPOT comes from the
+engine's own per-request token timestamps ((last - first token) / (n - 1)), TTFT is the wall
+clock of a 1-token request.
+
+Results: ``e2e.json``, ``e2e.md`` (a table stating machine and versions, printed at the
+end), ``e2e.png`` (with matplotlib) and one log per dtype, in ``--out-dir``.
+``--budget-s`` (default 540 s on GPU) bounds the whole run: a dtype that would start after the
+budget is reported as skipped, and each subprocess is killed at its share of the budget.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+# Appended, not prepended: imported from tests, benchmarks/kernels.py must not shadow the
+# kernels package. (Run as a script, benchmarks/ is sys.path[0] anyway.)
+sys.path.extend(p for p in (str(HERE), str(HERE.parent)) if p not in sys.path)
+
+from serving_common import (bar_plot, header_lines, machine_info, markdown_table,  # noqa: E402
+                            on_gpu, plugin_env)
+
+GiB, MiB = 1 << 30, 1 << 20
+# Ours first, then the baseline: when the budget runs out, vLLM's presets are skipped.
+GPU_DTYPES = ("turboquant", "auto", "turboquant_4bit_nc", "fp8", "turboquant_k3v4_nc")
+CPU_DTYPES = ("turboquant", "auto")
+
+PROFILES = {
+    # workload: (requests, input tokens, output tokens, KV bytes)
+    "full": dict(short=(400, 1024, 256, 1 * GiB), long=(96, 7700, 384, 4 * GiB),
+                 tpot_ctx=2048, tpot_tokens=128, tpot_batch=16, ttft_reps=3,
+                 max_model_len=8192),
+    "quick": dict(short=(128, 1024, 128, 256 * MiB), long=(24, 7700, 128, 1 * GiB),
+                  tpot_ctx=2048, tpot_tokens=64, tpot_batch=16, ttft_reps=2,
+                  max_model_len=8192),
+    # A smoke run of the code path: the CPU backend is a reference implementation, and a
+    # 400-token prefill through it takes minutes on 2 cores.
+    "cpu": dict(short=(4, 64, 8, 16 * MiB), long=(2, 192, 4, 32 * MiB),
+                tpot_ctx=64, tpot_tokens=4, tpot_batch=2, ttft_reps=1, max_model_len=512),
+}
+
+
+def columns(tpot_batch: int) -> list[tuple[str, str, str]]:
+    """The table's (key, header, format) columns."""
+    return [
+        ("dtype", "kv-cache dtype", ""),
+        ("short_capacity_tokens", "KV tokens @short", "d"),
+        ("long_capacity_tokens", "KV tokens @long", "d"),
+        ("capacity_vs_auto", "capacity vs auto", ".2f"),
+        ("short_out_tok_s", "short out tok/s", ".1f"),
+        ("short_req_s", "short req/s", ".2f"),
+        ("long_out_tok_s", "long out tok/s", ".1f"),
+        ("long_req_s", "long req/s", ".3f"),
+        ("tpot_c1_ms", "TPOT c=1 ms", ".2f"),
+        ("tpot_cN_ms", f"TPOT c={tpot_batch} ms", ".2f"),
+        ("ttft_long_ms", "TTFT long ms", ".0f"),
+    ]
+
+
+# -- the worker (one dtype, in its own process) ------------------------------------------------
+def make_prompts(tokenizer, kind: str, n: int, length: int, seed: int) -> list[list[int]]:
+    """n prompts of exactly `length` token ids: Austen text windows or random ids."""
+    import random
+    rng = random.Random(seed)
+    if kind == "synthetic":
+        vocab = min(len(tokenizer), 30000)
+        return [[rng.randrange(1000, vocab) for _ in range(length)] for _ in range(n)]
+    from vllm_turboquant.textdata import ensure_english_text
+    text = ensure_english_text().read_text()
+    need = min(len(text), (n + 1) * length * 5 + 10_000)
+    ids = tokenizer(text[:need], add_special_tokens=False)["input_ids"]
+    if len(ids) < length:
+        raise ValueError(f"not enough text for {length}-token prompts")
+    span = len(ids) - length + 1
+    start, step = rng.randrange(span), max(1, span // max(n, 1))
+    return [ids[(start + i * step) % span:][:length] for i in range(n)]
+
+
+def timed_generate(llm, prompts, max_tokens: int) -> tuple[float, int, list]:
+    """Seconds to generate `max_tokens` for every prompt (ignore_eos), output tokens, and
+    vLLM's RequestOutputs."""
+    from vllm import SamplingParams
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    inputs = [{"prompt_token_ids": p} for p in prompts]
+    t = time.perf_counter()
+    outs = llm.generate(inputs, params, use_tqdm=False)
+    elapsed = time.perf_counter() - t
+    return elapsed, sum(len(o.outputs[0].token_ids) for o in outs), outs
+
+
+def engine_tpot(outs) -> float | None:
+    """Mean per-request time per output token after the first, from the engine core's own
+    timestamps (``RequestOutput.metrics``: first/last token, monotonic; needs stats on).
+    None where this vLLM does not fill them."""
+    tpots = []
+    for o in outs:
+        m = getattr(o, "metrics", None)
+        n = getattr(m, "num_generation_tokens", 0) or len(o.outputs[0].token_ids)
+        first, last = getattr(m, "first_token_ts", 0.0), getattr(m, "last_token_ts", 0.0)
+        if m is None or not first or last <= first or n < 2:
+            return None
+        tpots.append((last - first) / (n - 1))
+    return sum(tpots) / len(tpots) if tpots else None
+
+
+def build_llm(model: str, dtype: str, kv_bytes: int, max_model_len: int, eager: bool):
+    from vllm import LLM
+    # Stats on: RequestOutput.metrics then carries the engine's token timestamps (TPOT).
+    kwargs = dict(model=model, kv_cache_dtype=dtype, kv_cache_memory_bytes=kv_bytes,
+                  max_model_len=max_model_len, enable_prefix_caching=False, seed=0,
+                  enforce_eager=eager, disable_log_stats=False)
+    return LLM(**kwargs)
+
+
+def capacity(llm) -> dict:
+    cache = llm.llm_engine.vllm_config.cache_config
+    return {"num_gpu_blocks": cache.num_gpu_blocks, "block_size": cache.block_size,
+            "capacity_tokens": cache.num_gpu_blocks * cache.block_size}
+
+
+def shutdown(llm) -> None:
+    """Stop the engine core process and wait until the device memory is back: vLLM refuses
+    to start an engine when less memory is free than it expects."""
+    engine = getattr(llm, "llm_engine", None)
+    core = getattr(engine, "engine_core", None)
+    if core is not None and hasattr(core, "shutdown"):
+        core.shutdown()
+    del llm
+    gc.collect()
+    try:
+        import torch
+        if not torch.cuda.is_available():
+            return
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            free, total = torch.cuda.mem_get_info()
+            if free > 0.9 * total:
+                return
+            time.sleep(1.0)
+    except Exception:  # noqa: BLE001 - best effort; the next build reports a real problem
+        pass
+
+
+def throughput(llm, prompts, output_len: int) -> dict:
+    elapsed, out_tokens, _ = timed_generate(llm, prompts, output_len)
+    in_tokens = sum(len(p) for p in prompts)
+    return {"elapsed_s": elapsed, "requests": len(prompts), "output_tokens": out_tokens,
+            "req_s": len(prompts) / elapsed, "out_tok_s": out_tokens / elapsed,
+            "total_tok_s": (in_tokens + out_tokens) / elapsed}
+
+
+def worker(spec: dict) -> dict:
+    """All measurements for one dtype. Runs in a fresh process."""
+    p, dtype, model = spec["profile"], spec["dtype"], spec["model"]
+    out: dict = {"dtype": dtype}
+    for phase in ("long", "short"):
+        n, in_len, out_len, kv_bytes = p[phase]
+        t0 = time.perf_counter()
+        try:
+            llm = build_llm(model, dtype, kv_bytes, p["max_model_len"], spec["eager"])
+        except Exception as e:  # noqa: BLE001 - a dtype the build cannot serve is a result
+            out[f"{phase}_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+            continue
+        out[f"{phase}_startup_s"] = time.perf_counter() - t0
+        out[f"{phase}_kv_bytes"] = kv_bytes
+        out.update({f"{phase}_{k}": v for k, v in capacity(llm).items()})
+        tok = llm.get_tokenizer()
+        prompts = make_prompts(tok, spec["prompts"], n, in_len, seed=1 + (phase == "short"))
+        timed_generate(llm, prompts[:2], 4)  # warm-up: first-request costs stay out
+        out.update({f"{phase}_{k}": v for k, v in throughput(llm, prompts, out_len).items()})
+        if phase == "long":
+            out.update(latency_probes(llm, tok, spec["prompts"], p, in_len))
+        shutdown(llm)
+        llm = None
+    return out
+
+
+def latency_probes(llm, tok, kind: str, p: dict, long_len: int) -> dict:
+    """TTFT of a long prompt (wall clock of a 1-token request, median); TPOT at tpot_ctx
+    context for 1 and for tpot_batch requests (engine timestamps; where vLLM gives none,
+    ``(T(1 + n tokens) - T(1 token)) / n``)."""
+    res = {}
+    ttfts = [timed_generate(llm, [prompt], 1)[0]
+             for prompt in make_prompts(tok, kind, p["ttft_reps"], long_len, seed=11)]
+    res["ttft_long_ms"] = sorted(ttfts)[len(ttfts) // 2] * 1000
+    n = p["tpot_tokens"]
+    for key, batch in (("c1", 1), ("cN", p["tpot_batch"])):
+        prompts = make_prompts(tok, kind, batch, p["tpot_ctx"], seed=21 + batch)
+        full, _, outs = timed_generate(llm, prompts, 1 + n)
+        tpot = engine_tpot(outs)
+        res[f"tpot_{key}_source"] = "engine timestamps"
+        if tpot is None:
+            first = timed_generate(llm, prompts, 1)[0]
+            tpot = max(full - first, 0.0) / n
+            res[f"tpot_{key}_source"] = "wall-clock difference"
+        res[f"tpot_{key}_ms"] = tpot * 1000
+    res["tpot_batch"] = p["tpot_batch"]
+    res["tpot_ctx"] = p["tpot_ctx"]
+    return res
+
+
+# -- the driver ----------------------------------------------------------------------------------
+def size(n: int) -> str:
+    return f"{n / GiB:g} GiB" if n >= GiB else f"{n / MiB:g} MiB"
+
+
+def run_dtype(dtype: str, spec: dict, out_dir: Path, timeout_s: float) -> dict:
+    """Run `worker` for `dtype` in a fresh Python process; its log goes to a file."""
+    spec = {**spec, "dtype": dtype}
+    result_path = out_dir / f"e2e_{dtype}.json"
+    log_path = out_dir / f"e2e_{dtype}.log"
+    result_path.unlink(missing_ok=True)
+    env = {**os.environ, **plugin_env()}
+    cmd = [sys.executable, __file__, "--worker", json.dumps(spec), "--worker-out",
+           str(result_path)]
+    t0 = time.perf_counter()
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True)
+        try:
+            proc.wait(timeout=max(timeout_s, 1))
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+            proc.wait()
+            return {"dtype": dtype, "error": f"timed out after {timeout_s:.0f} s (budget)",
+                    "wall_s": time.perf_counter() - t0}
+        finally:
+            try:
+                os.killpg(proc.pid, 9)  # engine-core leftovers of a crashed worker
+            except ProcessLookupError:
+                pass
+    if proc.returncode != 0 or not result_path.is_file():
+        tail = log_path.read_text(errors="replace").splitlines()[-5:]
+        return {"dtype": dtype, "error": f"worker exit {proc.returncode}: {' | '.join(tail)}",
+                "wall_s": time.perf_counter() - t0}
+    row = json.loads(result_path.read_text())
+    row["wall_s"] = time.perf_counter() - t0
+    return row
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None,
+                    help="model folder (default: SmolLM2 via `python -m vllm_turboquant.models`)")
+    ap.add_argument("--dtypes", default=None, help="comma-separated kv-cache dtypes")
+    ap.add_argument("--quick", action="store_true", help="smaller workloads")
+    ap.add_argument("--prompts", choices=("real", "synthetic"), default="real")
+    ap.add_argument("--eager", action="store_true",
+                    help="enforce_eager for every dtype (faster start, no CUDA graphs)")
+    ap.add_argument("--budget-s", type=float, default=None,
+                    help="wall-clock bound (default 540 s on GPU, 1500 s on CPU)")
+    ap.add_argument("--out-dir", type=Path, default=HERE / "results" / "e2e")
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+
+    if args.worker:  # inside the per-dtype subprocess
+        result = worker(json.loads(args.worker))
+        Path(args.worker_out).write_text(json.dumps(result))
+        return result
+
+    t_start = time.perf_counter()
+    gpu = on_gpu()
+    name = ("quick" if args.quick else "full") if gpu else "cpu"
+    profile = PROFILES[name]
+    dtypes = args.dtypes.split(",") if args.dtypes else list(GPU_DTYPES if gpu else CPU_DTYPES)
+    eager = args.eager or not gpu  # CPU: torch.compile costs minutes
+    budget = args.budget_s or (540.0 if gpu else 1500.0)
+    from vllm_turboquant.models import resolve_model
+    model = resolve_model(args.model)
+    info = machine_info()
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    spec = {"model": model, "profile": profile, "prompts": args.prompts, "eager": eager}
+
+    rows = []
+    for i, dtype in enumerate(dtypes):
+        left = budget - (time.perf_counter() - t_start)
+        per = left / (len(dtypes) - i)  # an even share of what is left
+        done = [r["wall_s"] for r in rows if "wall_s" in r]
+        if done and left < 0.8 * (sum(done) / len(done)):
+            rows.append({"dtype": dtype, "error": "skipped: budget spent"})
+            continue
+        print(f"== {dtype} ({name} profile, {left:.0f} s of budget left)", flush=True)
+        # Ours runs first and may take what the others leave (it also pays the first
+        # compile); every later dtype keeps at least a minute per dtype still to come.
+        remaining = len(dtypes) - i - 1
+        row = run_dtype(dtype, spec, args.out_dir, timeout_s=max(per, left - 60 * remaining))
+        print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v)
+                          for k, v in row.items()}), flush=True)
+        rows.append(row)
+
+    auto = next((r for r in rows if r["dtype"] == "auto" and r.get("long_capacity_tokens")), None)
+    for r in rows:
+        if auto and r.get("long_capacity_tokens"):
+            r["capacity_vs_auto"] = r["long_capacity_tokens"] / auto["long_capacity_tokens"]
+    s, lg = profile["short"], profile["long"]
+    workload = {
+        "model": model, "profile": name + (" (eager)" if eager else " (CUDA graphs)"),
+        "short": f"{s[0]} x ({s[1]} in, {s[2]} out) at {size(s[3])} KV",
+        "long": f"{lg[0]} x ({lg[1]} in, {lg[2]} out) at {size(lg[3])} KV",
+        "TPOT": f"{profile['tpot_ctx']}-token context, 1 and {profile['tpot_batch']} requests"
+                f" ({profile['tpot_tokens']} tokens); TTFT: one {lg[1]}-token prompt "
+                "(median of " + str(profile["ttft_reps"]) + ")",
+        "prompts": args.prompts + " token ids, ignore_eos, prefix caching off",
+        "wall time": f"{time.perf_counter() - t_start:.0f} s",
+    }
+    table = "\n".join(["## e2e", header_lines(info, workload), "",
+                       markdown_table(rows, columns(profile["tpot_batch"]))])
+    errors = [f"{r['dtype']}: " + "; ".join(str(r[k]) for k in r if k.endswith("error"))
+              for r in rows if any(k.endswith("error") for k in r)]
+    if errors:
+        table += "\n\nerrors / skipped:\n" + "\n".join(f"- {e}" for e in errors)
+    result = {"machine": info, "workload": workload, "profile": profile, "rows": rows}
+    (args.out_dir / "e2e.json").write_text(json.dumps(result, indent=1))
+    (args.out_dir / "e2e.md").write_text(table + "\n")
+    ok = [r for r in rows if r.get("long_capacity_tokens") or r.get("short_capacity_tokens")]
+    if ok and bar_plot(ok, "dtype", [("long_capacity_tokens", "KV capacity @long (tokens)"),
+                                     ("short_out_tok_s", "short: output tok/s"),
+                                     ("long_out_tok_s", "long: output tok/s"),
+                                     ("tpot_cN_ms", f"TPOT c={profile['tpot_batch']} (ms)"),
+                                     ("ttft_long_ms", "TTFT long prompt (ms)")],
+                       f"e2e ({name}) {Path(model).name}", args.out_dir / "e2e.png"):
+        print(f"plot: {args.out_dir / 'e2e.png'}")
+    print("\n" + table)
+    print(f"\nJSON: {args.out_dir / 'e2e.json'}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

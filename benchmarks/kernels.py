@@ -1,0 +1,513 @@
+"""Benchmark the TurboQuant kernels against FlashAttention bf16/fp8 and vLLM's built-in TurboQuant.
+
+    python benchmarks/kernels.py [--quick] [--out benchmarks/results] [--only decode,store,prefill]
+
+Decode: batch x context x head sizes, GQA 4 (head 128: 32 q / 8 kv heads; head 64: 16 q / 4 kv
+heads, a Llama-3.2-1B-like group), plus SmolLM2-135M (9 q / 3 kv, head 64). Each baseline is
+guarded: a missing one is reported as a row with "error", never fatal.
+  fa2_bf16 / fa3_bf16   vllm.vllm_flash_attn.flash_attn_varlen_func on a paged bf16 cache
+  fa3_fp8               the same with an fp8 (e4m3) cache, FA3 only
+  vllm_tq               vllm.v1.attention.ops.triton_turboquant_decode (turboquant_4bit_nc)
+  sdpa_bf16             torch SDPA on a dense bf16 cache (stand-in when vLLM is absent)
+Times: p50 (p20 / p80) microseconds from triton.testing.do_bench, eager and CUDA graph.
+GB/s: the bytes the kernel must read (packed slots for TurboQuant, K+V for bf16) over time,
+against the 3350 GB/s HBM3 peak of an H100 SXM.
+Store: 8K tokens x 8 KV heads x 128 (bytes read + written). Prefill: 32K cached + 2K chunk,
+packed kernel vs dequantize-the-prefix-to-bf16-then-attend (time and peak memory).
+Rows go to benchmarks/results/kernels-<gpu>-<time>.json and a png plot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import subprocess
+import sys
+import traceback
+
+import torch
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
+
+import triton  # noqa: E402
+
+sys.path.insert(0, os.path.join(_ROOT, "tests"))
+import conftest  # noqa: E402,F401  (registers vllm_turboquant.kernels when not installed)
+
+from vllm_turboquant.codec import TQConfig, TQLayerCodec  # noqa: E402
+from vllm_turboquant.kernels import TQLayerParams  # noqa: E402
+from vllm_turboquant.kernels.decode import (default_block_n, default_num_splits,  # noqa: E402
+                                            tq_decode)
+from vllm_turboquant.kernels.prefill import tq_prefill  # noqa: E402
+from vllm_turboquant.kernels.reference import decode_slots  # noqa: E402
+from vllm_turboquant.kernels.store import tq_store  # noqa: E402
+
+PEAK_GBS = 3350.0
+DEV = "cuda"
+
+
+# -- timing -----------------------------------------------------------------------------------
+def bench(fn, graph: bool, rep_ms: int):
+    """(p50, p20, p80) microseconds of fn(), eager or replayed from a CUDA graph."""
+    fn()
+    torch.cuda.synchronize()
+    if graph:
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            fn()
+        torch.cuda.current_stream().wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            fn()
+        run = g.replay
+    else:
+        run = fn
+    q = triton.testing.do_bench(run, warmup=max(5, rep_ms // 4), rep=rep_ms,
+                                quantiles=[0.5, 0.2, 0.8])
+    return tuple(x * 1e3 for x in q)
+
+
+def env_info():
+    info = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+            "triton": triton.__version__, "cuda": torch.version.cuda}
+    try:
+        import vllm
+        info["vllm"] = vllm.__version__
+    except Exception as e:  # noqa: BLE001
+        info["vllm"] = f"absent ({type(e).__name__})"
+    try:
+        info["git_sha"] = subprocess.check_output(
+            ["git", "rev-parse", "HEAD"], cwd=_ROOT, stderr=subprocess.DEVNULL).decode().strip()
+        dirty = subprocess.call(["git", "diff", "--quiet"], cwd=_ROOT,
+                                stderr=subprocess.DEVNULL)
+        info["git_dirty"] = bool(dirty)
+    except Exception:  # noqa: BLE001
+        info["git_sha"] = "unknown"
+    return info
+
+
+# -- inputs -----------------------------------------------------------------------------------
+def _params(d):
+    codec = TQLayerCodec(TQConfig.from_name("turboquant"), d, layer=0)
+    return codec, TQLayerParams.from_codec(codec, DEV)
+
+
+def packed_cache(num_blocks, block_size, hkv, params):
+    """Random codes with finite fp16 scales (timing on zeros would flatter the kernel)."""
+    sb = params.layout.slot_bytes
+    cache = torch.randint(0, 256, (num_blocks, block_size, hkv, sb), dtype=torch.uint8,
+                          device=DEV)
+    ko = params.layout.k_scale_offset
+    scales = (torch.rand(num_blocks, block_size, hkv, 2, device=DEV) + 0.5).half()
+    cache[..., ko:ko + 4] = scales.view(torch.uint8).reshape(num_blocks, block_size, hkv, 4)
+    return cache
+
+
+def block_tables(b, ctx, block_size, num_blocks):
+    per = math.ceil(ctx / block_size)
+    return torch.randperm(num_blocks, device=DEV)[:b * per].reshape(b, per).int()
+
+
+# -- decode baselines -------------------------------------------------------------------------
+def _fa_fn(version, q, k_cache, v_cache, bt, sl, scale, fp8=False):
+    """vLLM's FlashAttention (vllm.vllm_flash_attn.flash_attn_varlen_func, as vLLM's FA
+    backend calls it for decode: one query token per sequence, paged KV via block_table)."""
+    from vllm.vllm_flash_attn import flash_attn_varlen_func
+    b = q.shape[0]
+    cu_q = torch.arange(b + 1, dtype=torch.int32, device=DEV)
+    max_k = int(bt.shape[1] * k_cache.shape[1])
+    kwargs = {}
+    if fp8:
+        one = torch.ones(b, k_cache.shape[2], dtype=torch.float32, device=DEV)
+        kwargs = dict(q_descale=one, k_descale=one, v_descale=one)
+        q = q.to(k_cache.dtype)      # FA3 fp8 takes an fp8 query too (vLLM quantizes it)
+    out = torch.empty(q.shape, dtype=torch.bfloat16, device=DEV)
+    return lambda: flash_attn_varlen_func(q, k_cache, v_cache, max_seqlen_q=1, cu_seqlens_q=cu_q,
+                                          max_seqlen_k=max_k, seqused_k=sl, softmax_scale=scale,
+                                          causal=True, block_table=bt, out=out,
+                                          fa_version=version, **kwargs)
+
+
+def decode_baselines(b, ctx, hq, hkv, d, block_size, q, sl, scale):
+    """{name: (callable, bytes read) or exception} of every baseline we can build."""
+    out = {}
+    nb = b * math.ceil(ctx / block_size) + 1
+    bt = block_tables(b, ctx, block_size, nb)
+    bf16_bytes = b * ctx * hkv * d * 2 * 2
+    try:
+        kc = torch.randn(nb, block_size, hkv, d, device=DEV, dtype=torch.bfloat16)
+        vc = torch.randn_like(kc)
+    except torch.OutOfMemoryError as e:
+        return {"fa_bf16": e}
+    for ver in (2, 3):
+        try:
+            fn = _fa_fn(ver, q, kc, vc, bt, sl, scale)
+            fn()
+            out[f"fa{ver}_bf16"] = (fn, bf16_bytes)
+        except Exception as e:  # noqa: BLE001
+            out[f"fa{ver}_bf16"] = e
+    try:
+        k8, v8 = kc.to(torch.float8_e4m3fn), vc.to(torch.float8_e4m3fn)
+        fn = _fa_fn(3, q, k8, v8, bt, sl, scale, fp8=True)
+        fn()
+        out["fa3_fp8"] = (fn, bf16_bytes // 2)
+    except Exception as e:  # noqa: BLE001
+        out["fa3_fp8"] = e
+    if not any(isinstance(v, tuple) for v in out.values()):
+        # No vLLM FlashAttention: torch SDPA on a dense cache as the bf16 stand-in.
+        try:
+            del kc, vc
+            kd = torch.randn(b, hkv, ctx, d, device=DEV, dtype=torch.bfloat16)
+            vd = torch.randn_like(kd)
+            qd = q.unsqueeze(2)
+            f = torch.nn.functional.scaled_dot_product_attention
+            fn = lambda: f(qd, kd, vd, scale=scale, enable_gqa=True)  # noqa: E731
+            fn()
+            out["sdpa_bf16"] = (fn, bf16_bytes)
+        except Exception as e:  # noqa: BLE001
+            out["sdpa_bf16"] = e
+    else:
+        del kc, vc
+    try:
+        out["vllm_tq"] = _vllm_tq(b, ctx, hq, hkv, d, block_size, q, sl, scale)
+    except Exception as e:  # noqa: BLE001
+        out["vllm_tq"] = e
+    return out
+
+
+def _vllm_tq(b, ctx, hq, hkv, d, block_size, q, sl, scale):
+    from vllm.model_executor.layers.quantization.turboquant.config import TurboQuantConfig
+    from vllm.v1.attention.ops.triton_turboquant_decode import (
+        triton_turboquant_decode_attention)
+    cfg = TurboQuantConfig(head_dim=d, key_quant_bits=4, value_quant_bits=4,
+                           norm_correction=True)
+    slot = getattr(cfg, "slot_size_aligned", cfg.slot_size)
+    nb = b * math.ceil(ctx / block_size) + 1
+    cache = torch.randint(0, 60, (nb, block_size, hkv, slot), dtype=torch.uint8, device=DEV)
+    bt = block_tables(b, ctx, block_size, nb)
+    pi = torch.linalg.qr(torch.randn(d, d, device=DEV))[0]
+    cent = torch.linspace(-0.2, 0.2, 16, device=DEV)
+    pit = pi.T.contiguous()
+    splits = 32
+
+    def fn():
+        return triton_turboquant_decode_attention(
+            q, cache, bt, sl, pi, cent, scale, cfg.mse_bits, cfg.key_packed_size,
+            cfg.effective_value_quant_bits, key_fp8=False, norm_correction=True, PiT=pit,
+            max_num_kv_splits=splits)
+    fn()
+    return fn, b * ctx * hkv * slot
+
+
+def run_decode(args, info, rows):
+    batches, ctxs = (1, 8, 32, 128), (1024, 4096, 16384, 32768)
+    heads = [(128, 32, 8), (64, 16, 4)]
+    if args.quick:
+        batches, ctxs = (1, 32), (4096, 16384)
+    shapes = [(b, c, d, hq, hkv, "gqa4") for d, hq, hkv in heads for b in batches for c in ctxs]
+    shapes += [(b, c, 64, 9, 3, "smollm2") for b in (batches if not args.quick else (32,))
+               for c in ctxs]
+    for b, ctx, d, hq, hkv, tag in shapes:
+        # 128 x 32K x 8 x 128 in bf16 is 17 GB per baseline cache: fits an 80 GB H100.
+        torch.cuda.empty_cache()
+        block_size = args.block_size
+        codec, params = _params(d)
+        scale = d ** -0.5
+        q = torch.randn(b, hq, d, device=DEV, dtype=torch.bfloat16)
+        sl = torch.full((b,), ctx, dtype=torch.int32, device=DEV)
+        nb = b * math.ceil(ctx / block_size) + 1
+        cache = packed_cache(nb, block_size, hkv, params)
+        bt = block_tables(b, ctx, block_size, nb)
+        block_n = args.block_n or default_block_n(d)
+        splits = default_num_splits(b, hkv, bt.shape[1] * block_size, q.device, block_n)
+        out = torch.empty_like(q)
+        fns = {"turboquant": (lambda: tq_decode(q, cache, bt, sl, params, scale,
+                                                num_splits=splits, out=out,
+                                                block_n=block_n,
+                                                num_warps=args.num_warps),
+                              b * ctx * hkv * params.layout.slot_bytes)}
+        fns.update(decode_baselines(b, ctx, hq, hkv, d, block_size, q, sl, scale))
+        base = {"op": "decode", "batch": b, "context": ctx, "head_size": d, "q_heads": hq,
+                "kv_heads": hkv, "model": tag, "block_size": block_size, "num_splits": splits}
+        times, shape_rows = {}, []
+        for name, val in fns.items():
+            for graph in (False, True):
+                row = dict(base, kernel=name, mode="graph" if graph else "eager", **info)
+                if isinstance(val, Exception):
+                    if graph:
+                        continue
+                    row["error"] = f"{type(val).__name__}: {str(val)[:200]}"
+                else:
+                    fn, nbytes = val
+                    try:
+                        p50, p20, p80 = bench(fn, graph, args.rep_ms)
+                        row.update(p50_us=p50, p20_us=p20, p80_us=p80, bytes=nbytes,
+                                   gbs=nbytes / p50 / 1e3, peak_frac=nbytes / p50 / 1e3 / PEAK_GBS)
+                        times[(name, graph)] = p50
+                    except Exception as e:  # noqa: BLE001
+                        row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+                shape_rows.append(row)
+        rows.extend(shape_rows)
+        for row in shape_rows:
+            if row.get("kernel") == "turboquant" and "p50_us" in row:
+                g = row["mode"] == "graph"
+                for other in fns:
+                    if other != "turboquant" and (other, g) in times:
+                        row[f"ratio_vs_{other}"] = row["p50_us"] / times[(other, g)]
+        tq = times.get(("turboquant", True))
+        best = {k[0]: v for k, v in times.items() if k[1]}
+        print(f"decode {tag} b={b:4d} ctx={ctx:6d} d={d:3d} splits={splits:3d} graph p50 us: "
+              + " ".join(f"{k}={v:8.1f}" for k, v in best.items())
+              + (f"  tq GB/s={fns['turboquant'][1] / tq / 1e3:7.0f}" if tq else ""), flush=True)
+        del cache, fns, q
+    return rows
+
+
+# -- store ------------------------------------------------------------------------------------
+def run_store(args, info, rows):
+    t, hkv, d, bs = 8192, 8, 128, 16
+    codec, params = _params(d)
+    k = torch.randn(t, hkv, d, device=DEV, dtype=torch.bfloat16)
+    v = torch.randn(t, hkv, d, device=DEV, dtype=torch.bfloat16)
+    nb = t // bs * 4
+    cache = torch.zeros(nb, bs, hkv, params.layout.slot_bytes, dtype=torch.uint8, device=DEV)
+    slots = torch.randperm(nb * bs, device=DEV)[:t]
+    nbytes = 2 * t * hkv * d * 2 + t * hkv * params.layout.slot_bytes + t * 8
+    for bt in args.store_block_t:
+        for graph in (False, True):
+            fn = lambda: tq_store(k, v, cache, slots, params, block_t=bt)  # noqa: E731
+            p50, p20, p80 = bench(fn, graph, args.rep_ms)
+            rows.append(dict(op="store", kernel="turboquant", mode="graph" if graph else "eager",
+                             tokens=t, kv_heads=hkv, head_size=d, block_t=bt, p50_us=p50,
+                             p20_us=p20, p80_us=p80, bytes=nbytes, gbs=nbytes / p50 / 1e3,
+                             peak_frac=nbytes / p50 / 1e3 / PEAK_GBS, **info))
+            print(f"store T={t} hkv={hkv} d={d} block_t={bt or 'default'} "
+                  f"{'graph' if graph else 'eager'} "
+                  f"p50={p50:.1f} us ({p20:.1f}/{p80:.1f}) {nbytes / p50 / 1e3:.0f} GB/s",
+                  flush=True)
+    return rows
+
+
+# -- prefill ----------------------------------------------------------------------------------
+def _dequant_then_attend(q, k, v, cache, bt, sl_prefix, params, scale, block_size):
+    """The baseline: dequantize the whole prefix to bf16, then one causal attention."""
+    prefix = int(sl_prefix)
+    pos = torch.arange(prefix, device=DEV)
+    slots = cache[bt[0].long()[pos // block_size], pos % block_size]       # [P, Hkv, SB]
+    kp, vp = decode_slots(params, slots)
+    kp = (kp @ params.rotation).to(q.dtype)
+    vp = (vp @ params.rotation).to(q.dtype)
+    kk = torch.cat([kp, k], 0).transpose(0, 1).unsqueeze(0)              # [1, Hkv, N, D]
+    vv = torch.cat([vp, v], 0).transpose(0, 1).unsqueeze(0)
+    m = q.shape[0]
+    mask = torch.ones(m, prefix + m, dtype=torch.bool, device=DEV).tril(prefix)
+    return torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(0, 1).unsqueeze(0), kk, vv, attn_mask=mask, scale=scale, enable_gqa=True)
+
+
+def run_prefill(args, info, rows):
+    prefix, m, hq, hkv, d, bs = 32768, 2048, 32, 8, 128, 16
+    codec, params = _params(d)
+    scale = d ** -0.5
+    nb = (prefix + m) // bs + 2
+    cache = packed_cache(nb, bs, hkv, params)
+    bt = block_tables(1, prefix + m, bs, nb)
+    q = torch.randn(m, hq, d, device=DEV, dtype=torch.bfloat16)
+    k = torch.randn(m, hkv, d, device=DEV, dtype=torch.bfloat16)
+    v = torch.randn(m, hkv, d, device=DEV, dtype=torch.bfloat16)
+    cu = torch.tensor([0, m], dtype=torch.int32, device=DEV)
+    sl = torch.tensor([prefix + m], dtype=torch.int32, device=DEV)
+    cands = {
+        "turboquant": lambda: tq_prefill(q, k, v, cu, sl, cache, bt, params, scale,
+                                         max_query_len=m),
+        "dequant_sdpa": lambda: _dequant_then_attend(q, k, v, cache, bt, prefix, params, scale,
+                                                     bs),
+    }
+    times = {}
+    for name, fn in cands.items():
+        try:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+            fn()
+            torch.cuda.synchronize()
+            peak = torch.cuda.max_memory_allocated() - before
+            p50, p20, p80 = bench(fn, False, args.rep_ms)
+            times[name] = p50
+            flops = 4 * m * (prefix + m / 2) * hq * d
+            rows.append(dict(op="prefill", kernel=name, mode="eager", prefix=prefix, chunk=m,
+                             q_heads=hq, kv_heads=hkv, head_size=d, p50_us=p50, p20_us=p20,
+                             p80_us=p80, peak_extra_mib=peak / 2 ** 20,
+                             tflops=flops / p50 / 1e6, **info))
+            print(f"prefill {name}: p50={p50:.0f} us ({p20:.0f}/{p80:.0f}) "
+                  f"extra peak memory {peak / 2**20:.0f} MiB, {flops / p50 / 1e6:.0f} TFLOP/s",
+                  flush=True)
+        except Exception as e:  # noqa: BLE001
+            rows.append(dict(op="prefill", kernel=name, error=f"{type(e).__name__}: {e}"[:300],
+                             **info))
+            traceback.print_exc()
+    return rows
+
+
+# -- tuning sweep -----------------------------------------------------------------------------
+def run_sweep(args, info, rows):
+    """Decode/store/prefill launch parameters on a few shapes (CUDA graph p50)."""
+    import itertools
+    for b, ctx, d, hq, hkv in [(32, 16384, 128, 32, 8), (1, 32768, 128, 32, 8),
+                               (128, 4096, 128, 32, 8), (32, 16384, 64, 9, 3)]:
+        torch.cuda.empty_cache()
+        bs = args.block_size
+        codec, params = _params(d)
+        q = torch.randn(b, hq, d, device=DEV, dtype=torch.bfloat16)
+        sl = torch.full((b,), ctx, dtype=torch.int32, device=DEV)
+        nb = b * math.ceil(ctx / bs) + 1
+        cache = packed_cache(nb, bs, hkv, params)
+        bt = block_tables(b, ctx, bs, nb)
+        nbytes = b * ctx * hkv * params.layout.slot_bytes
+        out = torch.empty_like(q)
+        base_splits = default_num_splits(b, hkv, ctx, q.device, 64)
+        results = []
+        grid = itertools.product((2, 1), (32, 64, 128), (4, 8), (1, 2), (0.5, 1, 2))
+        for lookup, bn, nw, ns, sf in grid:
+            if sf != 1 and (lookup, bn, nw, ns) != (2, 64, 4, 1):
+                continue   # the split count only around the default config
+            splits = max(1, int(base_splits * sf))
+            fn = lambda: tq_decode(q, cache, bt, sl, params, 0.088, num_splits=splits,  # noqa
+                                   out=out, block_n=bn, num_warps=nw, num_stages=ns,
+                                   lookup=lookup)
+            try:
+                p50, p20, p80 = bench(fn, True, args.rep_ms)
+            except Exception as e:  # noqa: BLE001
+                print(f"  sweep fail lookup={lookup} bn={bn} nw={nw} ns={ns}: {e}"[:300])
+                continue
+            results.append((p50, lookup, bn, nw, ns, splits))
+            rows.append(dict(op="decode_sweep", batch=b, context=ctx, head_size=d, q_heads=hq,
+                             kv_heads=hkv, lookup=lookup, block_n=bn, num_warps=nw,
+                             num_stages=ns, num_splits=splits, p50_us=p50, p20_us=p20,
+                             p80_us=p80, gbs=nbytes / p50 / 1e3, mode="graph", **info))
+        results.sort()
+        print(f"sweep decode b={b} ctx={ctx} d={d} hq={hq} hkv={hkv}: best 6 (p50 us, lookup, "
+              f"block_n, warps, stages, splits):", flush=True)
+        for r in results[:6]:
+            print(f"   {r[0]:8.1f} us {nbytes / r[0] / 1e3:6.0f} GB/s  {r[1:]}", flush=True)
+        dflt = [r for r in results if r[1:5] == (2, 64, 4, 1) and r[5] == base_splits]
+        pair = [r for r in results if r[1:5] == (1, 64, 4, 1) and r[5] == base_splits]
+        if dflt and pair:
+            print(f"   default (nibble lookup) {dflt[0][0]:.1f} us, pair table {pair[0][0]:.1f} us",
+                  flush=True)
+        del cache
+    # store
+    t, hkv, d, bs = 8192, 8, 128, 16
+    codec, params = _params(d)
+    k = torch.randn(t, hkv, d, device=DEV, dtype=torch.bfloat16)
+    v = torch.randn(t, hkv, d, device=DEV, dtype=torch.bfloat16)
+    cache = torch.zeros(t // bs * 4, bs, hkv, params.layout.slot_bytes, dtype=torch.uint8,
+                        device=DEV)
+    slots = torch.randperm(cache.shape[0] * bs, device=DEV)[:t]
+    nbytes = 2 * t * hkv * d * 2 + t * hkv * params.layout.slot_bytes
+    for bt_, nw in itertools.product((16, 32, 64), (4, 8)):
+        fn = lambda: tq_store(k, v, cache, slots, params, block_t=bt_, num_warps=nw)  # noqa
+        try:
+            p50, _, _ = bench(fn, True, args.rep_ms)
+            print(f"sweep store block_t={bt_} warps={nw}: {p50:.1f} us "
+                  f"{nbytes / p50 / 1e3:.0f} GB/s", flush=True)
+        except Exception as e:  # noqa: BLE001
+            print(f"sweep store block_t={bt_} warps={nw} failed: {e}"[:300])
+    # prefill
+    prefix, m, hq, hkv, d, bs = 32768, 2048, 32, 8, 128, 16
+    codec, params = _params(d)
+    nb = (prefix + m) // bs + 2
+    cache = packed_cache(nb, bs, hkv, params)
+    bt = block_tables(1, prefix + m, bs, nb)
+    q = torch.randn(m, hq, d, device=DEV, dtype=torch.bfloat16)
+    k = torch.randn(m, hkv, d, device=DEV, dtype=torch.bfloat16)
+    cu = torch.tensor([0, m], dtype=torch.int32, device=DEV)
+    sl = torch.tensor([prefix + m], dtype=torch.int32, device=DEV)
+    for bm, bn, nw, ns in itertools.product((16, 32, 64), (32, 64), (4, 8), (1,)):
+        fn = lambda: tq_prefill(q, k, k, cu, sl, cache, bt, params, 0.088,  # noqa: E731
+                                max_query_len=m, block_m=bm, block_n=bn, num_warps=nw,
+                                num_stages=ns)
+        try:
+            p50, _, _ = bench(fn, False, args.rep_ms)
+            print(f"sweep prefill block_m={bm} (rows {bm * 4}) block_n={bn} warps={nw} "
+                  f"stages={ns}: {p50:.0f} us", flush=True)
+        except Exception as e:  # noqa: BLE001
+            print(f"sweep prefill bm={bm} bn={bn} nw={nw} ns={ns} failed: {e}"[:300])
+    return rows
+
+
+# -- output -----------------------------------------------------------------------------------
+def plot(rows, path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    dec = [r for r in rows if r.get("op") == "decode" and r.get("mode") == "graph"
+           and "p50_us" in r and r["model"] == "gqa4" and r["head_size"] == 128]
+    if not dec:
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for kernel in sorted({r["kernel"] for r in dec}):
+        for b, ls in zip(sorted({r["batch"] for r in dec}), ("-", "--", ":", "-.")):
+            pts = sorted((r["context"], r["p50_us"]) for r in dec
+                         if r["kernel"] == kernel and r["batch"] == b)
+            if pts:
+                axes[0].plot(*zip(*pts), ls, marker="o", label=f"{kernel} b={b}")
+    axes[0].set(xscale="log", yscale="log", xlabel="context", ylabel="p50 us (CUDA graph)",
+                title="decode, head 128, 32 q / 8 kv heads")
+    axes[0].legend(fontsize=6)
+    tq = [r for r in dec if r["kernel"] == "turboquant"]
+    for b in sorted({r["batch"] for r in tq}):
+        pts = sorted((r["context"], r["peak_frac"]) for r in tq if r["batch"] == b)
+        axes[1].plot(*zip(*pts), marker="o", label=f"b={b}")
+    axes[1].set(xscale="log", xlabel="context", ylabel="fraction of 3350 GB/s",
+                title="turboquant decode: packed bytes read / time")
+    axes[1].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="a few shapes, short repeats")
+    ap.add_argument("--only", default="decode,store,prefill",
+                    help="comma list of decode, store, prefill, sweep (launch-parameter sweep)")
+    ap.add_argument("--out", default=os.path.join(_ROOT, "benchmarks", "results"))
+    ap.add_argument("--rep-ms", type=int, default=None)
+    ap.add_argument("--block-size", type=int, default=16)
+    ap.add_argument("--block-n", type=int, default=None, help="decode tile (default per head)")
+    ap.add_argument("--num-warps", type=int, default=4)
+    ap.add_argument("--store-block-t", type=int, nargs="+", default=[None])
+    args = ap.parse_args()
+    if args.rep_ms is None:
+        args.rep_ms = 30 if args.quick else 60
+    info = env_info()
+    print(json.dumps(info), flush=True)
+    rows = []
+    for op in args.only.split(","):
+        try:
+            {"decode": run_decode, "store": run_store, "prefill": run_prefill,
+             "sweep": run_sweep}[op](
+                args, info, rows)
+        except Exception:  # noqa: BLE001
+            traceback.print_exc()
+    os.makedirs(args.out, exist_ok=True)
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    gpu = info["gpu"].replace(" ", "_").replace("/", "_")
+    base = os.path.join(args.out, f"kernels-{gpu}-{stamp}{'-quick' if args.quick else ''}")
+    with open(base + ".json", "w") as f:
+        json.dump(rows, f, indent=1)
+    plot(rows, base + ".png")
+    print(f"wrote {base}.json", flush=True)
+
+
+if __name__ == "__main__":
+    main()

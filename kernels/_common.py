@@ -1,0 +1,217 @@
+"""Shared, torch-only pieces of the kernels: the per-layer parameter bundle and the window side.
+
+No Triton import here: the references (the CPU serving path) and the launchers take the same
+`TQLayerParams`, so a backend builds it once per layer and hands it to whichever path runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import NamedTuple
+
+import torch
+
+from vllm_turboquant.codec import SlotLayout, TQLayerCodec, code_planes
+
+
+@dataclasses.dataclass(frozen=True)
+class TQLayerParams:
+    """Everything a kernel needs to encode/decode one layer's packed slots.
+
+    Tensors (all float32, on the cache's device):
+      rotation        [D, D]  R; rotate with y = x @ R.T, un-rotate with x = y @ R.
+      rotation_pm1    [D, D]  R / rotation_scale: entries exactly +-1 (or 0), so it is exact in
+                              fp16/bf16 and the kernels can rotate on tensor cores with fp32
+                              accumulation, then multiply by rotation_scale.
+      key_centroids   [2**key_bits]        ascending Lloyd-Max levels of a unit-vector coordinate.
+      key_bounds      [2**key_bits - 1]    midpoints; code = #(bounds < u) (= torch.bucketize).
+      value_centroids / value_bounds       same for values.
+    Ints: head_size D, key_bits, value_bits, layout (SlotLayout: byte offsets of one slot).
+    scale_mode: "lsq" (least-squares scale) or "norm" (|y| / |codeword|), as the codec.
+    window: the preset's recent-token window W (0 = off); the side tensors carry their own W.
+    """
+
+    head_size: int
+    key_bits: int
+    value_bits: int
+    scale_mode: str
+    layout: SlotLayout
+    window: int
+    rotation: torch.Tensor
+    rotation_pm1: torch.Tensor
+    rotation_scale: float
+    key_centroids: torch.Tensor
+    key_bounds: torch.Tensor
+    value_centroids: torch.Tensor
+    value_bounds: torch.Tensor
+
+    @classmethod
+    def from_codec(cls, codec: TQLayerCodec, device=None) -> "TQLayerParams":
+        if codec.config.key_qjl:
+            raise ValueError("the kernels do not serve key_qjl presets (evaluator only)")
+        device = device if device is not None else codec.rotation.device
+        # Derive on the CPU in float64: on CUDA, tensor / scalar is a multiply by the
+        # reciprocal, which is 1 ulp off and would break the exact +-1 matrix.
+        rot = codec.rotation.detach().cpu().double()
+        scale = float(rot.abs().max())
+        pm1 = rot / scale
+        if not torch.equal(pm1.abs().round(), pm1.abs()):
+            raise ValueError("rotation is not a scaled +-1 matrix; the kernels need one")
+        f32 = dict(device=device, dtype=torch.float32)
+        return cls(
+            head_size=codec.head_size, key_bits=codec.config.key_bits,
+            value_bits=codec.config.value_bits, scale_mode=codec.config.scale,
+            layout=codec.layout, window=codec.config.window,
+            rotation=codec.rotation.detach().to(**f32), rotation_pm1=pm1.round().to(**f32),
+            rotation_scale=scale,
+            key_centroids=codec.key_centroids.to(**f32),
+            key_bounds=codec.key_bounds.to(**f32),
+            value_centroids=codec.value_centroids.to(**f32),
+            value_bounds=codec.value_bounds.to(**f32))
+
+    def to(self, device) -> "TQLayerParams":
+        tensors = {f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self)
+                   if isinstance(getattr(self, f.name), torch.Tensor)}
+        return dataclasses.replace(self, **tensors)
+
+
+class TQSide(NamedTuple):
+    """The recent-token window side copy (docs/design-notes.md, "Recent-token window").
+
+    k, v   [num_rows, W, num_kv_heads, D] model dtype: *rotated* key/value (x @ R.T).
+    tag    [num_rows, W] int32: slot id stored at that ring entry, -1 = empty.
+    check  [num_rows, W, num_kv_heads] int32: the packed slot's 4 scale bytes (K scale | V scale
+           << 16, little endian) written at the same time.
+    Row = the request's index in this step's block_table / seq_lens; ring index = position % W.
+    """
+
+    k: torch.Tensor
+    v: torch.Tensor
+    tag: torch.Tensor
+    check: torch.Tensor
+
+    @property
+    def window(self) -> int:
+        return self.k.shape[1]
+
+    @classmethod
+    def empty(cls, num_rows: int, window: int, num_kv_heads: int, head_size: int,
+              dtype=torch.bfloat16, device=None) -> "TQSide":
+        return cls(
+            torch.zeros(num_rows, window, num_kv_heads, head_size, dtype=dtype, device=device),
+            torch.zeros(num_rows, window, num_kv_heads, head_size, dtype=dtype, device=device),
+            torch.full((num_rows, window), -1, dtype=torch.int32, device=device),
+            torch.zeros(num_rows, window, num_kv_heads, dtype=torch.int32, device=device))
+
+
+def as_params(codec_or_params, device=None) -> TQLayerParams:
+    """Accept a TQLayerCodec or TQLayerParams (the kernels' bundle); return the bundle."""
+    if isinstance(codec_or_params, TQLayerParams):
+        p = codec_or_params
+        if device is not None and p.rotation.device != torch.device(device):
+            p = p.to(device)
+        return p
+    if isinstance(codec_or_params, TQLayerCodec):
+        return TQLayerParams.from_codec(codec_or_params, device)
+    raise TypeError(f"expected TQLayerParams or TQLayerCodec, got {type(codec_or_params)}")
+
+
+def plane_layout(bits: int, head_size: int) -> list[tuple[int, int, int]]:
+    """[(plane width w, byte offset of the plane inside the code bytes, plane bytes)]."""
+    out, start = [], 0
+    for w in code_planes(bits):
+        out.append((w, start, head_size * w // 8))
+        start += head_size * w // 8
+    return out
+
+
+def next_pow2(x: int) -> int:
+    return 1 << max(0, math.ceil(math.log2(max(1, x))))
+
+
+def pair_table(centroids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """int32 [256]: entry byte = bits(C[byte & 15]) | bits(C[byte >> 4]) << 16 in `dtype`
+    (fp16/bf16), the 4-bit lookup table of `dequant_halves`."""
+    bits = centroids.to(dtype).view(torch.int16).to(torch.int64) & 0xFFFF
+    idx = torch.arange(256, device=centroids.device)
+    t = bits[idx & 15] | (bits[idx >> 4] << 16)
+    return torch.where(t >= 2 ** 31, t - 2 ** 32, t).to(torch.int32).contiguous()
+
+
+def prmt_dequant_asm(centroids: torch.Tensor, dtype: torch.dtype) -> str | None:
+    """PTX for `dequant_halves` MODE 3: one 32-bit register of 4 code bytes (byte j = code of
+    coordinate j | code of coordinate j + D/2 << 4) -> $0, $1: the 4 low-half values, $2, $3:
+    the 4 high-half values, as 16-bit floats of `dtype` (two per register, element 0 low).
+
+    Lloyd-Max codebooks are symmetric (C[15 - v] = -C[v]), so a code v is a sign (bit 3 set =
+    positive) and a magnitude index m = v & 7 (positive) or 7 - v (negative) into the 8
+    magnitudes M[i] = C[8 + i]. `prmt` picks 4 bytes out of 8 by the 4 nibbles of its
+    selector: one prmt looks up the low bytes of 4 magnitudes, one the high bytes (the tables
+    are immediates), one builds the sign bytes (prmt's sign-replicate mode copies bit 7 of the
+    selected byte), then two prmts interleave low/high bytes into 16-bit values. About 17
+    instructions per 8 values, registers only: no gather through L1.
+    Returns None when the codebook is not 16 levels or not exactly symmetric in `dtype`."""
+    if centroids.numel() != 16 or dtype not in (torch.float16, torch.bfloat16):
+        return None
+    bits = centroids.detach().cpu().to(dtype).view(torch.int16).to(torch.int64) & 0xFFFF
+    if not all(int(bits[15 - v]) == int(bits[v]) ^ 0x8000 for v in range(8)):
+        return None
+    mag = [int(bits[8 + i]) for i in range(8)]
+    if any(m & 0x8000 for m in mag):
+        return None
+
+    def word(vals):
+        return sum(v << (8 * i) for i, v in enumerate(vals))
+
+    lo0, lo1 = word([m & 0xFF for m in mag[:4]]), word([m & 0xFF for m in mag[4:]])
+    hi0, hi1 = word([m >> 8 for m in mag[:4]]), word([m >> 8 for m in mag[4:]])
+    # Nibble order of the input word: [lo0, hi0, lo1, hi1, lo2, hi2, lo3, hi3] (coordinate j
+    # of the low half, coordinate j of the high half, ...), kept through the lookups; the
+    # interleaving prmts (0x6240 / 0x7351) split it back into the two halves.
+    return f"""{{
+.reg .b32 r4, q, m, mb, la, ha, lb, hb, sa, sb, t0, t1, t2, t3;
+mov.b32 t0, {lo0:#010x};
+mov.b32 t1, {lo1:#010x};
+mov.b32 t2, {hi0:#010x};
+mov.b32 t3, {hi1:#010x};
+shl.b32 r4, $4, 4;
+not.b32 q, $4;
+shr.b32 q, q, 3;
+and.b32 q, q, 0x11111111;
+mul.lo.u32 q, q, 7;
+and.b32 m, $4, 0x77777777;
+xor.b32 m, m, q;
+shr.b32 mb, m, 16;
+prmt.b32 la, t0, t1, m;
+prmt.b32 ha, t2, t3, m;
+prmt.b32 sa, r4, $4, 0xD9C8;
+not.b32 sa, sa;
+and.b32 sa, sa, 0x80808080;
+or.b32 ha, ha, sa;
+prmt.b32 lb, t0, t1, mb;
+prmt.b32 hb, t2, t3, mb;
+prmt.b32 sb, r4, $4, 0xFBEA;
+not.b32 sb, sb;
+and.b32 sb, sb, 0x80808080;
+or.b32 hb, hb, sb;
+prmt.b32 $0, la, ha, 0x6240;
+prmt.b32 $1, lb, hb, 0x6240;
+prmt.b32 $2, la, ha, 0x7351;
+prmt.b32 $3, lb, hb, 0x7351;
+}}"""
+
+
+def cached(params, key, make):
+    """Per-params cache of small derived device tensors (rotation in a dtype, pair tables)."""
+    store = params.__dict__.setdefault("_derived", {})
+    if key not in store:
+        store[key] = make()
+    return store[key]
+
+
+def check_cache_alignment(kv_cache: torch.Tensor) -> None:
+    """The kernels read/write slots as 4-byte words: base and strides must allow it."""
+    if kv_cache.data_ptr() % 4 or any(st % 4 for st in kv_cache.stride()[:3]):
+        raise ValueError("kv_cache base and block/token/head strides must be multiples of 4 "
+                         "bytes (slot_bytes is a multiple of 4)")

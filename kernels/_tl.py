@@ -1,0 +1,152 @@
+"""Triton device helpers shared by the kernels: bit-plane unpacking of one tile of slots.
+
+A `bits`-bit code is split into planes of width 4, 2, 1 (8 = one plane), lowest bits first
+(vllm_turboquant/codec/packing.py). The plane of width w sits at byte START = SHIFT * D / 8 of
+the code bytes, where SHIFT = the code bits below it (bits & 4 for the 2-bit plane, bits & 6
+for the 1-bit plane); coordinate d lives in byte d % PB (PB = D * w / 8) at bit (d // PB) * w.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _unpack_plane(base, offs_d, mask, W: tl.constexpr, SHIFT: tl.constexpr,
+                  START: tl.constexpr, D: tl.constexpr):
+    """base [N] uint8 pointers to the slots' code bytes -> int32 [N, D] bits of this plane.
+
+    The byte index d % PB repeats every PB coordinates: the compiler sees runs of PB
+    contiguous bytes and vectorizes the load; the repeats hit L1."""
+    PB: tl.constexpr = D * W // 8
+    byte = tl.load(base[:, None] + START + (offs_d % PB)[None, :], mask=mask[:, None], other=0)
+    field = (byte.to(tl.int32) >> ((offs_d // PB) * W)[None, :]) & ((1 << W) - 1)
+    return field << SHIFT
+
+
+@triton.jit
+def load_codes(base, offs_d, mask, BITS: tl.constexpr, D: tl.constexpr):
+    """base [N] pointers to the first code byte of N slots -> codes int32 [N, len(offs_d)] of
+    the coordinates offs_d (any subset of [0, D))."""
+    if BITS == 8:
+        codes = tl.load(base[:, None] + offs_d[None, :], mask=mask[:, None], other=0)
+        codes = codes.to(tl.int32)
+    else:
+        codes = tl.zeros([base.shape[0], offs_d.shape[0]], dtype=tl.int32)
+        if BITS & 4:
+            codes = codes | _unpack_plane(base, offs_d, mask, 4, 0, 0, D)
+        if BITS & 2:
+            codes = codes | _unpack_plane(base, offs_d, mask, 2, BITS & 4,
+                                          (BITS & 4) * D // 8, D)
+        if BITS & 1:
+            codes = codes | _unpack_plane(base, offs_d, mask, 1, BITS & 6,
+                                          (BITS & 6) * D // 8, D)
+    return codes
+
+
+@triton.jit
+def _pack_plane(codes, dst, mask, W: tl.constexpr, SHIFT: tl.constexpr, START: tl.constexpr,
+                D: tl.constexpr):
+    """codes int32 [N, D] -> writes the plane's D * W / 8 bytes at dst [N] + START."""
+    PB: tl.constexpr = D * W // 8
+    PER: tl.constexpr = 8 // W
+    n: tl.constexpr = codes.shape[0]
+    field = (codes >> SHIFT) & ((1 << W) - 1)
+    field = tl.reshape(field, [n, PER, PB])
+    weights = tl.arange(0, PER) * W
+    byte = tl.sum(field << weights[None, :, None], axis=1)      # disjoint bits: sum == or
+    offs_b = tl.arange(0, PB)
+    tl.store(dst[:, None] + START + offs_b[None, :], byte.to(tl.uint8), mask=mask[:, None])
+
+
+@triton.jit
+def store_codes(codes, dst, mask, BITS: tl.constexpr, D: tl.constexpr):
+    """codes int32 [N, D] -> bit-plane packed bytes at dst [N] (uint8 pointers)."""
+    if BITS == 8:
+        offs_d = tl.arange(0, D)
+        tl.store(dst[:, None] + offs_d[None, :], codes.to(tl.uint8), mask=mask[:, None])
+    else:
+        if BITS & 4:
+            _pack_plane(codes, dst, mask, 4, 0, 0, D)
+        if BITS & 2:
+            _pack_plane(codes, dst, mask, 2, BITS & 4, (BITS & 4) * D // 8, D)
+        if BITS & 1:
+            _pack_plane(codes, dst, mask, 1, BITS & 6, (BITS & 6) * D // 8, D)
+
+
+@triton.jit
+def mma(a, b, F32: tl.constexpr):
+    """tl.dot, or an exact fp32 dot when F32 (fp32 inputs; and the CPU interpreter, whose
+    bf16 dot is wrong in triton 3.9)."""
+    if F32:
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        out = tl.dot(a, b)
+    return out
+
+
+def interpreting(kernel) -> bool:
+    """True if `kernel` was built for the CPU interpreter (TRITON_INTERPRET=1 when its module
+    was imported): decided per kernel object, not by the environment at launch time."""
+    try:
+        from triton.runtime.interpreter import InterpretedFunction
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(kernel, InterpretedFunction)
+
+
+@triton.jit
+def decode_bytes(byte, table_ptr, DT: tl.constexpr, MODE: tl.constexpr, ASM: tl.constexpr):
+    """A 4-bit byte tile [N, D/2] (uint8, byte j = code j | code j + D/2 << 4) -> the two
+    halves [N, D/2] in DT; MODE 1, 2 or 3 as in `dequant_halves` (the bytes already loaded:
+    lets a kernel issue the loads of the next tile before decoding this one)."""
+    if MODE == 3:
+        lo, hi = tl.inline_asm_elementwise(ASM, "=r,=r,=r,=r,r", [byte], dtype=(DT, DT),
+                                           is_pure=True, pack=4)
+    elif MODE == 1:
+        t = tl.load(table_ptr + byte.to(tl.int32))
+        lo = (t & 0xFFFF).to(tl.uint16).to(DT, bitcast=True)
+        hi = ((t >> 16) & 0xFFFF).to(tl.uint16).to(DT, bitcast=True)
+    else:
+        b32 = byte.to(tl.int32)
+        lo = tl.load(table_ptr + (b32 & 15))
+        hi = tl.load(table_ptr + (b32 >> 4))
+    return lo, hi
+
+
+@triton.jit
+def dequant_halves(base, mask, offs_lo, offs_hi, cent_ptr, table_ptr, BITS: tl.constexpr,
+                   D: tl.constexpr, DT: tl.constexpr, MODE: tl.constexpr,
+                   ASM: tl.constexpr = ""):
+    """Centroids C[code] of N slots as two [N, D/2] tiles in DT: coordinates [0, D/2) and
+    [D/2, D). base [N] points at the first code byte; masked rows read code 0.
+
+    MODE 0: any bits, per-code lookup in the float32 codebook cent_ptr.
+    MODE 1 (4 bits): byte j holds the codes of coordinates j and j + D/2; one gather from a
+      256-entry int32 table (C[lo], C[hi] as two 16-bit floats) dequantizes both.
+    MODE 2 (4 bits): the byte tile is read once, two gathers of its nibbles from the
+      16-entry codebook in DT (32 bytes: one L1 sector per warp-wide gather).
+    MODE 3 (4 bits, symmetric codebook, CUDA only): no memory lookup at all; ASM (from
+      `_common.prmt_dequant_asm`) turns 4 code bytes into 8 values with `prmt` byte
+      permutes over the 8 centroid magnitudes held as immediates. Not run by the CPU
+      interpreter: launchers pick another mode there."""
+    if MODE == 1:
+        byte = tl.load(base[:, None] + offs_lo[None, :], mask=mask[:, None], other=0)
+        t = tl.load(table_ptr + byte.to(tl.int32))
+        lo = (t & 0xFFFF).to(tl.uint16).to(DT, bitcast=True)
+        hi = ((t >> 16) & 0xFFFF).to(tl.uint16).to(DT, bitcast=True)
+    elif MODE == 3:
+        byte = tl.load(base[:, None] + offs_lo[None, :], mask=mask[:, None], other=0)
+        # 4 bytes per asm instance -> 4 values of each half, two bf16x2/f16x2 registers each.
+        lo, hi = tl.inline_asm_elementwise(ASM, "=r,=r,=r,=r,r", [byte], dtype=(DT, DT),
+                                           is_pure=True, pack=4)
+    elif MODE == 2:
+        byte = tl.load(base[:, None] + offs_lo[None, :], mask=mask[:, None], other=0)
+        byte = byte.to(tl.int32)
+        lo = tl.load(table_ptr + (byte & 15))
+        hi = tl.load(table_ptr + (byte >> 4))
+    else:
+        lo = tl.load(cent_ptr + load_codes(base, offs_lo, mask, BITS, D)).to(DT)
+        hi = tl.load(cent_ptr + load_codes(base, offs_hi, mask, BITS, D)).to(DT)
+    return lo, hi

@@ -1,0 +1,371 @@
+"""Split-KV decode attention straight over packed TurboQuant slots.
+
+Stage 1: one program per (sequence, KV head, split) serves all G query heads of the GQA group,
+so each packed byte is read once per group (vLLM's built-in kernel re-reads it per query
+head). q arrives rotated and pre-scaled by softmax_scale * log2(e) (one small matmul in the
+launcher). Per tile of BLOCK_N tokens: unpack the key codes, look the centroids up (a tiny
+table, L1-resident), scores = q @ C[codes]^T on tensor cores, times the per-token key scale;
+online softmax in base 2; the values are accumulated in the rotated space as
+(p * v_scale) @ C[v_codes]. Window side entries (exact, tag-checked) replace packed ones in
+the tiles that overlap the newest W positions.
+Stage 2: one program per (sequence, KV head) merges the splits by their log-sum-exp and
+un-rotates once: out = acc @ R.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import (TQSide, as_params, cached, check_cache_alignment, next_pow2, pair_table,
+                      prmt_dequant_asm)
+from ._tl import decode_bytes, dequant_halves, interpreting, mma
+
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _tile_base(cache_ptr, bt_row, offs_n, nmask, block_size, stride_cb, stride_ct, head_off):
+    """Token positions offs_n [N] -> (block id int64, row in block int64, uint8 pointers to
+    the slots of this KV head)."""
+    blk = tl.load(bt_row + offs_n // block_size, mask=nmask, other=0).to(tl.int64)
+    in_blk = (offs_n % block_size).to(tl.int64)
+    # Slots are 4-byte aligned (launcher checks): lets the compiler load 4 bytes at a time.
+    base = cache_ptr + tl.multiple_of(blk * stride_cb + in_blk * stride_ct + head_off, 4)
+    return blk, in_blk, base
+
+
+@triton.jit
+def _tq_decode_split_kernel(
+    q_ptr,              # [B, Hq, D] dot dtype: rotated q * softmax_scale * log2(e)
+    cache_ptr,          # [num_blocks, block_size, Hkv, slot_bytes] uint8
+    block_table_ptr,    # [B, max_blocks] int32
+    seq_lens_ptr,       # [B] int32
+    kcent_ptr,          # [2**KBITS] float32
+    vcent_ptr,          # [2**VBITS] float32
+    ktab_ptr,           # lookup table for KMODE (see dequant_halves)
+    vtab_ptr,           # lookup table for VMODE
+    side_k_ptr, side_v_ptr,  # [B, W, Hkv, D] model dtype (contiguous)
+    side_tag_ptr,       # [B, W] int32
+    side_check_ptr,     # [B, W, Hkv] int32
+    part_o_ptr,         # [B, Hq, S, D] float32: normalized partial outputs (rotated)
+    part_lse_ptr,       # [B, Hq, S] float32: log2-sum-exp of each split
+    num_splits, G, block_size, W, num_kv_heads,
+    stride_qb, stride_qh,
+    stride_bt,
+    stride_cb, stride_ct, stride_ch,
+    D: tl.constexpr, KBITS: tl.constexpr, VBITS: tl.constexpr,
+    V_OFF: tl.constexpr, KS_OFF: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, HAS_SIDE: tl.constexpr, F32: tl.constexpr,
+    KMODE: tl.constexpr, VMODE: tl.constexpr, KASM: tl.constexpr, VASM: tl.constexpr,
+    KT: tl.constexpr, PREFETCH: tl.constexpr,
+):
+    """KT: scores as K @ q^T (the dequantized key tile is the MMA's register operand A, the
+    loop-invariant q^T the shared-memory operand B) instead of q @ K^T (key tile through
+    shared memory every iteration). PREFETCH (byte-table modes 1-3 only): the code bytes and
+    scales of tile i+1 are loaded into registers before tile i is decoded, so HBM latency
+    overlaps the arithmetic without shared-memory pipeline stages."""
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    split = tl.program_id(2)
+    seq_len = tl.load(seq_lens_ptr + b)
+    num_tiles = tl.cdiv(seq_len, BLOCK_N)
+    tiles_per_split = tl.cdiv(num_tiles, num_splits)
+    start = split * tiles_per_split * BLOCK_N
+    end = tl.minimum(start + tiles_per_split * BLOCK_N, seq_len)
+
+    HALF: tl.constexpr = D // 2
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_lo = tl.arange(0, HALF)
+    offs_hi = HALF + offs_lo
+    offs_t = tl.arange(0, BLOCK_N)
+    gmask = offs_g < G
+    qh = h * G + offs_g
+    # The head is handled as two halves [0, D/2) and [D/2, D): with 4-bit codes byte j holds
+    # coordinates j and j + D/2, so scores = q_lo.k_lo + q_hi.k_hi needs no interleaving.
+    q_row = q_ptr + b.to(tl.int64) * stride_qb + qh[:, None] * stride_qh
+    q_lo = tl.load(q_row + offs_lo[None, :], mask=gmask[:, None], other=0.0)
+    q_hi = tl.load(q_row + offs_hi[None, :], mask=gmask[:, None], other=0.0)
+    dt = q_lo.dtype
+    if KT:
+        qt_lo = tl.trans(q_lo)                                                  # [D/2, G]
+        qt_hi = tl.trans(q_hi)
+
+    m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
+    acc_lo = tl.zeros([BLOCK_G, HALF], dtype=tl.float32)
+    acc_hi = tl.zeros([BLOCK_G, HALF], dtype=tl.float32)
+    bt_row = block_table_ptr + b.to(tl.int64) * stride_bt
+    head_off = h.to(tl.int64) * stride_ch
+    win_start = seq_len - W
+
+    if PREFETCH:
+        offs_n = start + offs_t
+        nmask = offs_n < end
+        blk, in_blk, base = _tile_base(cache_ptr, bt_row, offs_n, nmask, block_size,
+                                       stride_cb, stride_ct, head_off)
+        kb = tl.load(base[:, None] + offs_lo[None, :], mask=nmask[:, None], other=0)
+        vb = tl.load(base[:, None] + V_OFF + offs_lo[None, :], mask=nmask[:, None], other=0)
+        sc = tl.load((base + KS_OFF).to(tl.pointer_type(tl.int32)), mask=nmask, other=0)
+
+    for n0 in range(start, end, BLOCK_N):
+        if PREFETCH:
+            c_offs, c_mask, c_blk, c_in_blk, c_base = offs_n, nmask, blk, in_blk, base
+            c_kb, c_vb, c_sc = kb, vb, sc
+            offs_n = n0 + BLOCK_N + offs_t
+            nmask = offs_n < end
+            blk, in_blk, base = _tile_base(cache_ptr, bt_row, offs_n, nmask, block_size,
+                                           stride_cb, stride_ct, head_off)
+            kb = tl.load(base[:, None] + offs_lo[None, :], mask=nmask[:, None], other=0)
+            vb = tl.load(base[:, None] + V_OFF + offs_lo[None, :], mask=nmask[:, None],
+                         other=0)
+            sc = tl.load((base + KS_OFF).to(tl.pointer_type(tl.int32)), mask=nmask, other=0)
+            k_lo, k_hi = decode_bytes(c_kb, ktab_ptr, dt, KMODE, KASM)
+            # Both fp16 scales came as one int32: K scale low, V scale high (little endian).
+            ks = (c_sc & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True)
+        else:
+            c_offs = n0 + offs_t
+            c_mask = c_offs < end
+            c_blk, c_in_blk, c_base = _tile_base(cache_ptr, bt_row, c_offs, c_mask, block_size,
+                                                 stride_cb, stride_ct, head_off)
+            k_lo, k_hi = dequant_halves(c_base, c_mask, offs_lo, offs_hi, kcent_ptr, ktab_ptr,
+                                        KBITS, D, dt, KMODE, KASM)
+            ks = tl.load((c_base + KS_OFF).to(tl.pointer_type(tl.float16)), mask=c_mask,
+                         other=0.0)
+        if KT:
+            s = tl.trans(mma(k_lo, qt_lo, F32) + mma(k_hi, qt_hi, F32))
+        else:
+            s = mma(q_lo, tl.trans(k_lo), F32) + mma(q_hi, tl.trans(k_hi), F32)
+        s = s * ks.to(tl.float32)[None, :]                                       # [G, N]
+
+        use_side = c_offs < 0
+        if HAS_SIDE:
+            # Defined outside the runtime `if`: Triton scopes names bound inside it.
+            entry = b.to(tl.int64) * W + c_offs % W
+            side_off = (entry * num_kv_heads + h) * D
+            if n0 + BLOCK_N > win_start:
+                in_win = c_mask & (c_offs >= win_start)
+                tag = tl.load(side_tag_ptr + entry, mask=in_win, other=-1)
+                chk = tl.load(side_check_ptr + entry * num_kv_heads + h, mask=in_win, other=0)
+                packed_chk = tl.load((c_base + KS_OFF).to(tl.pointer_type(tl.int32)),
+                                     mask=in_win, other=1)
+                use_side = in_win & (tag.to(tl.int64) == c_blk * block_size + c_in_blk) & (
+                    chk == packed_chk)
+                sk_lo = tl.load(side_k_ptr + side_off[:, None] + offs_lo[None, :],
+                                mask=use_side[:, None], other=0.0)
+                sk_hi = tl.load(side_k_ptr + side_off[:, None] + offs_hi[None, :],
+                                mask=use_side[:, None], other=0.0)
+                s_side = (mma(q_lo, tl.trans(sk_lo.to(dt)), F32)
+                          + mma(q_hi, tl.trans(sk_hi.to(dt)), F32))
+                s = tl.where(use_side[None, :], s_side, s)
+
+        s = tl.where(c_mask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc_lo = acc_lo * alpha[:, None]
+        acc_hi = acc_hi * alpha[:, None]
+        m_i = m_new
+
+        if PREFETCH:
+            v_lo, v_hi = decode_bytes(c_vb, vtab_ptr, dt, VMODE, VASM)
+            vs = ((c_sc >> 16) & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True)
+        else:
+            v_lo, v_hi = dequant_halves(c_base + V_OFF, c_mask, offs_lo, offs_hi, vcent_ptr,
+                                        vtab_ptr, VBITS, D, dt, VMODE, VASM)
+            vs = tl.load((c_base + KS_OFF + 2).to(tl.pointer_type(tl.float16)), mask=c_mask,
+                         other=0.0)
+        pv = p * vs.to(tl.float32)[None, :]
+        if HAS_SIDE:
+            if n0 + BLOCK_N > win_start:
+                pv = tl.where(use_side[None, :], 0.0, pv)
+                sv_lo = tl.load(side_v_ptr + side_off[:, None] + offs_lo[None, :],
+                                mask=use_side[:, None], other=0.0)
+                sv_hi = tl.load(side_v_ptr + side_off[:, None] + offs_hi[None, :],
+                                mask=use_side[:, None], other=0.0)
+                p_side = tl.where(use_side[None, :], p, 0.0).to(dt)
+                acc_lo += mma(p_side, sv_lo.to(dt), F32)
+                acc_hi += mma(p_side, sv_hi.to(dt), F32)
+        pv = pv.to(dt)
+        acc_lo += mma(pv, v_lo, F32)
+        acc_hi += mma(pv, v_hi, F32)
+
+    # Empty split (start >= end): l = 0, lse = -inf, o = 0.
+    lse = tl.where(l_i > 0, m_i + tl.log2(tl.maximum(l_i, 1e-30)), float("-inf"))
+    inv_l = 1.0 / tl.maximum(l_i, 1e-30)
+    row = (b.to(tl.int64) * num_kv_heads * G + qh) * num_splits + split          # [G]
+    o_row = part_o_ptr + row[:, None] * D
+    tl.store(o_row + offs_lo[None, :], acc_lo * inv_l[:, None], mask=gmask[:, None])
+    tl.store(o_row + offs_hi[None, :], acc_hi * inv_l[:, None], mask=gmask[:, None])
+    tl.store(part_lse_ptr + row, lse, mask=gmask)
+
+
+@triton.jit
+def _tq_decode_merge_kernel(
+    part_o_ptr,         # [B, Hq, S, D] float32
+    part_lse_ptr,       # [B, Hq, S] float32
+    rot_ptr,            # [D, D] float32, R / rotation_scale
+    out_ptr,            # [B, Hq, D] output dtype
+    num_splits, G, num_kv_heads, rot_scale,
+    stride_ob, stride_oh,
+    D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr, COLS: tl.constexpr,
+    F32: tl.constexpr,
+):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, D)
+    gmask = offs_g < G
+    qh = h * G + offs_g
+    row0 = (b.to(tl.int64) * num_kv_heads * G + qh) * num_splits                   # [G]
+    lse = tl.load(part_lse_ptr + row0[:, None] + offs_s[None, :],
+                  mask=gmask[:, None] & (offs_s[None, :] < num_splits), other=float("-inf"))
+    m = tl.max(lse, axis=1)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    wsum = tl.sum(tl.exp2(lse - m_safe[:, None]), axis=1)
+    acc = tl.zeros([BLOCK_G, D], dtype=tl.float32)
+    for s in range(num_splits):
+        ls = tl.load(part_lse_ptr + row0 + s, mask=gmask, other=float("-inf"))
+        o = tl.load(part_o_ptr + (row0 + s)[:, None] * D + offs_d[None, :],
+                    mask=gmask[:, None], other=0.0)
+        acc += tl.exp2(ls - m_safe)[:, None] * o
+    acc = acc / tl.maximum(wsum, 1e-30)[:, None]
+    # Un-rotate: out = acc @ R, in column blocks so R never needs D x D registers (D = 256).
+    offs_c = tl.arange(0, COLS)
+    for c0 in tl.static_range(0, D, COLS):
+        r = tl.load(rot_ptr + offs_d[:, None] * D + (c0 + offs_c)[None, :])
+        if F32:
+            o = tl.dot(acc, r, input_precision="ieee") * rot_scale
+        else:
+            o = tl.dot(acc, r) * rot_scale  # tf32: 10-bit mantissa, below bf16/fp16 output
+        tl.store(out_ptr + b.to(tl.int64) * stride_ob + qh[:, None] * stride_oh
+                 + (c0 + offs_c)[None, :], o.to(out_ptr.dtype.element_ty), mask=gmask[:, None])
+
+
+def _num_sms(device) -> int:
+    if device.type != "cuda":
+        return 4
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def default_block_n(head_size: int) -> int:
+    """Tokens per tile. H100, batch 32 x 16K, GQA 4, CUDA graph: head 128 block 128 = 863 us
+    vs 910 (64) and 1238 (32); head 64 (SmolLM2 9/3): block 64 = 225 us vs 239 (128).
+    Head 256 keeps 64 (two [128, 128] dequantized halves per operand already)."""
+    return 128 if head_size == 128 else 64
+
+
+def default_num_splits(batch: int, num_kv_heads: int, max_context: int, device,
+                       block_n: int = 64) -> int:
+    """Enough (sequence, KV head, split) programs to fill the GPU ~4 times over, but no split
+    shorter than 4 tiles. Depends only on shapes (no host sync), so CUDA graphs can capture."""
+    target = 4 * _num_sms(device)
+    splits = triton.cdiv(target, max(1, batch * num_kv_heads))
+    splits = min(splits, max(1, triton.cdiv(max_context, 4 * block_n)), 64)
+    return max(1, splits)
+
+
+def lookup_tables(params, dot_dtype, lookup=2, allow_asm=True):
+    """(KMODE, VMODE, key table, value table, key asm, value asm) for dequant_halves:
+    `lookup` (1 = 256-entry pair table, 2 = 16-entry codebook in the dot dtype, 3 = register
+    `prmt` lookups, falling back to 1 where not allowed (CPU interpreter) or the codebook is
+    not symmetric) where the bits are 4 and the dot runs in fp16/bf16; mode 0 (generic
+    per-code lookup) otherwise."""
+    ok = lookup in (1, 2, 3) and dot_dtype in (torch.float16, torch.bfloat16)
+
+    def table(cent, bits, which):
+        if not (ok and bits == 4):
+            return 0, cached(params, "no_table", lambda: torch.zeros(
+                256, dtype=torch.int32, device=cent.device)), ""
+        if lookup == 3 and allow_asm:
+            asm = cached(params, ("asm", which, dot_dtype),
+                         lambda: prmt_dequant_asm(cent, dot_dtype))
+            if asm is not None:
+                return 3, cached(params, "no_table", lambda: torch.zeros(
+                    256, dtype=torch.int32, device=cent.device)), asm
+        if lookup in (1, 3):
+            return 1, cached(params, ("pair", which, dot_dtype),
+                             lambda: pair_table(cent, dot_dtype)), ""
+        return 2, cached(params, ("cent", which, dot_dtype),
+                         lambda: cent.to(dot_dtype).contiguous()), ""
+
+    kmode, kt, kasm = table(params.key_centroids, params.key_bits, "k")
+    vmode, vt, vasm = table(params.value_centroids, params.value_bits, "v")
+    return kmode, vmode, kt, vt, kasm, vasm
+
+
+def rotate_query(query: torch.Tensor, params, scale: float, dtype) -> torch.Tensor:
+    """query [..., D] -> rotated, pre-scaled by scale * log2(e), in `dtype`."""
+    q = query.float() @ params.rotation.T
+    return (q * (scale * _LOG2E)).to(dtype)
+
+
+def tq_decode(query: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
+              seq_lens: torch.Tensor, params, scale: float, side: TQSide | None = None,
+              num_splits: int | None = None, out: torch.Tensor | None = None,
+              block_n: int | None = None, num_warps: int = 4, num_stages: int = 1,
+              lookup: int = 1, kt: bool = False, prefetch: bool = False) -> torch.Tensor:
+    """Triton split-KV decode over packed slots; same contract as `reference.tq_decode_ref`.
+
+    query [B, Hq, D] fp16/bf16 (fp32 is computed in fp32); kv_cache uint8
+    [num_blocks, block_size, Hkv, slot_bytes] (any strides in the first 3 dims);
+    block_table int32 [B, max_blocks]; seq_lens int32 [B] (0 = padding row -> zeros).
+    num_splits: fixed split count (pass one for CUDA graphs); default from the shapes only.
+    out: optional [B, Hq, D] output buffer. Returns [B, Hq, D] in query.dtype.
+    Tuning knobs (defaults from the H100 sweep in docs/kernels-notes.md): block_n tokens per
+    tile, num_warps, num_stages, lookup (0 generic, 1 pair table, 2 nibble table, 3 register
+    prmt lookups on CUDA), kt (key tile as the MMA's register operand), prefetch (next tile's
+    bytes loaded before this one is decoded; 4-bit keys and values only).
+    """
+    p = as_params(params, query.device)
+    bsz, hq, d = query.shape
+    hkv = kv_cache.shape[2]
+    g = hq // hkv
+    assert g * hkv == hq and kv_cache.stride(-1) == 1
+    check_cache_alignment(kv_cache)
+    f32 = query.dtype == torch.float32 or interpreting(_tq_decode_split_kernel)
+    dot_dtype = torch.float32 if query.dtype == torch.float32 else query.dtype
+    q = rotate_query(query, p, scale, dot_dtype)
+    if out is None:
+        out = torch.empty_like(query)
+    if bsz == 0:
+        return out
+    block_size = kv_cache.shape[1]
+    if block_n is None:
+        block_n = default_block_n(d)
+    if num_splits is None:
+        num_splits = default_num_splits(bsz, hkv, block_table.shape[1] * block_size,
+                                        query.device, block_n)
+    part_o = torch.empty(bsz, hq, num_splits, d, dtype=torch.float32, device=query.device)
+    part_lse = torch.empty(bsz, hq, num_splits, dtype=torch.float32, device=query.device)
+    has_side = side is not None and side.window > 0
+    if has_side:
+        assert all(x.is_contiguous() for x in side)
+        sk, sv, stag, schk, w = *side, side.window
+    else:
+        sk = sv = stag = schk = seq_lens
+        w = 1
+    lay = p.layout
+    block_g = max(16, next_pow2(g))   # tl.dot needs M >= 16; padded rows load zeros
+    kmode, vmode, kpair, vpair, kasm, vasm = lookup_tables(
+        p, dot_dtype, lookup, allow_asm=not interpreting(_tq_decode_split_kernel))
+    prefetch = bool(prefetch) and kmode != 0 and vmode != 0
+    _tq_decode_split_kernel[(bsz, hkv, num_splits)](
+        q, kv_cache, block_table, seq_lens, p.key_centroids, p.value_centroids,
+        kpair, vpair, sk, sv, stag, schk, part_o, part_lse,
+        num_splits, g, block_size, w, hkv,
+        q.stride(0), q.stride(1), block_table.stride(0),
+        kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2),
+        D=d, KBITS=p.key_bits, VBITS=p.value_bits, V_OFF=lay.v_codes_offset,
+        KS_OFF=lay.k_scale_offset, BLOCK_N=block_n, BLOCK_G=block_g, HAS_SIDE=has_side,
+        F32=f32, KMODE=kmode, VMODE=vmode, KASM=kasm, VASM=vasm, KT=bool(kt),
+        PREFETCH=prefetch, num_warps=num_warps, num_stages=num_stages)
+    _tq_decode_merge_kernel[(bsz, hkv)](
+        part_o, part_lse, p.rotation_pm1, out,
+        num_splits, g, hkv, p.rotation_scale, out.stride(0), out.stride(1),
+        D=d, BLOCK_G=block_g, BLOCK_S=max(2, next_pow2(num_splits)), COLS=min(d, 64),
+        F32=f32, num_warps=4)
+    return out

@@ -1,0 +1,226 @@
+"""Pure-torch references of the three kernels (store, decode, prefill). No Triton.
+
+They are the specification the Triton kernels are tested against, and, being vectorized per
+sequence, the CPU serving path of the vLLM backend (small batches, a few thousand tokens).
+
+Shared conventions (see docs/design-notes.md):
+  kv_cache      uint8 [num_blocks, block_size, num_kv_heads, slot_bytes]; any strides in the
+                first three dims (the backend may permute them), last dim contiguous.
+  slot id s     block s // block_size, offset s % block_size; s < 0 = padding (skipped).
+  block_table   int32 [B, max_blocks]; seq_lens int32 [B] (tokens in the cache incl. this step).
+  params        TQLayerParams (or a TQLayerCodec, converted on the fly; build the params once).
+  side          optional TQSide (window side copy), rows = batch rows of block_table.
+Attention runs in the rotated space: scores (q R^T).(k R^T) = q.k, values summed rotated and
+un-rotated once (acc @ R). GQA: query head h reads KV head h // (Hq // Hkv).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vllm_turboquant.codec import unpack_codes
+
+from ._common import TQLayerParams, TQSide, as_params
+
+_FP16_MAX = 65504.0
+
+__all__ = ["tq_store_ref", "tq_decode_ref", "tq_prefill_ref", "encode_slots", "decode_slots",
+           "TQLayerParams", "TQSide"]
+
+
+# -- slots ------------------------------------------------------------------------------------
+def _quantize(y: torch.Tensor, centroids, bounds, scale_mode: str):
+    """y [..., D] float32 rotated -> (codes [..., D] int64, scale [...] float16).
+
+    Mirrors TQLayerCodec.quantize_rotated op for op, so the bytes are identical."""
+    finite = torch.isfinite(y).all(-1)
+    y = torch.where(finite[..., None], y, torch.zeros_like(y))
+    norm = y.norm(dim=-1)
+    u = y / norm.clamp(min=1e-30)[..., None]
+    codes = torch.bucketize(u, bounds)
+    c = centroids[codes]
+    if scale_mode == "lsq":
+        scale = (y * c).sum(-1) / c.square().sum(-1).clamp(min=1e-30)
+    else:
+        scale = norm / c.norm(dim=-1).clamp(min=1e-30)
+    scale = torch.where(finite, scale, torch.zeros_like(scale))
+    return codes, scale.clamp(-_FP16_MAX, _FP16_MAX).half()
+
+
+def _pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    from vllm_turboquant.codec import pack_codes
+    return pack_codes(codes, bits)
+
+
+def encode_slots(params: TQLayerParams, key: torch.Tensor, value: torch.Tensor):
+    """key, value [..., D] -> (slots uint8 [..., slot_bytes], ky, vy rotated float32 [..., D]).
+
+    Byte-identical to TQLayerCodec.encode (non-QJL presets)."""
+    lay = params.layout
+    ky = key.float() @ params.rotation.T
+    vy = value.float() @ params.rotation.T
+    kc, ks = _quantize(ky, params.key_centroids, params.key_bounds, params.scale_mode)
+    vc, vs = _quantize(vy, params.value_centroids, params.value_bounds, params.scale_mode)
+    out = torch.zeros(*key.shape[:-1], lay.slot_bytes, dtype=torch.uint8, device=key.device)
+    out[..., :lay.k_code_bytes] = _pack(kc, params.key_bits)
+    out[..., lay.v_codes_offset:lay.k_scale_offset] = _pack(vc, params.value_bits)
+    out[..., lay.k_scale_offset:lay.k_scale_offset + 2] = _half_bytes(ks)
+    out[..., lay.v_scale_offset:lay.v_scale_offset + 2] = _half_bytes(vs)
+    return out, ky, vy
+
+
+def decode_slots(params: TQLayerParams, slots: torch.Tensor):
+    """slots uint8 [..., slot_bytes] -> (key, value) float32 [..., D] in the rotated space."""
+    lay, d = params.layout, params.head_size
+    kc = unpack_codes(slots[..., :lay.k_code_bytes], params.key_bits, d)
+    vc = unpack_codes(slots[..., lay.v_codes_offset:lay.k_scale_offset], params.value_bits, d)
+    ks = slots[..., lay.k_scale_offset:lay.k_scale_offset + 2].contiguous().view(torch.float16)
+    vs = slots[..., lay.v_scale_offset:lay.v_scale_offset + 2].contiguous().view(torch.float16)
+    return (params.key_centroids[kc] * ks.float(), params.value_centroids[vc] * vs.float())
+
+
+def scale_check(params: TQLayerParams, slots: torch.Tensor) -> torch.Tensor:
+    """slots uint8 [..., slot_bytes] -> int32 [...]: the 4 scale bytes, K | V << 16."""
+    k = params.layout.k_scale_offset
+    return slots[..., k:k + 4].contiguous().view(torch.int32).squeeze(-1)
+
+
+def _half_bytes(x: torch.Tensor) -> torch.Tensor:
+    return x.contiguous().view(torch.uint8).reshape(*x.shape, 2)
+
+
+# -- store ------------------------------------------------------------------------------------
+def tq_store_ref(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
+                 slot_mapping: torch.Tensor, params, side: TQSide | None = None,
+                 token_rows: torch.Tensor | None = None, token_pos: torch.Tensor | None = None,
+                 token_seq_end: torch.Tensor | None = None) -> None:
+    """Quantize-on-write: encode each token's K/V and write its packed slot, in place.
+
+    key, value     [T, Hkv, D] float16/bfloat16/float32 (any strides).
+    kv_cache       uint8 [num_blocks, block_size, Hkv, slot_bytes] (written in place).
+    slot_mapping   int64 [T]; < 0 = padding, not written.
+    side           optional TQSide; then token_rows / token_pos / token_seq_end (int32/int64 [T]:
+                   the token's batch row, its position, and its request's seq_len) are required.
+                   Token t writes the ring entry (row, pos % W) iff pos >= seq_end - W.
+    """
+    p = as_params(params, kv_cache.device)
+    block_size = kv_cache.shape[1]
+    slots, ky, vy = encode_slots(p, key, value)
+    sm = slot_mapping.long()
+    valid = sm >= 0
+    idx = sm[valid]
+    kv_cache[idx // block_size, idx % block_size] = slots[valid]
+    if side is None or side.window == 0:
+        return
+    if token_rows is None or token_pos is None or token_seq_end is None:
+        raise ValueError("the window side copy needs token_rows, token_pos and token_seq_end")
+    w = side.window
+    pos = token_pos.long()
+    sel = valid & (pos >= token_seq_end.long() - w)
+    rows, ring = token_rows.long()[sel], pos[sel] % w
+    # The side holds the vector attention would see: zero for a non-finite one, as the codec.
+    fin_k = torch.isfinite(ky).all(-1, keepdim=True)
+    fin_v = torch.isfinite(vy).all(-1, keepdim=True)
+    side.k[rows, ring] = torch.where(fin_k, ky, 0)[sel].to(side.k.dtype)
+    side.v[rows, ring] = torch.where(fin_v, vy, 0)[sel].to(side.v.dtype)
+    side.tag[rows, ring] = sm[sel].to(torch.int32)
+    side.check[rows, ring] = scale_check(p, slots[sel])
+
+
+# -- reading a sequence's cached K/V ------------------------------------------------------------
+def _gather_kv(p: TQLayerParams, kv_cache, block_table_row, start: int, end: int, row: int,
+               seq_len: int, side: TQSide | None):
+    """Rotated float32 K, V [end - start, Hkv, D] of positions [start, end) of one sequence,
+    taking window side entries (tag- and scale-checked) for positions >= seq_len - W."""
+    block_size = kv_cache.shape[1]
+    pos = torch.arange(start, end, device=kv_cache.device)
+    blocks = block_table_row.long()[pos // block_size]
+    slots = kv_cache[blocks, pos % block_size]                       # [n, Hkv, slot_bytes]
+    k, v = decode_slots(p, slots)
+    if side is not None and side.window > 0 and end > start:
+        w = side.window
+        slot_id = blocks * block_size + pos % block_size
+        ring = pos % w
+        in_win = pos >= seq_len - w
+        tag_ok = side.tag[row, ring].long() == slot_id
+        check_ok = side.check[row, ring] == scale_check(p, slots)      # [n, Hkv]
+        use = (in_win & tag_ok)[:, None] & check_ok                     # [n, Hkv]
+        k = torch.where(use[..., None], side.k[row, ring].float(), k)
+        v = torch.where(use[..., None], side.v[row, ring].float(), v)
+    return k, v
+
+
+def _attend(q_rot, k, v, scale, mask=None):
+    """q_rot [Hkv, G, M, D], k/v [N, Hkv, D] -> rotated output [Hkv, G, M, D] (float32)."""
+    s = torch.einsum("kgmd,nkd->kgmn", q_rot, k) * scale
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))
+    prob = torch.softmax(s, dim=-1)
+    return torch.einsum("kgmn,nkd->kgmd", prob, v)
+
+
+# -- decode -----------------------------------------------------------------------------------
+def tq_decode_ref(query: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
+                  seq_lens: torch.Tensor, params, scale: float,
+                  side: TQSide | None = None) -> torch.Tensor:
+    """One new token per sequence attends to its whole cache (packed, + window side).
+
+    query [B, Hq, D] float16/bfloat16/float32; block_table int32 [B, max_blocks];
+    seq_lens int32 [B] (0 = padding row -> zeros). Returns [B, Hq, D] in query.dtype.
+    """
+    p = as_params(params, query.device)
+    bsz, hq, d = query.shape
+    hkv = kv_cache.shape[2]
+    g = hq // hkv
+    out = torch.zeros(bsz, hq, d, dtype=torch.float32, device=query.device)
+    lens = seq_lens.tolist()
+    for b in range(bsz):
+        n = int(lens[b])
+        if n <= 0:
+            continue
+        k, v = _gather_kv(p, kv_cache, block_table[b], 0, n, b, n, side)
+        q_rot = (query[b].float() @ p.rotation.T).reshape(hkv, g, 1, d)
+        o = _attend(q_rot, k, v, scale)                               # [Hkv, G, 1, D]
+        out[b] = o.reshape(hq, d) @ p.rotation
+    return out.to(query.dtype)
+
+
+# -- prefill ----------------------------------------------------------------------------------
+def tq_prefill_ref(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                   cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, kv_cache: torch.Tensor,
+                   block_table: torch.Tensor, params, scale: float,
+                   side: TQSide | None = None) -> torch.Tensor:
+    """Chunked prefill: each chunk token attends causally to the chunk (exact K/V) and to the
+    whole cached prefix [0, seq_len - q_len) read from packed slots (+ window side).
+
+    query [T, Hq, D]; key, value [T, Hkv, D] (the chunk's own, unquantized);
+    cu_seqlens_q int32 [B+1]; seq_lens int32 [B] = prefix + chunk length.
+    Returns [T, Hq, D] in query.dtype. A fresh prefill is prefix = 0.
+    """
+    p = as_params(params, query.device)
+    t, hq, d = query.shape
+    hkv = key.shape[1]
+    g = hq // hkv
+    out = torch.zeros(t, hq, d, dtype=torch.float32, device=query.device)
+    cu = cu_seqlens_q.tolist()
+    lens = seq_lens.tolist()
+    for b in range(len(lens)):
+        s0, s1 = int(cu[b]), int(cu[b + 1])
+        m = s1 - s0
+        if m <= 0:
+            continue
+        n = int(lens[b])
+        prefix = n - m
+        kp, vp = _gather_kv(p, kv_cache, block_table[b], 0, prefix, b, n, side)
+        kc = key[s0:s1].float() @ p.rotation.T
+        vc = value[s0:s1].float() @ p.rotation.T
+        k = torch.cat([kp, kc], 0)
+        v = torch.cat([vp, vc], 0)
+        qi = torch.arange(m, device=query.device)
+        kj = torch.arange(prefix + m, device=query.device)
+        mask = kj[None, :] <= qi[:, None] + prefix                      # [M, N]
+        q_rot = (query[s0:s1].float() @ p.rotation.T)                   # [M, Hq, D]
+        q_rot = q_rot.reshape(m, hkv, g, d).permute(1, 2, 0, 3)          # [Hkv, G, M, D]
+        o = _attend(q_rot, k, v, scale, mask)                            # [Hkv, G, M, D]
+        out[s0:s1] = o.permute(2, 0, 1, 3).reshape(m, hq, d) @ p.rotation
+    return out.to(query.dtype)

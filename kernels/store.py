@@ -1,0 +1,249 @@
+"""Fused quantize-on-write: rotate, quantize, bit-pack and write K/V slots into paged blocks.
+
+One program encodes BLOCK_T tokens of one KV head, keys and values: y = x @ R^T on tensor
+cores (R = +-1 matrix times 1/sqrt(b); tf32 products of fp16/bf16 inputs are exact, fp32
+accumulation), nearest
+centroid by counting the boundaries below u = y / |y| (= torch.bucketize), the least-squares
+(or norm) scale, bit-plane packing and the two fp16 scales; optionally the window side copy.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import TQSide, as_params, check_cache_alignment
+from ._tl import interpreting, store_codes
+
+_FP16_MAX = 65504.0
+
+
+@triton.jit
+def _rotate(x, rot_ptr, cols, offs_d, rot_scale, D: tl.constexpr, ROT: tl.constexpr,
+            DT16: tl.constexpr):
+    """(x @ R^T)[:, cols]: x [N, D] float32 (from fp16/bf16: <= 11 significant bits, exact in
+    tf32) times the +-1 matrix: tf32 tensor-core products are exact, accumulation fp32 -> the
+    codec's fp32 matmul up to summation order. fp32 inputs (and the interpreter) take the exact
+    fp32 dot. R^T[i, j] = R[j, i]; loaded here so its shared-memory copy lives only for this
+    dot (two [256, 128] fp32 halves at once would not fit in 227 KB)."""
+    rt = tl.load(rot_ptr + cols[None, :] * D + offs_d[:, None])
+    if ROT == 1:
+        y = tl.dot(x, rt, input_precision="ieee")
+    elif ROT == 2:
+        # x came from fp16/bf16 (DT16): casting back is exact, and so is the +-1 matrix.
+        y = tl.dot(x.to(DT16), rt.to(DT16), out_dtype=tl.float32)
+    else:
+        y = tl.dot(x, rt, input_precision="tf32")
+    return y * rot_scale
+
+
+@triton.jit
+def _finite_rows(y):
+    return tl.sum(((y - y) != 0).to(tl.int32), axis=1) == 0     # inf - inf, nan -> nan
+
+
+@triton.jit
+def _bucketize(u, bound_ptr, LEVELS: tl.constexpr):
+    """code = number of boundaries strictly below u (= torch.bucketize). 15 compares for
+    4 bits are cheap next to the memory traffic."""
+    codes = tl.zeros(u.shape, dtype=tl.int32)
+    for i in tl.static_range(LEVELS - 1):
+        codes += (u > tl.load(bound_ptr + i)).to(tl.int32)
+    return codes
+
+
+@triton.jit
+def _finish_scale(dotp, csq, norm, finite, LSQ: tl.constexpr):
+    if LSQ:
+        scale = dotp / tl.maximum(csq, 1e-30)
+    else:
+        scale = norm / tl.maximum(tl.sqrt(csq), 1e-30)
+    scale = tl.where(finite, scale, 0.0)
+    return tl.minimum(tl.maximum(scale, -65504.0), 65504.0)
+
+
+@triton.jit
+def _quantize(y, cent_ptr, bound_ptr, LEVELS: tl.constexpr, LSQ: tl.constexpr):
+    """y [N, D] float32 rotated -> (codes int32 [N, D], scale float32 [N], y with non-finite
+    rows zeroed). Same math as TQLayerCodec.quantize_rotated."""
+    finite = _finite_rows(y)
+    y = tl.where(finite[:, None], y, 0.0)
+    norm = tl.sqrt(tl.sum(y * y, axis=1))
+    codes = _bucketize(y / tl.maximum(norm, 1e-30)[:, None], bound_ptr, LEVELS)
+    c = tl.load(cent_ptr + codes)
+    scale = _finish_scale(tl.sum(y * c, axis=1), tl.sum(c * c, axis=1), norm, finite, LSQ)
+    return codes, scale, y
+
+
+@triton.jit
+def _quantize_halves(y_lo, y_hi, cent_ptr, bound_ptr, LSQ: tl.constexpr):
+    """4-bit _quantize of a vector given as its halves [N, D/2] (coordinates [0, D/2) and
+    [D/2, D)) -> (packed bytes int32 [N, D/2] = code_lo | code_hi << 4, scale, y_lo, y_hi).
+    Byte j of a 4-bit plane holds coordinates j and j + D/2: no reshape needed to pack."""
+    finite = _finite_rows(y_lo) & _finite_rows(y_hi)
+    y_lo = tl.where(finite[:, None], y_lo, 0.0)
+    y_hi = tl.where(finite[:, None], y_hi, 0.0)
+    norm = tl.sqrt(tl.sum(y_lo * y_lo, axis=1) + tl.sum(y_hi * y_hi, axis=1))
+    nrm = tl.maximum(norm, 1e-30)[:, None]
+    c_lo = _bucketize(y_lo / nrm, bound_ptr, 16)
+    c_hi = _bucketize(y_hi / nrm, bound_ptr, 16)
+    v_lo = tl.load(cent_ptr + c_lo)
+    v_hi = tl.load(cent_ptr + c_hi)
+    dotp = tl.sum(y_lo * v_lo, axis=1) + tl.sum(y_hi * v_hi, axis=1)
+    csq = tl.sum(v_lo * v_lo, axis=1) + tl.sum(v_hi * v_hi, axis=1)
+    scale = _finish_scale(dotp, csq, norm, finite, LSQ)
+    return c_lo | (c_hi << 4), scale, y_lo, y_hi
+
+
+@triton.jit
+def _encode_half(src, dst, valid, rot_ptr, rot_scale, cent_ptr, bound_ptr,
+                 side_ptr, side_off, sel, offs_d, offs_lo, offs_hi,
+                 BITS: tl.constexpr, D: tl.constexpr, LSQ: tl.constexpr,
+                 ROT: tl.constexpr, DT16: tl.constexpr, HAS_SIDE: tl.constexpr):
+    """Encode one of K/V for N tokens: src [N, D] float32 rows -> packed codes at dst [N];
+    returns the fp16 scale [N]. Writes the rotated vector to the side copy where sel."""
+    if BITS == 4:
+        y_lo = _rotate(src, rot_ptr, offs_lo, offs_d, rot_scale, D, ROT, DT16)
+        y_hi = _rotate(src, rot_ptr, offs_hi, offs_d, rot_scale, D, ROT, DT16)
+        packed, scale, y_lo, y_hi = _quantize_halves(y_lo, y_hi, cent_ptr, bound_ptr, LSQ)
+        tl.store(dst[:, None] + offs_lo[None, :], packed.to(tl.uint8), mask=valid[:, None])
+        if HAS_SIDE:
+            et = side_ptr.dtype.element_ty
+            tl.store(side_ptr + side_off[:, None] + offs_lo[None, :], y_lo.to(et),
+                     mask=sel[:, None])
+            tl.store(side_ptr + side_off[:, None] + offs_hi[None, :], y_hi.to(et),
+                     mask=sel[:, None])
+    else:
+        y = _rotate(src, rot_ptr, offs_d, offs_d, rot_scale, D, ROT, DT16)
+        codes, scale, y = _quantize(y, cent_ptr, bound_ptr, 1 << BITS, LSQ)
+        store_codes(codes, dst, valid, BITS, D)
+        if HAS_SIDE:
+            tl.store(side_ptr + side_off[:, None] + offs_d[None, :],
+                     y.to(side_ptr.dtype.element_ty), mask=sel[:, None])
+    return scale.to(tl.float16)
+
+
+@triton.jit
+def _tq_store_kernel(
+    key_ptr,            # [T, Hkv, D] fp16/bf16/fp32
+    value_ptr,          # [T, Hkv, D] same dtype
+    cache_ptr,          # [num_blocks, block_size, Hkv, slot_bytes] uint8
+    slot_ptr,           # [T] int64, < 0 = padding
+    rot_ptr,            # [D, D] float32, R / rotation_scale (+-1)
+    kcent_ptr, kbound_ptr,   # [2**KBITS], [2**KBITS - 1] float32
+    vcent_ptr, vbound_ptr,   # [2**VBITS], [2**VBITS - 1] float32
+    side_k_ptr, side_v_ptr,  # [rows, W, Hkv, D] model dtype (contiguous)
+    side_tag_ptr,       # [rows, W] int32 (contiguous)
+    side_check_ptr,     # [rows, W, Hkv] int32 (contiguous)
+    rows_ptr, pos_ptr, send_ptr,  # [T] int32/int64: batch row, position, request seq_len
+    T, rot_scale, block_size, W, num_kv_heads,
+    stride_kt, stride_kh, stride_vt, stride_vh,
+    stride_cb, stride_ct, stride_ch,
+    D: tl.constexpr, KBITS: tl.constexpr, VBITS: tl.constexpr, LSQ: tl.constexpr,
+    V_OFF: tl.constexpr, KS_OFF: tl.constexpr, BLOCK_T: tl.constexpr,
+    HAS_SIDE: tl.constexpr, ROT: tl.constexpr,
+):
+    pid_t = tl.program_id(0)
+    h = tl.program_id(1)
+    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_d = tl.arange(0, D)
+    HALF: tl.constexpr = D // 2
+    offs_lo = tl.arange(0, HALF)
+    offs_hi = HALF + offs_lo
+    slot = tl.load(slot_ptr + offs_t, mask=offs_t < T, other=-1).to(tl.int64)
+    valid = slot >= 0
+    t64 = offs_t.to(tl.int64)
+
+    blk = slot // block_size
+    # Slots are 4-byte aligned (slot_bytes % 4 == 0, checked by the launcher): telling the
+    # compiler lets it move packed bytes 4 at a time instead of 1.
+    off = tl.multiple_of(blk * stride_cb + (slot % block_size) * stride_ct + h * stride_ch, 4)
+    dst = cache_ptr + off
+
+    if HAS_SIDE:
+        row = tl.load(rows_ptr + offs_t, mask=valid, other=0).to(tl.int64)
+        pos = tl.load(pos_ptr + offs_t, mask=valid, other=0).to(tl.int64)
+        send = tl.load(send_ptr + offs_t, mask=valid, other=0).to(tl.int64)
+        sel = valid & (pos >= send - W)
+        entry = row * W + pos % W                                 # [T] index into [rows, W]
+        side_off = (entry * num_kv_heads + h) * D
+    else:
+        sel = valid
+        entry = t64
+        side_off = t64
+
+    x = tl.load(key_ptr + t64[:, None] * stride_kt + h * stride_kh + offs_d[None, :],
+                mask=valid[:, None], other=0.0).to(tl.float32)
+    ks16 = _encode_half(x, dst, valid, rot_ptr, rot_scale, kcent_ptr, kbound_ptr,
+                        side_k_ptr, side_off, sel, offs_d, offs_lo, offs_hi,
+                        KBITS, D, LSQ, ROT, key_ptr.dtype.element_ty, HAS_SIDE)
+    x = tl.load(value_ptr + t64[:, None] * stride_vt + h * stride_vh + offs_d[None, :],
+                mask=valid[:, None], other=0.0).to(tl.float32)
+    vs16 = _encode_half(x, dst + V_OFF, valid, rot_ptr, rot_scale, vcent_ptr,
+                        vbound_ptr, side_v_ptr, side_off, sel, offs_d, offs_lo, offs_hi,
+                        VBITS, D, LSQ, ROT, key_ptr.dtype.element_ty, HAS_SIDE)
+    kbits = ks16.to(tl.uint16, bitcast=True).to(tl.int32)
+    vbits = vs16.to(tl.uint16, bitcast=True).to(tl.int32)
+    both = kbits | (vbits << 16)                   # K scale | V scale, little endian
+    tl.store((dst + KS_OFF).to(tl.pointer_type(tl.int32)), both, mask=valid)
+
+    if HAS_SIDE:
+        tl.store(side_tag_ptr + entry, slot.to(tl.int32), mask=sel)
+        tl.store(side_check_ptr + entry * num_kv_heads + h, both, mask=sel)
+
+
+def tq_store(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
+             slot_mapping: torch.Tensor, params, side: TQSide | None = None,
+             token_rows: torch.Tensor | None = None, token_pos: torch.Tensor | None = None,
+             token_seq_end: torch.Tensor | None = None, block_t: int | None = None,
+             num_warps: int | None = None, rot: str | None = None) -> None:
+    """Triton quantize-on-write; same contract as `reference.tq_store_ref`.
+
+    key, value     [T, Hkv, D] fp16/bf16/fp32, last dim contiguous (any token/head strides).
+    kv_cache       uint8 [num_blocks, block_size, Hkv, slot_bytes], last dim contiguous.
+    slot_mapping   int64 [T] (< 0 skipped).
+    side + token_rows/token_pos/token_seq_end: optional window copy (see TQSide).
+    rot: how the rotation's dot runs: "ieee" (exact fp32 FMA), "tf32" (tensor cores, exact
+    products of fp16/bf16 inputs), "dot16" (tensor cores in the input dtype); default below.
+    """
+    p = as_params(params, kv_cache.device)
+    t, hkv, d = key.shape
+    if t == 0:
+        return
+    assert key.stride(-1) == 1 and value.stride(-1) == 1 and kv_cache.stride(-1) == 1
+    assert kv_cache.dtype == torch.uint8 and kv_cache.shape[3] == p.layout.slot_bytes
+    check_cache_alignment(kv_cache)
+    lay = p.layout
+    has_side = side is not None and side.window > 0
+    if has_side:
+        if token_rows is None or token_pos is None or token_seq_end is None:
+            raise ValueError("the window side copy needs token_rows, token_pos, token_seq_end")
+        assert all(x.is_contiguous() for x in side)
+        sk, sv, stag, schk = side
+        rows, pos, send, w = token_rows, token_pos, token_seq_end, side.window
+    else:
+        sk = sv = stag = schk = rows = pos = send = slot_mapping
+        w = 1
+    value = value.to(key.dtype)
+    if block_t is None:
+        # H100, 8K tokens x 8 heads x 128, bf16: 64 tokens / 8 warps = 153 us, 32 / 4 = 162,
+        # 16 / 4 = 219. Head 256 stays at 16 (fp32 operand tiles must fit shared memory).
+        block_t, num_warps = (64, num_warps or 8) if d <= 128 else (16, num_warps or 4)
+    num_warps = num_warps or 4
+    if key.dtype == torch.float32 or interpreting(_tq_store_kernel):
+        rot = "ieee"
+    rot_code = {"tf32": 0, "ieee": 1, "dot16": 2}[rot or "tf32"]
+    grid = (triton.cdiv(t, block_t), hkv)
+    _tq_store_kernel[grid](
+        key, value, kv_cache, slot_mapping, p.rotation_pm1,
+        p.key_centroids, p.key_bounds, p.value_centroids, p.value_bounds,
+        sk, sv, stag, schk, rows, pos, send,
+        t, p.rotation_scale, kv_cache.shape[1], w, hkv,
+        key.stride(0), key.stride(1), value.stride(0), value.stride(1),
+        kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2),
+        D=d, KBITS=p.key_bits, VBITS=p.value_bits, LSQ=p.scale_mode == "lsq",
+        V_OFF=lay.v_codes_offset, KS_OFF=lay.k_scale_offset, BLOCK_T=block_t,
+        HAS_SIDE=has_side,
+        ROT=rot_code,
+        num_warps=num_warps)

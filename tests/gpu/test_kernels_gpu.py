@@ -1,0 +1,197 @@
+"""Triton kernels vs their torch references on a CUDA GPU, realistic shapes.
+
+Run on the device machine: `pytest -m gpu tests/gpu/test_kernels_gpu.py`.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.gpu
+
+if not torch.cuda.is_available():  # collected in CI, never run there
+    pytest.skip("needs a CUDA GPU", allow_module_level=True)
+
+from vllm_turboquant.codec import TQConfig, TQLayerCodec  # noqa: E402
+from vllm_turboquant.kernels import TQLayerParams, TQSide  # noqa: E402
+from vllm_turboquant.kernels.decode import tq_decode  # noqa: E402
+from vllm_turboquant.kernels.prefill import tq_prefill  # noqa: E402
+from vllm_turboquant.kernels.reference import (tq_decode_ref, tq_prefill_ref,  # noqa: E402
+                                                tq_store_ref)
+from vllm_turboquant.kernels.store import tq_store  # noqa: E402
+
+DEV = "cuda"
+TOL = {torch.bfloat16: (3e-2, 3e-2), torch.float16: (4e-3, 4e-3)}
+
+
+def _rel_err(got, want):
+    return ((got.float() - want.float()).norm() / want.float().norm().clamp(min=1e-30)).item()
+
+
+def _params(name, d, window=0):
+    cfg = TQConfig.from_name(name, window=window)
+    codec = TQLayerCodec(cfg, d, layer=5)
+    return codec, TQLayerParams.from_codec(codec, DEV)
+
+
+def _paged(lens, hkv, d, block_size, params, dtype, num_blocks=None, side=None, permuted=False):
+    """Random K/V written through the reference store into shuffled blocks."""
+    max_blocks = max((n + block_size - 1) // block_size for n in lens)
+    need = len(lens) * max_blocks
+    num_blocks = max(num_blocks or 0, need + 1)
+    sb = params.layout.slot_bytes
+    if permuted:
+        cache = torch.zeros(num_blocks, hkv, block_size, sb, dtype=torch.uint8,
+                            device=DEV).permute(0, 2, 1, 3)
+    else:
+        cache = torch.zeros(num_blocks, block_size, hkv, sb, dtype=torch.uint8, device=DEV)
+    # Put the sequences' blocks at the top of the cache: offsets beyond 2**31 bytes.
+    perm = torch.randperm(need, device=DEV) + (num_blocks - need)
+    bt = perm.reshape(len(lens), max_blocks).int()
+    chunks = []
+    for b, n in enumerate(lens):
+        k = (torch.randn(n, hkv, d, device=DEV) * 2 + 0.3).to(dtype)
+        v = torch.randn(n, hkv, d, device=DEV).to(dtype)
+        pos = torch.arange(n, device=DEV)
+        slots = bt[b].long()[pos // block_size] * block_size + pos % block_size
+        tq_store_ref(k, v, cache, slots, params, side, torch.full_like(pos, b), pos,
+                     torch.full_like(pos, n))
+        chunks.append((k, v))
+    return cache, bt, chunks
+
+
+# Open issue (H100, triton 3.6, 2026-11-23): (128, turboquant, bf16) failed twice, run first in
+# the session, with ~96% of bytes differing at every byte offset, while fp16 at heads 64/256
+# passed. The extra cases below isolate head size vs dtype vs first-launch; the assert message
+# says whether the written slots were left untouched (kernel wrote nothing) or hold garbage.
+@pytest.mark.parametrize("d,name,dtype", [(64, "tq-k3v3", torch.float16),
+                                          (256, "turboquant", torch.float16),
+                                          (128, "turboquant", torch.bfloat16),
+                                          (128, "turboquant", torch.float16),
+                                          (64, "turboquant", torch.bfloat16),
+                                          (256, "turboquant", torch.bfloat16),
+                                          (128, "tq-k3v3", torch.bfloat16)])
+def test_store_matches_codec(d, name, dtype):
+    codec, params = _params(name, d)
+    t, hkv, bs = 4096, 8, 16
+    k = (torch.randn(t, hkv, d, device=DEV) * 4).to(dtype)
+    v = torch.randn(t, 2 * hkv, d, device=DEV).to(dtype)[:, ::2]   # non-contiguous heads
+    k[17, 3, 5] = float("nan")
+    nb = t // bs + 4
+    slots = torch.randperm(nb * bs, device=DEV)[:t]
+    slots[::97] = -1
+    c1 = torch.full((nb, bs, hkv, params.layout.slot_bytes), 7, dtype=torch.uint8, device=DEV)
+    c2 = c1.clone()
+    tq_store(k, v, c1, slots, params)
+    tq_store_ref(k, v, c2, slots, params)
+    diff = (c1 != c2).float().mean().item()
+    # Codes may differ by one level where |u - boundary| is below float rounding (different
+    # summation order of the rotation): allow 1e-4 of the bytes, in practice ~1e-6.
+    lay = params.layout
+    rows1 = c1.reshape(-1, hkv, lay.slot_bytes)[slots[slots >= 0]]
+    untouched = (rows1 == 7).all(-1).float().mean().item()
+    where = (c1 != c2).reshape(-1, lay.slot_bytes).float().mean(0)
+    assert diff < 1e-4, (diff, f"written slots left untouched: {untouched:.3f}",
+                         "per byte offset:", where.tolist()[:8], where.tolist()[-8:])
+    written = torch.zeros(nb * bs, dtype=torch.bool, device=DEV)
+    written[slots[slots >= 0]] = True
+    assert (c1.reshape(nb * bs, hkv, -1)[~written] == 7).all()   # padding slots untouched
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("d,hq,hkv,bs,window", [(128, 32, 8, 16, 0), (64, 9, 3, 64, 16),
+                                                (256, 8, 8, 128, 0), (128, 8, 1, 32, 32)])
+def test_decode_matches_reference(dtype, d, hq, hkv, bs, window):
+    codec, params = _params("turboquant", d, window)
+    lens = [1, 17, 1000, 4099, 300]
+    side = TQSide.empty(len(lens), window, hkv, d, dtype, DEV) if window else None
+    cache, bt, _ = _paged(lens, hkv, d, bs, params, dtype, side=side, permuted=bs == 16)
+    q = torch.randn(len(lens), hq, d, device=DEV).to(dtype)
+    sl = torch.tensor(lens, dtype=torch.int32, device=DEV)
+    got = tq_decode(q, cache, bt, sl, params, d ** -0.5, side)
+    want = tq_decode_ref(q, cache, bt, sl, params, d ** -0.5, side)
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(got, want, atol=atol, rtol=rtol)
+    assert _rel_err(got, want) < 1e-2
+
+
+# Both paths of every decode knob against the reference: the register `prmt` lookup (lookup
+# 3, inline PTX, never run by the CPU interpreter), the key tile as MMA operand A (kt), the
+# register prefetch of the next tile (prefetch), and their pair-table counterparts.
+@pytest.mark.parametrize("lookup,kt,prefetch,block_n", [(3, False, False, 128),
+                                                        (3, True, True, 128),
+                                                        (3, True, True, 64),
+                                                        (1, True, True, 128),
+                                                        (2, False, True, 64),
+                                                        (3, False, False, 32)])
+@pytest.mark.parametrize("dtype,d,hq,hkv,bs,window", [
+    (torch.bfloat16, 128, 32, 8, 16, 0), (torch.bfloat16, 64, 9, 3, 16, 16),
+    (torch.float16, 128, 8, 1, 32, 32), (torch.float16, 256, 8, 8, 128, 0)])
+def test_decode_variants_match_reference(lookup, kt, prefetch, block_n, dtype, d, hq, hkv,
+                                         bs, window):
+    codec, params = _params("turboquant", d, window)
+    lens = [1, 17, 1000, 4099, 300]
+    side = TQSide.empty(len(lens), window, hkv, d, dtype, DEV) if window else None
+    cache, bt, _ = _paged(lens, hkv, d, bs, params, dtype, side=side, permuted=bs == 16)
+    q = torch.randn(len(lens), hq, d, device=DEV).to(dtype)
+    sl = torch.tensor(lens, dtype=torch.int32, device=DEV)
+    got = tq_decode(q, cache, bt, sl, params, d ** -0.5, side, lookup=lookup, kt=kt,
+                    prefetch=prefetch, block_n=block_n if d != 256 else min(block_n, 64))
+    want = tq_decode_ref(q, cache, bt, sl, params, d ** -0.5, side)
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(got, want, atol=atol, rtol=rtol)
+    assert _rel_err(got, want) < 1e-2
+
+
+def test_decode_index_overflow_32768_blocks():
+    """131072 blocks x 16 tokens x 8 heads x 132 B = 2.2 GB: byte offsets pass 2**31."""
+    codec, params = _params("turboquant", 128)
+    lens = [3000, 77]
+    cache, bt, _ = _paged(lens, 8, 128, 16, params, torch.bfloat16, num_blocks=32768 * 4)
+    assert cache.numel() > 2 ** 31
+    q = torch.randn(2, 32, 128, device=DEV, dtype=torch.bfloat16)
+    sl = torch.tensor(lens, dtype=torch.int32, device=DEV)
+    got = tq_decode(q, cache, bt, sl, params, 0.088)
+    want = tq_decode_ref(q, cache, bt, sl, params, 0.088)
+    torch.testing.assert_close(got, want, atol=3e-2, rtol=3e-2)
+
+
+def test_decode_fixed_splits_cuda_graph():
+    codec, params = _params("turboquant", 128)
+    lens = [500, 2000, 33]
+    cache, bt, _ = _paged(lens, 8, 128, 16, params, torch.bfloat16)
+    q = torch.randn(3, 32, 128, device=DEV, dtype=torch.bfloat16)
+    sl = torch.tensor(lens, dtype=torch.int32, device=DEV)
+    out = torch.empty_like(q)
+    tq_decode(q, cache, bt, sl, params, 0.088, num_splits=8, out=out)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        tq_decode(q, cache, bt, sl, params, 0.088, num_splits=8, out=out)
+    out.zero_()
+    g.replay()
+    torch.cuda.synchronize()
+    want = tq_decode_ref(q, cache, bt, sl, params, 0.088)
+    torch.testing.assert_close(out, want, atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.parametrize("lookup", [2, 3])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("d,hq,hkv,bs,window", [(128, 32, 8, 16, 0), (64, 9, 3, 32, 16),
+                                                (256, 4, 2, 64, 0)])
+def test_prefill_matches_reference(dtype, d, hq, hkv, bs, window, lookup):
+    codec, params = _params("turboquant", d, window)
+    lens, qlens = [700, 129, 2000, 64], [300, 129, 17, 1]
+    side = TQSide.empty(len(lens), window, hkv, d, dtype, DEV) if window else None
+    cache, bt, chunks = _paged(lens, hkv, d, bs, params, dtype, side=side)
+    k = torch.cat([c[0][n - m:] for c, n, m in zip(chunks, lens, qlens)])
+    v = torch.cat([c[1][n - m:] for c, n, m in zip(chunks, lens, qlens)])
+    q = torch.randn(sum(qlens), hq, d, device=DEV).to(dtype)
+    cu = torch.tensor([0] + torch.tensor(qlens).cumsum(0).tolist(), dtype=torch.int32,
+                      device=DEV)
+    sl = torch.tensor(lens, dtype=torch.int32, device=DEV)
+    got = tq_prefill(q, k, v, cu, sl, cache, bt, params, d ** -0.5, side, lookup=lookup)
+    want = tq_prefill_ref(q, k, v, cu, sl, cache, bt, params, d ** -0.5, side)
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(got, want, atol=atol, rtol=rtol)
+    assert _rel_err(got, want) < 1e-2

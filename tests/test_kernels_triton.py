@@ -1,0 +1,197 @@
+"""Triton kernels vs their torch references, on the CPU through Triton's interpreter.
+
+tests/conftest.py sets TRITON_INTERPRET=1 on machines without CUDA before anything imports
+triton (it must be set before the first import of triton.language to reach its library
+helpers). The launchers know they are interpreted from the kernel objects. Shapes are tiny
+(the interpreter runs numpy per program); the GPU tier (tests/gpu) has real ones.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from vllm_turboquant.codec import TQConfig, TQLayerCodec  # noqa: E402
+from vllm_turboquant.kernels import TQLayerParams, TQSide  # noqa: E402
+from vllm_turboquant.kernels import decode as _decode  # noqa: E402
+from vllm_turboquant.kernels._tl import interpreting  # noqa: E402
+from vllm_turboquant.kernels.decode import tq_decode  # noqa: E402
+from vllm_turboquant.kernels.prefill import tq_prefill  # noqa: E402
+from vllm_turboquant.kernels.reference import (tq_decode_ref, tq_prefill_ref,  # noqa: E402
+                                                tq_store_ref)
+from vllm_turboquant.kernels.store import tq_store  # noqa: E402
+
+# inf - inf in the non-finite check warns in numpy; that is the point of the check.
+pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+
+if not interpreting(_decode._tq_decode_split_kernel):
+    pytest.skip("CPU interpreter tests: triton was imported without TRITON_INTERPRET=1 "
+                "(a CUDA machine runs tests/gpu instead)", allow_module_level=True)
+
+# Per output dtype: fp16/bf16 rounding of q, centroids, p and the output itself.
+TOL = {torch.bfloat16: (4e-2, 2e-2), torch.float16: (5e-3, 5e-3), torch.float32: (2e-4, 2e-4)}
+
+
+def assert_close(got, want, dtype, what):
+    atol, rtol = TOL[dtype]
+    bad = (got.float() - want.float()).abs() > atol + rtol * want.float().abs()
+    if bad.any():
+        idx = bad.nonzero()[:5].tolist()
+        pairs = [(i, got[tuple(i)].item(), want[tuple(i)].item()) for i in idx]
+        raise AssertionError(f"{what}: {int(bad.sum())} of {bad.numel()} elements off "
+                             f"(atol {atol}, rtol {rtol}); first (index, got, want): {pairs}")
+
+
+def make_params(name="turboquant", d=64, window=0, layer=2):
+    codec = TQLayerCodec(TQConfig.from_name(name, window=window), d, layer)
+    return codec, TQLayerParams.from_codec(codec)
+
+
+def paged(lens, hkv, d, bs, params, dtype, side=None, permuted=False, seed=0):
+    """Caches filled by the reference store; returns (cache, block_table, per-seq (k, v))."""
+    gen = torch.Generator().manual_seed(seed)
+    max_blocks = max(1, max((n + bs - 1) // bs for n in lens))
+    nb = len(lens) * max_blocks + 2
+    sb = params.layout.slot_bytes
+    if permuted:
+        cache = torch.zeros(nb, hkv, bs, sb, dtype=torch.uint8).permute(0, 2, 1, 3)
+    else:
+        cache = torch.zeros(nb, bs, hkv, sb, dtype=torch.uint8)
+    bt = torch.randperm(nb, generator=gen)[:len(lens) * max_blocks]
+    bt = bt.reshape(len(lens), max_blocks).int()
+    seqs = []
+    for b, n in enumerate(lens):
+        k = (torch.randn(n, hkv, d, generator=gen) * 2 + 0.3).to(dtype)
+        v = torch.randn(n, hkv, d, generator=gen).to(dtype)
+        pos = torch.arange(n)
+        slots = bt[b].long()[pos // bs] * bs + pos % bs
+        tq_store_ref(k, v, cache, slots, params, side, torch.full_like(pos, b), pos,
+                     torch.full_like(pos, n))
+        seqs.append((k, v))
+    return cache, bt, seqs
+
+
+# -- store ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name,dtype,bs,permuted", [("turboquant", torch.bfloat16, 16, False),
+                                                    ("tq-k3v3", torch.float16, 32, True),
+                                                    ("turboquant", torch.float32, 16, True)])
+def test_store_writes_codec_bytes(name, dtype, bs, permuted):
+    codec, params = make_params(name)
+    t, hkv, d = 21, 2, 64
+    gen = torch.Generator().manual_seed(1)
+    k = (torch.randn(t, hkv, d, generator=gen) * 3).to(dtype)
+    v = torch.randn(t, 2 * hkv, d, generator=gen).to(dtype)[:, ::2]     # strided heads
+    k[4, 1, 7] = float("nan")
+    v[9, 0, 0] = float("inf")
+    nb = 3
+    slots = torch.randperm(nb * bs, generator=gen)[:t]
+    slots[[2, 11]] = -1                                                # padding
+    shape = (nb, hkv, bs, params.layout.slot_bytes) if permuted else (
+        nb, bs, hkv, params.layout.slot_bytes)
+    c1 = torch.full(shape, 7, dtype=torch.uint8)
+    if permuted:
+        c1 = c1.permute(0, 2, 1, 3)
+    c2 = c1.clone()
+    tq_store(k, v, c1, slots, params)
+    tq_store_ref(k, v, c2, slots, params)
+    # A code may sit one level off where u is within float rounding of a boundary (the kernel
+    # sums the rotation in another order); allow 1 byte in 500, seen: 0.
+    diff = (c1 != c2).float().mean().item()
+    assert diff <= 2e-3, f"{diff:.2%} of bytes differ"
+    valid = slots[slots >= 0]
+    want = codec.encode(k, v)[slots >= 0]
+    got = c1[valid // bs, valid % bs]
+    assert (got != want).float().mean().item() <= 2e-3
+    untouched = torch.ones(nb * bs, dtype=torch.bool)
+    untouched[valid] = False
+    assert (c1.reshape(nb * bs, hkv, -1)[untouched] == 7).all(), "padding slot written"
+    nan_row = c1[slots[4] // bs, slots[4] % bs, 1]
+    ks = params.layout.k_scale_offset
+    assert nan_row[ks:ks + 2].view(torch.float16).item() == 0.0     # non-finite -> zero
+
+
+def test_store_window_side_copy():
+    codec, params = make_params("turboquant", window=4)
+    hkv, d, bs, w = 2, 64, 16, 4
+    # Two requests: row 0 has 6 new tokens (positions 10..15), row 1 has 3 (0..2).
+    pos = torch.tensor([10, 11, 12, 13, 14, 15, 0, 1, 2])
+    rows = torch.tensor([0] * 6 + [1] * 3)
+    send = torch.tensor([16] * 6 + [3] * 3)
+    slots = torch.tensor([42, 43, 44, 45, 46, 47, 3, -1, 5])
+    k = torch.randn(9, hkv, d, dtype=torch.bfloat16)
+    v = torch.randn(9, hkv, d, dtype=torch.bfloat16)
+    c1 = torch.zeros(4, bs, hkv, params.layout.slot_bytes, dtype=torch.uint8)
+    c2 = c1.clone()
+    s1 = TQSide.empty(2, w, hkv, d, torch.bfloat16)
+    s2 = TQSide.empty(2, w, hkv, d, torch.bfloat16)
+    tq_store(k, v, c1, slots, params, s1, rows, pos, send)
+    tq_store_ref(k, v, c2, slots, params, s2, rows, pos, send)
+    assert torch.equal(c1, c2)
+    assert torch.equal(s1.tag, s2.tag) and torch.equal(s1.check, s2.check)
+    assert s1.tag[0].tolist() == [44, 45, 46, 47]        # positions 12..15 only
+    assert s1.tag[1].tolist() == [3, -1, 5, -1]          # the padding token is not copied
+    for a, b in ((s1.k, s2.k), (s1.v, s2.v)):
+        assert_close(a, b, torch.bfloat16, "side copy")
+
+
+# -- decode -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype,g,bs,window,lookup,kt,prefetch", [
+    (torch.bfloat16, 1, 16, 0, 1, False, False),
+    (torch.float16, 3, 32, 0, 2, False, False),
+    (torch.bfloat16, 3, 16, 8, 1, False, False),
+    (torch.float16, 2, 32, 5, 0, False, False),
+    (torch.bfloat16, 4, 16, 0, 3, True, True),     # lookup 3 falls back to 1 when interpreted
+    (torch.float16, 3, 32, 5, 1, True, False),
+    (torch.bfloat16, 2, 16, 8, 2, False, True),
+])
+def test_decode_matches_reference(dtype, g, bs, window, lookup, kt, prefetch):
+    codec, params = make_params("turboquant", window=window)
+    hkv, d = 2, 64
+    lens = [1, 37, 70, 0]                                   # one token, odd, padding row
+    side = TQSide.empty(len(lens), window, hkv, d, dtype) if window else None
+    cache, bt, _ = paged(lens, hkv, d, bs, params, dtype, side=side, permuted=bs == 32)
+    if side is not None:
+        side.tag[2, 69 % window] = 12345                      # a stale entry -> packed slot
+    q = torch.randn(len(lens), hkv * g, d).to(dtype)
+    sl = torch.tensor(lens, dtype=torch.int32)
+    got = tq_decode(q, cache, bt, sl, params, d ** -0.5, side, block_n=16, lookup=lookup,
+                    kt=kt, prefetch=prefetch)
+    want = tq_decode_ref(q, cache, bt, sl, params, d ** -0.5, side)
+    assert_close(got, want, dtype, "decode")
+    assert got[3].abs().sum() == 0
+
+
+def test_decode_more_splits_than_tiles_and_3bit():
+    codec, params = make_params("tq-k3v3")
+    hkv, d = 1, 64
+    cache, bt, _ = paged([5, 40], hkv, d, 16, params, torch.float16)
+    q = torch.randn(2, 4, d, dtype=torch.float16)
+    sl = torch.tensor([5, 40], dtype=torch.int32)
+    got = tq_decode(q, cache, bt, sl, params, 0.125, num_splits=7, block_n=16)
+    want = tq_decode_ref(q, cache, bt, sl, params, 0.125)
+    assert_close(got, want, torch.float16, "decode, empty splits")
+
+
+# -- prefill ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype,g,bs,window,name", [
+    (torch.bfloat16, 1, 16, 0, "turboquant"),
+    (torch.float16, 3, 32, 8, "turboquant"),
+    (torch.float16, 2, 16, 0, "tq-k3v3"),
+])
+def test_prefill_matches_reference(dtype, g, bs, window, name):
+    codec, params = make_params(name, window=window)
+    hkv, d = 2, 64
+    lens, qlens = [9, 45, 30], [9, 1, 13]     # fresh prefill, 1-token chunk, chunk + prefix
+    side = TQSide.empty(len(lens), window, hkv, d, dtype) if window else None
+    cache, bt, seqs = paged(lens, hkv, d, bs, params, dtype, side=side)
+    k = torch.cat([s[0][n - m:] for s, n, m in zip(seqs, lens, qlens)])
+    v = torch.cat([s[1][n - m:] for s, n, m in zip(seqs, lens, qlens)])
+    q = torch.randn(sum(qlens), hkv * g, d).to(dtype)
+    cu = torch.tensor([0] + torch.tensor(qlens).cumsum(0).tolist(), dtype=torch.int32)
+    sl = torch.tensor(lens, dtype=torch.int32)
+    got = tq_prefill(q, k, v, cu, sl, cache, bt, params, d ** -0.5, side, block_m=4,
+                     block_n=16)
+    want = tq_prefill_ref(q, k, v, cu, sl, cache, bt, params, d ** -0.5, side)
+    assert_close(got, want, dtype, "prefill")

@@ -1,0 +1,121 @@
+"""Per-step attention metadata and its builder.
+
+vLLM reorders every batch so decodes (query length 1) come first; the builder records the
+split and, when the preset keeps a recent-token window, each token's batch row, position and
+its request's sequence length (what the store needs to fill the window ring). Those go into
+persistent buffers, so a decode CUDA graph replays with this step's values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from vllm.v1.attention.backend import (AttentionCGSupport, AttentionMetadata,
+                                       AttentionMetadataBuilder, CommonAttentionMetadata)
+from vllm.v1.attention.backends.utils import split_decodes_and_prefills
+
+from vllm_turboquant import settings
+
+
+@dataclass
+class TurboQuantMetadata(AttentionMetadata):
+    """One step's batch, decodes first. Device tensors unless noted.
+
+    query_start_loc  int32 [B + 1]; seq_lens int32 [B] (cached tokens incl. this step's);
+    block_table      int32 [B, max_blocks]; slot_mapping int64 [T] (< 0 = padding).
+    prefill_query_start_loc  int32 [P + 1], rebased to 0, for the P prefill requests.
+    token_rows / token_pos / token_seq_end  int32 [T]: batch row, position and the request's
+        seq_len of every token (window presets only, else None).
+    """
+
+    num_actual_tokens: int
+    num_reqs: int
+    num_decodes: int
+    num_decode_tokens: int
+    num_prefills: int
+    max_query_len: int
+    max_seq_len: int
+    query_start_loc: torch.Tensor
+    seq_lens: torch.Tensor
+    block_table: torch.Tensor
+    slot_mapping: torch.Tensor
+    prefill_query_start_loc: torch.Tensor | None = None
+    token_rows: torch.Tensor | None = None
+    token_pos: torch.Tensor | None = None
+    token_seq_end: torch.Tensor | None = None
+
+
+class TurboQuantMetadataBuilder(AttentionMetadataBuilder[TurboQuantMetadata]):
+    # FULL CUDA graphs for pure decode batches; mixed batches run PIECEWISE (attention eager).
+    _cudagraph_support: ClassVar[AttentionCGSupport] = (
+        AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE)
+
+    def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        self._init_reorder_batch_threshold(1, supports_spec_as_decode=False)
+        self.config = settings.resolve(vllm_config.cache_config.cache_dtype,
+                                       vllm_config.additional_config)
+        self.window = self.config.window
+        sched = vllm_config.scheduler_config
+        compile_cfg = vllm_config.compilation_config
+        self.max_tokens = max(sched.max_num_batched_tokens,
+                              getattr(compile_cfg, "max_cudagraph_capture_size", 0) or 0)
+        if self.window > 0:
+            self._arange = torch.arange(self.max_tokens, dtype=torch.int32, device=device)
+            self._rows = torch.zeros(self.max_tokens, dtype=torch.int32, device=device)
+            self._pos = torch.zeros(self.max_tokens, dtype=torch.int32, device=device)
+            self._seq_end = torch.zeros(self.max_tokens, dtype=torch.int32, device=device)
+        self._create_layer_states(vllm_config, device)
+
+    def _create_layer_states(self, vllm_config, device) -> None:
+        """Allocate every layer's window buffers now (right after the KV cache, out of the
+        budget compat reserved for them) rather than inside a CUDA graph capture."""
+        from vllm_turboquant.backend.impl import TurboQuantImpl
+
+        layers = vllm_config.compilation_config.static_forward_context
+        for name in self.layer_names:
+            impl = getattr(layers.get(name), "impl", None)
+            if isinstance(impl, TurboQuantImpl):
+                impl.layer_state(name, torch.device(device)).reset_window()
+
+    def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
+              fast_build: bool = False) -> TurboQuantMetadata:
+        cm = common_attn_metadata
+        num_decodes, num_prefills, num_decode_tokens, _ = split_decodes_and_prefills(
+            cm, decode_threshold=1)
+        b, t = cm.num_reqs, cm.num_actual_tokens
+        qsl = cm.query_start_loc[:b + 1]
+        md = TurboQuantMetadata(
+            num_actual_tokens=t, num_reqs=b, num_decodes=num_decodes,
+            num_decode_tokens=num_decode_tokens, num_prefills=num_prefills,
+            max_query_len=cm.max_query_len, max_seq_len=cm.max_seq_len,
+            query_start_loc=qsl, seq_lens=cm.seq_lens[:b],
+            block_table=cm.block_table_tensor[:b], slot_mapping=cm.slot_mapping[:t])
+        if num_prefills:
+            md.prefill_query_start_loc = qsl[num_decodes:] - qsl[num_decodes]
+        if self.window > 0 and t > 0 and b > 0:
+            md.token_rows, md.token_pos, md.token_seq_end = self._token_positions(
+                qsl, cm.seq_lens[:b], t)
+        return md
+
+    def _token_positions(self, qsl: torch.Tensor, seq_lens: torch.Tensor, t: int):
+        """Row, position and request seq_len of each of the t tokens, on device, no host sync.
+
+        Padding tokens past the last request get the last row and positions past its end;
+        their slot is < 0, so the store skips them."""
+        if t > self.max_tokens:  # never under CUDA graphs (t <= the largest capture size)
+            self.max_tokens = t
+            self._arange = torch.arange(t, dtype=torch.int32, device=qsl.device)
+            self._rows, self._pos, self._seq_end = (torch.zeros_like(self._arange)
+                                                    for _ in range(3))
+        tok = self._arange[:t]
+        ends = qsl[1:].to(torch.int32)
+        rows = torch.searchsorted(ends, tok, right=True).clamp_(max=max(len(ends) - 1, 0))
+        starts = qsl[:-1].to(torch.int32)
+        context = seq_lens.to(torch.int32) - (ends - starts)      # tokens cached before the chunk
+        self._rows[:t].copy_(rows)
+        self._pos[:t].copy_(context[rows] + tok - starts[rows])
+        self._seq_end[:t].copy_(seq_lens[rows])
+        return self._rows[:t], self._pos[:t], self._seq_end[:t]

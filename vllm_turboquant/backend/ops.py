@@ -1,0 +1,59 @@
+"""The three kernel entry points the backend calls: Triton launchers on CUDA, torch references
+elsewhere. Both take the same arguments (see kernels/reference.py), so the backend has one
+code path and the CPU build of vLLM serves through the references.
+
+decode / prefill write into `out` ([n, Hq, D], a view of vLLM's output buffer): the Triton
+launchers in place, the references through one copy.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from vllm_turboquant.kernels import tq_decode_ref, tq_prefill_ref, tq_store_ref
+
+# Tests only: route CPU tensors through the Triton launchers too (with TRITON_INTERPRET=1), so
+# the backend's calls into them are checked without a GPU.
+_FORCE_TRITON = os.environ.get("VLLM_TURBOQUANT_FORCE_TRITON") == "1"
+
+
+def _use_triton(device: torch.device) -> bool:
+    return device.type == "cuda" or _FORCE_TRITON
+
+
+def store(key, value, kv_cache, slot_mapping, params, side=None, token_rows=None,
+          token_pos=None, token_seq_end=None) -> None:
+    if _use_triton(kv_cache.device):
+        from vllm_turboquant.kernels import tq_store
+        tq_store(key, value, kv_cache, slot_mapping, params, side, token_rows, token_pos,
+                 token_seq_end)
+    else:
+        tq_store_ref(key, value, kv_cache, slot_mapping, params, side, token_rows, token_pos,
+                     token_seq_end)
+
+
+def decode(out, query, kv_cache, block_table, seq_lens, params, scale, side=None,
+           num_splits: int | None = None) -> None:
+    """num_splits: a fixed KV split count, so the launch grid never depends on sequence
+    lengths (CUDA graphs; the eager path uses the same count and gives the same tokens)."""
+    if _use_triton(query.device):
+        from vllm_turboquant.kernels import tq_decode
+        tq_decode(query, kv_cache, block_table, seq_lens, params, scale, side,
+                  num_splits=num_splits, out=out)
+    else:
+        out.copy_(tq_decode_ref(query, kv_cache, block_table, seq_lens, params, scale, side))
+
+
+def prefill(out, query, key, value, cu_seqlens_q, seq_lens, kv_cache, block_table, params,
+            scale, side=None, max_query_len: int | None = None) -> None:
+    """max_query_len: an upper bound on the chunk lengths (sizes the Triton grid without a
+    device->host sync)."""
+    if _use_triton(query.device):
+        from vllm_turboquant.kernels import tq_prefill
+        tq_prefill(query, key, value, cu_seqlens_q, seq_lens, kv_cache, block_table, params,
+                   scale, side, max_query_len=max_query_len, out=out)
+    else:
+        out.copy_(tq_prefill_ref(query, key, value, cu_seqlens_q, seq_lens, kv_cache,
+                                 block_table, params, scale, side))
