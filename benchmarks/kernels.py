@@ -373,9 +373,9 @@ def run_sweep(args, info, rows):
         out = torch.empty_like(q)
         base_splits = default_num_splits(b, hkv, ctx, q.device, 64)
         results = []
-        grid = itertools.product((2, 1), (32, 64, 128), (4, 8), (1, 2), (0.5, 1, 2))
+        grid = itertools.product((3, 1), (32, 64, 128), (4, 8), (1, 2), (0.5, 1, 2))
         for lookup, bn, nw, ns, sf in grid:
-            if sf != 1 and (lookup, bn, nw, ns) != (2, 64, 4, 1):
+            if sf != 1 and (lookup, bn, nw, ns) != (3, 64, 4, 2):
                 continue   # the split count only around the default config
             splits = max(1, int(base_splits * sf))
             fn = lambda: tq_decode(q, cache, bt, sl, params, 0.088, num_splits=splits,  # noqa
@@ -396,10 +396,10 @@ def run_sweep(args, info, rows):
               f"block_n, warps, stages, splits):", flush=True)
         for r in results[:6]:
             print(f"   {r[0]:8.1f} us {nbytes / r[0] / 1e3:6.0f} GB/s  {r[1:]}", flush=True)
-        dflt = [r for r in results if r[1:5] == (2, 64, 4, 1) and r[5] == base_splits]
-        pair = [r for r in results if r[1:5] == (1, 64, 4, 1) and r[5] == base_splits]
+        dflt = [r for r in results if r[1:5] == (3, 64, 4, 2) and r[5] == base_splits]
+        pair = [r for r in results if r[1:5] == (1, 64, 4, 2) and r[5] == base_splits]
         if dflt and pair:
-            print(f"   default (nibble lookup) {dflt[0][0]:.1f} us, pair table {pair[0][0]:.1f} us",
+            print(f"   default (prmt lookup) {dflt[0][0]:.1f} us, pair table {pair[0][0]:.1f} us",
                   flush=True)
         del cache
     # store

@@ -1,6 +1,7 @@
 """One-shot GPU probe for the kernel work of issue 3 (a budget of two device calls).
 
-    python benchmarks/kernels_probe.py store      # store correctness matrix + timing
+    python benchmarks/kernels_probe.py store      # store: which stage breaks, variants
+    python benchmarks/kernels_probe.py store-matrix   # store correctness per config + timing
     python benchmarks/kernels_probe.py sweep      # decode variants at b32 x 16K x h128
     python benchmarks/kernels_probe.py shapes [--variants JSON]  # variants vs SDPA-bf16
     python benchmarks/kernels_probe.py ncu VARIANT_JSON            # one launch for ncu
@@ -39,7 +40,7 @@ def emit(**row):
 
 
 # -- store ------------------------------------------------------------------------------------
-def store_case(d, name, dtype, block_t, warps, rot):
+def store_case(d, name, dtype, block_t, warps, rot, **kw):
     cfg = TQConfig.from_name(name)
     codec = TQLayerCodec(cfg, d, layer=5)
     params = TQLayerParams.from_codec(codec, DEV)
@@ -55,7 +56,8 @@ def store_case(d, name, dtype, block_t, warps, rot):
     c2 = c1.clone()
     err = None
     try:
-        tq_store(k, v, c1, slots, params, block_t=block_t, num_warps=warps, rot=rot)
+        kw.setdefault("rot", rot)
+        tq_store(k, v, c1, slots, params, block_t=block_t, num_warps=warps, **kw)
         torch.cuda.synchronize()
     except Exception as e:  # noqa: BLE001
         err = f"{type(e).__name__}: {str(e)[:300]}"
@@ -71,14 +73,84 @@ def store_case(d, name, dtype, block_t, warps, rot):
     fin = torch.isfinite(want).all(-1)
     rel = ((ky - want)[fin].norm() / want[fin].norm()).item()
     per_off = (r1 != r2).float().mean((0, 1))
+    ks = r1[:3, 0, params.layout.k_scale_offset:params.layout.k_scale_offset + 2]
     emit(op="store_check", d=d, name=name, dtype=str(dtype), block_t=block_t, warps=warps,
-         rot=rot, byte_diff=diff, untouched=untouched, decode_rel_err=rel, error=err,
+         rot=rot, kw={k_: str(v_) for k_, v_ in kw.items()},
+         k_scales=ks.contiguous().view(torch.float16).flatten().tolist(),
+         first_bytes=r1[0, 0, :6].tolist(), want_first=r2[0, 0, :6].tolist(),
+         byte_diff=diff, untouched=untouched, decode_rel_err=rel, error=err,
          worst_offsets=[round(x, 3) for x in per_off.topk(4).values.tolist()],
          worst_at=per_off.topk(4).indices.tolist())
     return diff
 
 
+def store_stages(d, dtype):
+    """Which stage of the store breaks: rotation, quantize, or the write (GPU only)."""
+    import triton
+    import triton.language as tl
+    from vllm_turboquant.kernels import store as st
+
+    @triton.jit
+    def _dbg(x_ptr, rot_ptr, cent_ptr, bound_ptr, y_ptr, packed_ptr, scale_ptr, rot_scale,
+             D: tl.constexpr, BT: tl.constexpr, ROT: tl.constexpr):
+        offs_t = tl.program_id(0) * BT + tl.arange(0, BT)
+        offs_d = tl.arange(0, D)
+        HALF: tl.constexpr = D // 2
+        offs_lo = tl.arange(0, HALF)
+        offs_hi = HALF + offs_lo
+        x = tl.load(x_ptr + offs_t[:, None] * D + offs_d[None, :]).to(tl.float32)
+        y_lo = st._rotate(x, rot_ptr, offs_lo, offs_d, rot_scale, D, ROT, x_ptr.dtype.element_ty)
+        y_hi = st._rotate(x, rot_ptr, offs_hi, offs_d, rot_scale, D, ROT, x_ptr.dtype.element_ty)
+        tl.store(y_ptr + offs_t[:, None] * D + offs_lo[None, :], y_lo)
+        tl.store(y_ptr + offs_t[:, None] * D + offs_hi[None, :], y_hi)
+        packed, scale, y_lo, y_hi = st._quantize_halves(y_lo, y_hi, cent_ptr, bound_ptr, True)
+        tl.store(packed_ptr + offs_t[:, None] * HALF + offs_lo[None, :], packed)
+        tl.store(scale_ptr + offs_t, scale)
+
+    codec = TQLayerCodec(TQConfig.from_name("turboquant"), d, layer=5)
+    params = TQLayerParams.from_codec(codec, DEV)
+    t = 64
+    x = (torch.randn(t, d, device=DEV) * 4).to(dtype)
+    for rot in (0, 1):
+        y = torch.empty(t, d, device=DEV)
+        packed = torch.empty(t, d // 2, device=DEV, dtype=torch.int32)
+        scale = torch.empty(t, device=DEV)
+        try:
+            _dbg[(t // 16,)](x, params.rotation_pm1, params.key_centroids, params.key_bounds,
+                             y, packed, scale, params.rotation_scale, D=d, BT=16, ROT=rot)
+            torch.cuda.synchronize()
+        except Exception as e:  # noqa: BLE001
+            emit(op="store_stage", d=d, error=f"{type(e).__name__}: {str(e)[:500]}")
+            continue
+        want_y = x.float() @ params.rotation.T
+        yrel = ((y - want_y).norm() / want_y.norm()).item()
+        u = want_y / want_y.norm(dim=-1, keepdim=True)
+        codes = torch.bucketize(u, params.key_bounds)
+        want_p = codes[:, :d // 2] | (codes[:, d // 2:] << 4)
+        c = params.key_centroids[codes]
+        want_s = (want_y * c).sum(-1) / c.square().sum(-1)
+        emit(op="store_stage", d=d, dtype=str(dtype), rot=rot, y_rel_err=yrel,
+             y_sample=y[0, :4].tolist(), want_y_sample=want_y[0, :4].tolist(),
+             packed_diff=(packed != want_p).float().mean().item(),
+             scale_sample=scale[:3].tolist(), want_scale=want_s[:3].tolist(),
+             rot_scale=params.rotation_scale)
+
+
 def run_store(args):
+    for d in (128, 64):
+        store_stages(d, torch.bfloat16)
+    # the full kernel: halves vs generic path, R prescaled (rot_scale 1.0)
+    for d, dtype in ((128, torch.bfloat16), (128, torch.float16), (256, torch.bfloat16)):
+        for kw in (dict(halves=False), dict(prescaled=True), dict(halves=False, prescaled=True),
+                   dict(rot="dot16", halves=False)):
+            kw = dict(kw)
+            store_case(d, "turboquant", dtype, None, None, kw.pop("rot", None), **kw)
+    store_case(128, "tq-k3v3", torch.bfloat16, None, None, None)
+    store_case(64, "turboquant", torch.float16, None, None, None)
+
+
+def run_store_matrix(args):
+    """Store correctness over launch configs and rotation modes, then store timing."""
     cases = [(128, "turboquant", torch.bfloat16), (128, "turboquant", torch.float16),
              (64, "turboquant", torch.bfloat16), (256, "turboquant", torch.bfloat16),
              (128, "tq-k3v3", torch.bfloat16)]
@@ -133,27 +205,22 @@ def variant_fn(v, params, q, sl, cache, bt, out):
 
 
 # Most informative first: the sweep stops at its time budget.
-SWEEP = [dict(lookup=1, block_n=128), dict(lookup=3, block_n=128),
-         dict(lookup=3, block_n=128, kt=True), dict(lookup=3, block_n=128, prefetch=True),
+SWEEP = [dict(lookup=1, block_n=128, prefetch=True), dict(lookup=3, block_n=128),
+         dict(lookup=3, block_n=128, prefetch=True), dict(lookup=3, block_n=64, prefetch=True),
          dict(lookup=3, block_n=128, kt=True, prefetch=True),
-         dict(lookup=1, block_n=128, kt=True, prefetch=True),
+         dict(lookup=3, block_n=128, kt=True), dict(lookup=3, block_n=64),
          dict(lookup=3, block_n=64, kt=True, prefetch=True),
-         dict(lookup=3, block_n=64), dict(lookup=3, block_n=64, kt=True),
-         dict(lookup=3, block_n=128, num_warps=8, kt=True, prefetch=True),
-         dict(lookup=3, block_n=128, num_warps=8),
-         dict(lookup=3, block_n=128, num_stages=2), dict(lookup=3, block_n=128, num_stages=2,
-                                                         kt=True),
-         dict(lookup=3, block_n=64, num_stages=2, kt=True),
-         dict(lookup=3, block_n=64, num_stages=3, kt=True),
-         dict(lookup=3, block_n=128, kt=True, prefetch=True, split_factor=2.0),
-         dict(lookup=3, block_n=128, kt=True, prefetch=True, split_factor=0.5),
-         dict(lookup=3, block_n=64, kt=True, prefetch=True, split_factor=2.0),
-         dict(lookup=3, block_n=64, num_warps=8, kt=True, prefetch=True),
-         dict(lookup=3, block_n=256, kt=True, prefetch=True),
-         dict(lookup=3, block_n=256, num_warps=8, kt=True, prefetch=True),
-         dict(lookup=3, block_n=32, kt=True, prefetch=True),
-         dict(lookup=2, block_n=128, kt=True, prefetch=True),
-         dict(lookup=1, block_n=128, prefetch=True), dict(lookup=1, block_n=128, kt=True)]
+         dict(lookup=3, block_n=128, num_warps=8, prefetch=True),
+         dict(lookup=3, block_n=64, num_warps=8, prefetch=True),
+         dict(lookup=3, block_n=128, num_stages=2),
+         dict(lookup=3, block_n=64, num_stages=2),
+         dict(lookup=3, block_n=128, prefetch=True, split_factor=2.0),
+         dict(lookup=3, block_n=64, prefetch=True, split_factor=2.0),
+         dict(lookup=3, block_n=128, prefetch=True, split_factor=0.5),
+         dict(lookup=3, block_n=32, prefetch=True),
+         dict(lookup=3, block_n=256, num_warps=8, prefetch=True),
+         dict(lookup=1, block_n=64, prefetch=True),
+         dict(lookup=1, block_n=128, num_warps=8, prefetch=True)]
 
 
 def run_sweep(args):
@@ -192,7 +259,7 @@ SHAPES = [(1, 4096, 128, 32, 8), (1, 16384, 128, 32, 8), (1, 32768, 128, 32, 8),
 
 
 def run_shapes(args):
-    variants = [dict(lookup=1, block_n=None)]
+    variants = [dict(lookup=1, block_n=128, num_stages=1)]      # the v2 defaults
     if args.variants and os.path.exists(args.variants):
         variants += json.load(open(args.variants))[:2]
     for b, ctx, d, hq, hkv in SHAPES:
@@ -235,7 +302,7 @@ def run_ncu(args):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("what", choices=["store", "sweep", "shapes", "ncu"])
+    ap.add_argument("what", choices=["store", "store-matrix", "sweep", "shapes", "ncu"])
     ap.add_argument("variant", nargs="?")
     ap.add_argument("--json")
     ap.add_argument("--variants")
@@ -243,7 +310,8 @@ def main():
     ap.add_argument("--budget-s", type=float, default=110)
     args = ap.parse_args()
     print(torch.cuda.get_device_name(), torch.__version__, kb.triton.__version__, flush=True)
-    {"store": run_store, "sweep": run_sweep, "shapes": run_shapes, "ncu": run_ncu}[
+    {"store": run_store, "store-matrix": run_store_matrix, "sweep": run_sweep,
+     "shapes": run_shapes, "ncu": run_ncu}[
         args.what](args)
     if args.json:
         with open(args.json, "a") as f:

@@ -8,16 +8,16 @@ NCU_SECTIONS="--section SpeedOfLight --section MemoryWorkloadAnalysis --section 
 for stage in "$@"; do
   echo "== $stage $(date +%T)"
   case $stage in
-    store) timeout 70 python3 $P store --json $OUT/probe.jsonl > $OUT/store.log 2>&1 ;;
-    sweep) timeout 110 python3 $P sweep --budget-s ${SWEEP_S:-85} --best-out $OUT/best.json --json $OUT/probe.jsonl > $OUT/sweep.log 2>&1 ;;
+    store) timeout ${STORE_S:-60} python3 $P store --json $OUT/probe.jsonl > $OUT/store.log 2>&1 ;;
+    sweep) timeout ${SWEEP_T:-110} python3 $P sweep --budget-s ${SWEEP_S:-85} --best-out $OUT/best.json --json $OUT/probe.jsonl > $OUT/sweep.log 2>&1 ;;
     ncu)
       best=$(python3 -c "import json;print(json.dumps(json.load(open('$OUT/best.json'))[0]))" 2>/dev/null || echo '{"lookup":3,"block_n":128}')
-      for v in '{"lookup":1,"block_n":128}' "$best"; do
+      for v in ${NCU_BASE:+'{"lookup":1,"block_n":128}'} "$best"; do
         echo "--- ncu $v" >> $OUT/ncu.txt
-        timeout 40 ncu --clock-control none --kernel-name regex:split --launch-skip 1 --launch-count 1 $NCU_SECTIONS python3 $P ncu "$v" >> $OUT/ncu.txt 2>&1
+        timeout ${NCU_S:-40} ncu --clock-control none --kernel-name regex:split --launch-skip 1 --launch-count 1 $NCU_SECTIONS python3 $P ncu "$v" >> $OUT/ncu.txt 2>&1
       done ;;
     shapes) timeout ${SHAPES_S:-90} python3 $P shapes --variants $OUT/best.json --json $OUT/probe.jsonl > $OUT/shapes.log 2>&1 ;;
-    pytest) timeout ${PYTEST_S:-100} python3 -m pytest -m gpu -q -rf ${PYTEST_K:+-k "$PYTEST_K"} tests/gpu/test_kernels_gpu.py > $OUT/pytest.log 2>&1 ;;
+    pytest) timeout ${PYTEST_S:-100} python3 -m pytest -m gpu -v --tb=line -rf ${PYTEST_K:+-k "$PYTEST_K"} tests/gpu/test_kernels_gpu.py > $OUT/pytest.log 2>&1 ;;
   esac
   echo "   rc=$? $(date +%T)"
 done

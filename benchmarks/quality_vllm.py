@@ -17,8 +17,9 @@ Consistency (``--check-dtype``, default ``turboquant``; greedy, 128-token chunks
   prefix    prefix caching on, a second request sharing a long prefix (a cache hit) vs the
             same request on an engine with prefix caching off: the same tokens;
   chunked   a prompt longer than the chunk: 128-token chunked prefill vs chunked prefill off.
-Each engine runs in its own subprocess (clean GPU memory); all at ``--kv-bytes`` of KV cache.
-Budget: about 6 minutes on one H100 with the default model.
+Each engine runs in its own subprocess (clean GPU memory); all at ``--kv-bytes`` of KV cache;
+only the "graphs" engine compiles and captures graphs, the other comparisons are eager.
+Budget: ``--budget-s`` (530 s); perplexity first, then the checks.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ CHUNK = 128
 GEN_TOKENS = 48
 
 
-# -- inputs ---------------------------------------------------------------------------------------
+# -- inputs ------------------------------------------------------------------------------------
 def load_text(path: str | None) -> str:
     if path:
         return Path(path).read_text(encoding="utf-8", errors="replace")
@@ -76,7 +77,7 @@ def consistency_prompts(tokenizer, text: str, small: bool = False) -> dict:
             "long": ids[15_000:15_000 + (300 if small else 1000)]}
 
 
-# -- one engine, in a child process -----------------------------------------------------------------
+# -- one engine, in a child process ------------------------------------------------------------
 def child(args: dict) -> dict:
     import torch
     from vllm import LLM, SamplingParams
@@ -160,7 +161,7 @@ def run_child(args: dict, timeout: float, log_dir: Path) -> dict:
     return res
 
 
-# -- comparisons --------------------------------------------------------------------------------------
+# -- comparisons -------------------------------------------------------------------------------
 def compare(a: list[list[int]], b: list[list[int]]) -> dict:
     """Per prompt: identical? and the first differing position."""
     firsts = []
@@ -187,6 +188,8 @@ def main() -> None:
     ap.add_argument("--kv-bytes", type=int, default=2 * GiB)
     ap.add_argument("--max-num-seqs", type=int, default=64)
     ap.add_argument("--timeout-s", type=float, default=240, help="per engine")
+    ap.add_argument("--budget-s", type=float, default=530,
+                    help="whole run: engines that would start later are reported as skipped")
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--log-dir", default=None)
     ap.add_argument("--cpu-smoke", action="store_true",
@@ -205,6 +208,7 @@ def main() -> None:
     dtypes = [d for d in a.dtypes.split(",") if d]
     if a.cpu_smoke:
         a.windows, a.window_tokens, a.kv_bytes, a.max_num_seqs = 2, 256, 64 << 20, 4
+        a.budget_s, a.timeout_s = max(a.budget_s, 3600), max(a.timeout_s, 900)
         dtypes = [d for d in dtypes if d in ("auto", "turboquant")]
     log_dir = Path(a.log_dir or os.environ.get("TMPDIR", "/tmp"))
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -219,8 +223,13 @@ def main() -> None:
 
     ppl_rows = []
     for d in dtypes:
+        left = a.budget_s - (time.perf_counter() - t_start)
+        if left < 30:
+            ppl_rows.append({"label": f"ppl-{d}", "dtype": d,
+                             "error": f"skipped: {a.budget_s:.0f}s budget spent"})
+            continue
         r = run_child(dict(base, label=f"ppl-{d}", task="ppl", dtype=d, eager=True,
-                           windows=windows), a.timeout_s, log_dir)
+                           windows=windows), min(a.timeout_s, left), log_dir)
         ppl_rows.append(r)
         print(f"[{time.perf_counter() - t_start:6.0f}s] ppl {d}: "
               f"{r.get('ppl', r.get('error'))}", flush=True)
@@ -238,31 +247,36 @@ def main() -> None:
         prompts = consistency_prompts(tok, text, small=a.cpu_smoke)
         cbase = dict(base, task="gen", dtype=a.check_dtype, prompts=prompts,
                      gen_tokens=8 if a.cpu_smoke else GEN_TOKENS)
+        # Only "graphs" compiles and captures CUDA graphs (the slow part of a start); the
+        # prefix and chunking comparisons run between eager engines, so a graphs-vs-eager
+        # difference cannot hide in them.
         eng = {
-            "graphs": dict(sets=["mixed", "prefix", "long"]),
-            "eager": dict(eager=True, sets=["mixed"]),
-            "no_prefix_cache": dict(prefix_caching=False, sets=["prefix_alone"]),
-            "unchunked": dict(chunked=False, prefix_caching=False, sets=["long"]),
+            "eager": dict(eager=True, sets=["mixed", "prefix", "long"]),
+            "no_prefix_cache": dict(eager=True, prefix_caching=False, sets=["prefix_alone"]),
+            "unchunked": dict(eager=True, chunked=False, prefix_caching=False, sets=["long"]),
+            "graphs": dict(eager=a.cpu_smoke, sets=["mixed"]),
         }
         res = {}
         for name, over in eng.items():
-            if a.cpu_smoke:
-                over["eager"] = True
-            res[name] = run_child(dict(cbase, label=f"check-{name}", **over), a.timeout_s,
-                                  log_dir)
+            left = a.budget_s - (time.perf_counter() - t_start)
+            if left < 30:
+                res[name] = {"label": name, "error": f"skipped: {a.budget_s:.0f}s budget spent"}
+                continue
+            res[name] = run_child(dict(cbase, label=f"check-{name}", **over),
+                                  min(a.timeout_s, left), log_dir)
             print(f"[{time.perf_counter() - t_start:6.0f}s] check engine {name}: "
                   f"{res[name].get('error', 'ok')}", flush=True)
         ok = lambda *names: all("error" not in res[n] for n in names)  # noqa: E731
         if ok("graphs", "eager"):
             checks["cuda_graphs_vs_eager"] = compare(res["graphs"]["mixed"],
                                                      res["eager"]["mixed"])
-        if ok("graphs", "no_prefix_cache"):
-            c = compare([res["graphs"]["prefix_second"]],
+        if ok("eager", "no_prefix_cache"):
+            c = compare([res["eager"]["prefix_second"]],
                         [res["no_prefix_cache"]["prefix_second"]])
-            c["cached_tokens"] = res["graphs"]["prefix_second_cached"]
+            c["cached_tokens"] = res["eager"]["prefix_second_cached"]
             checks["prefix_cache_hit_vs_off"] = c
-        if ok("graphs", "unchunked"):
-            checks["chunked_vs_unchunked_long_prompt"] = compare(res["graphs"]["long"],
+        if ok("eager", "unchunked"):
+            checks["chunked_vs_unchunked_long_prompt"] = compare(res["eager"]["long"],
                                                                  res["unchunked"]["long"])
         for name, r in res.items():
             if "error" in r:

@@ -97,13 +97,28 @@ def interpreting(kernel) -> bool:
 
 
 @triton.jit
+def _prmt_lookup(byte, DT: tl.constexpr, ASM: tl.constexpr):
+    """4 bytes per asm instance -> 4 values of each half, two bf16x2/f16x2 registers each.
+    The output dtypes are spelled out: triton 3.6's inline_asm_elementwise does not unwrap a
+    constexpr dtype."""
+    if DT == tl.bfloat16:
+        lo, hi = tl.inline_asm_elementwise(ASM, "=r,=r,=r,=r,r", [byte],
+                                           dtype=(tl.bfloat16, tl.bfloat16), is_pure=True,
+                                           pack=4)
+    else:
+        lo, hi = tl.inline_asm_elementwise(ASM, "=r,=r,=r,=r,r", [byte],
+                                           dtype=(tl.float16, tl.float16), is_pure=True,
+                                           pack=4)
+    return lo, hi
+
+
+@triton.jit
 def decode_bytes(byte, table_ptr, DT: tl.constexpr, MODE: tl.constexpr, ASM: tl.constexpr):
     """A 4-bit byte tile [N, D/2] (uint8, byte j = code j | code j + D/2 << 4) -> the two
     halves [N, D/2] in DT; MODE 1, 2 or 3 as in `dequant_halves` (the bytes already loaded:
     lets a kernel issue the loads of the next tile before decoding this one)."""
     if MODE == 3:
-        lo, hi = tl.inline_asm_elementwise(ASM, "=r,=r,=r,=r,r", [byte], dtype=(DT, DT),
-                                           is_pure=True, pack=4)
+        lo, hi = _prmt_lookup(byte, DT, ASM)
     elif MODE == 1:
         t = tl.load(table_ptr + byte.to(tl.int32))
         lo = (t & 0xFFFF).to(tl.uint16).to(DT, bitcast=True)
@@ -138,9 +153,7 @@ def dequant_halves(base, mask, offs_lo, offs_hi, cent_ptr, table_ptr, BITS: tl.c
         hi = ((t >> 16) & 0xFFFF).to(tl.uint16).to(DT, bitcast=True)
     elif MODE == 3:
         byte = tl.load(base[:, None] + offs_lo[None, :], mask=mask[:, None], other=0)
-        # 4 bytes per asm instance -> 4 values of each half, two bf16x2/f16x2 registers each.
-        lo, hi = tl.inline_asm_elementwise(ASM, "=r,=r,=r,=r,r", [byte], dtype=(DT, DT),
-                                           is_pure=True, pack=4)
+        lo, hi = _prmt_lookup(byte, DT, ASM)
     elif MODE == 2:
         byte = tl.load(base[:, None] + offs_lo[None, :], mask=mask[:, None], other=0)
         byte = byte.to(tl.int32)

@@ -3,11 +3,13 @@
 Stage 1: one program per (sequence, KV head, split) serves all G query heads of the GQA group,
 so each packed byte is read once per group (vLLM's built-in kernel re-reads it per query
 head). q arrives rotated and pre-scaled by softmax_scale * log2(e) (one small matmul in the
-launcher). Per tile of BLOCK_N tokens: unpack the key codes, look the centroids up (a tiny
-table, L1-resident), scores = q @ C[codes]^T on tensor cores, times the per-token key scale;
+launcher). Per tile of BLOCK_N tokens: unpack the key codes and look the centroids up (on
+CUDA with `prmt` byte permutes in registers, `_common.prmt_dequant_asm`; elsewhere from a tiny
+L1-resident table), scores = q @ C[codes]^T on tensor cores, times the per-token key scale;
 online softmax in base 2; the values are accumulated in the rotated space as
-(p * v_scale) @ C[v_codes]. Window side entries (exact, tag-checked) replace packed ones in
-the tiles that overlap the newest W positions.
+(p * v_scale) @ C[v_codes]. With a recent-token window, the tiles wholly below seq_len - W
+run that same packed-only loop; the (at most ceil(W / BLOCK_N) + 1) tail tiles run a second
+loop in which tag- and check-verified side entries (exact) replace packed ones.
 Stage 2: one program per (sequence, KV head) merges the splits by their log-sum-exp and
 un-rotates once: out = acc @ R.
 """
@@ -34,6 +36,16 @@ def _tile_base(cache_ptr, bt_row, offs_n, nmask, block_size, stride_cb, stride_c
     # Slots are 4-byte aligned (launcher checks): lets the compiler load 4 bytes at a time.
     base = cache_ptr + tl.multiple_of(blk * stride_cb + in_blk * stride_ct + head_off, 4)
     return blk, in_blk, base
+
+
+@triton.jit
+def _online_softmax(s, m_i, l_i):
+    """Base-2 online softmax step for scores s [G, N] (masked entries -inf) -> (p [G, N],
+    alpha [G] to rescale the accumulators by, new running max, new running sum)."""
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    return p, alpha, m_new, l_i * alpha + tl.sum(p, axis=1)
 
 
 @triton.jit
@@ -98,23 +110,31 @@ def _tq_decode_split_kernel(
     acc_hi = tl.zeros([BLOCK_G, HALF], dtype=tl.float32)
     bt_row = block_table_ptr + b.to(tl.int64) * stride_bt
     head_off = h.to(tl.int64) * stride_ch
-    win_start = seq_len - W
+
+    # Only positions >= seq_len - W can come from the window. Tiles are aligned to BLOCK_N
+    # globally (split starts are multiples of it), so [start, main_end) is the packed-only part
+    # of this split (the loop below is the no-window kernel's) and [max(start, main_end), end)
+    # the at most ceil(W / BLOCK_N) + 1 tiles that do the side-buffer work (the second loop).
+    # m/l/acc run on through both, so the split's LSE covers both.
+    main_end = end
+    if HAS_SIDE:
+        win_tile0 = (tl.maximum(seq_len - W, 0) // BLOCK_N) * BLOCK_N
+        main_end = tl.minimum(end, win_tile0)
 
     if PREFETCH:
         offs_n = start + offs_t
-        nmask = offs_n < end
+        nmask = offs_n < main_end
         blk, in_blk, base = _tile_base(cache_ptr, bt_row, offs_n, nmask, block_size,
                                        stride_cb, stride_ct, head_off)
         kb = tl.load(base[:, None] + offs_lo[None, :], mask=nmask[:, None], other=0)
         vb = tl.load(base[:, None] + V_OFF + offs_lo[None, :], mask=nmask[:, None], other=0)
         sc = tl.load((base + KS_OFF).to(tl.pointer_type(tl.int32)), mask=nmask, other=0)
 
-    for n0 in range(start, end, BLOCK_N):
+    for n0 in range(start, main_end, BLOCK_N):
         if PREFETCH:
-            c_offs, c_mask, c_blk, c_in_blk, c_base = offs_n, nmask, blk, in_blk, base
-            c_kb, c_vb, c_sc = kb, vb, sc
+            c_mask, c_kb, c_vb, c_sc = nmask, kb, vb, sc
             offs_n = n0 + BLOCK_N + offs_t
-            nmask = offs_n < end
+            nmask = offs_n < main_end
             blk, in_blk, base = _tile_base(cache_ptr, bt_row, offs_n, nmask, block_size,
                                            stride_cb, stride_ct, head_off)
             kb = tl.load(base[:, None] + offs_lo[None, :], mask=nmask[:, None], other=0)
@@ -126,7 +146,7 @@ def _tq_decode_split_kernel(
             ks = (c_sc & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True)
         else:
             c_offs = n0 + offs_t
-            c_mask = c_offs < end
+            c_mask = c_offs < main_end
             c_blk, c_in_blk, c_base = _tile_base(cache_ptr, bt_row, c_offs, c_mask, block_size,
                                                  stride_cb, stride_ct, head_off)
             k_lo, k_hi = dequant_halves(c_base, c_mask, offs_lo, offs_hi, kcent_ptr, ktab_ptr,
@@ -138,36 +158,10 @@ def _tq_decode_split_kernel(
         else:
             s = mma(q_lo, tl.trans(k_lo), F32) + mma(q_hi, tl.trans(k_hi), F32)
         s = s * ks.to(tl.float32)[None, :]                                       # [G, N]
-
-        use_side = c_offs < 0
-        if HAS_SIDE:
-            # Defined outside the runtime `if`: Triton scopes names bound inside it.
-            entry = b.to(tl.int64) * W + c_offs % W
-            side_off = (entry * num_kv_heads + h) * D
-            if n0 + BLOCK_N > win_start:
-                in_win = c_mask & (c_offs >= win_start)
-                tag = tl.load(side_tag_ptr + entry, mask=in_win, other=-1)
-                chk = tl.load(side_check_ptr + entry * num_kv_heads + h, mask=in_win, other=0)
-                packed_chk = tl.load((c_base + KS_OFF).to(tl.pointer_type(tl.int32)),
-                                     mask=in_win, other=1)
-                use_side = in_win & (tag.to(tl.int64) == c_blk * block_size + c_in_blk) & (
-                    chk == packed_chk)
-                sk_lo = tl.load(side_k_ptr + side_off[:, None] + offs_lo[None, :],
-                                mask=use_side[:, None], other=0.0)
-                sk_hi = tl.load(side_k_ptr + side_off[:, None] + offs_hi[None, :],
-                                mask=use_side[:, None], other=0.0)
-                s_side = (mma(q_lo, tl.trans(sk_lo.to(dt)), F32)
-                          + mma(q_hi, tl.trans(sk_hi.to(dt)), F32))
-                s = tl.where(use_side[None, :], s_side, s)
-
         s = tl.where(c_mask[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
+        p, alpha, m_i, l_i = _online_softmax(s, m_i, l_i)
         acc_lo = acc_lo * alpha[:, None]
         acc_hi = acc_hi * alpha[:, None]
-        m_i = m_new
 
         if PREFETCH:
             v_lo, v_hi = decode_bytes(c_vb, vtab_ptr, dt, VMODE, VASM)
@@ -177,20 +171,61 @@ def _tq_decode_split_kernel(
                                         vtab_ptr, VBITS, D, dt, VMODE, VASM)
             vs = tl.load((c_base + KS_OFF + 2).to(tl.pointer_type(tl.float16)), mask=c_mask,
                          other=0.0)
-        pv = p * vs.to(tl.float32)[None, :]
-        if HAS_SIDE:
-            if n0 + BLOCK_N > win_start:
-                pv = tl.where(use_side[None, :], 0.0, pv)
-                sv_lo = tl.load(side_v_ptr + side_off[:, None] + offs_lo[None, :],
-                                mask=use_side[:, None], other=0.0)
-                sv_hi = tl.load(side_v_ptr + side_off[:, None] + offs_hi[None, :],
-                                mask=use_side[:, None], other=0.0)
-                p_side = tl.where(use_side[None, :], p, 0.0).to(dt)
-                acc_lo += mma(p_side, sv_lo.to(dt), F32)
-                acc_hi += mma(p_side, sv_hi.to(dt), F32)
-        pv = pv.to(dt)
+        pv = (p * vs.to(tl.float32)[None, :]).to(dt)
         acc_lo += mma(pv, v_lo, F32)
         acc_hi += mma(pv, v_hi, F32)
+
+    if HAS_SIDE:
+        # Tail tiles (only in the split(s) that reach seq_len - W): packed or exact side entry
+        # per token, decided once per tile by the tag (this slot) and check (same scales) test.
+        win_start = seq_len - W
+        # (tl.range(..., num_stages=1) here: head 64 stack 16 -> 0 B but head 128 264 -> 400.)
+        for n0 in range(tl.maximum(start, main_end), end, BLOCK_N):
+            c_offs = n0 + offs_t
+            c_mask = c_offs < end
+            c_blk, c_in_blk, c_base = _tile_base(cache_ptr, bt_row, c_offs, c_mask, block_size,
+                                                 stride_cb, stride_ct, head_off)
+            # Both fp16 scales as one int32; the whole word is also the side entry's check.
+            sc = tl.load((c_base + KS_OFF).to(tl.pointer_type(tl.int32)), mask=c_mask, other=0)
+            entry = b.to(tl.int64) * W + c_offs % W
+            in_win = c_mask & (c_offs >= win_start)
+            tag = tl.load(side_tag_ptr + entry, mask=in_win, other=-1)
+            chk = tl.load(side_check_ptr + entry * num_kv_heads + h, mask=in_win, other=0)
+            use_side = in_win & (tag.to(tl.int64) == c_blk * block_size + c_in_blk) & (
+                chk == sc)
+            side_off = (entry * num_kv_heads + h) * D
+
+            k_lo, k_hi = dequant_halves(c_base, c_mask & ~use_side, offs_lo, offs_hi,
+                                        kcent_ptr, ktab_ptr, KBITS, D, dt, KMODE, KASM)
+            ks = (sc & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+            # Side rows get key scale 1 and the exact key; packed rows the dequantized one.
+            ks = tl.where(use_side, 1.0, ks)
+            sk_lo = tl.load(side_k_ptr + side_off[:, None] + offs_lo[None, :],
+                            mask=use_side[:, None], other=0.0).to(dt)
+            sk_hi = tl.load(side_k_ptr + side_off[:, None] + offs_hi[None, :],
+                            mask=use_side[:, None], other=0.0).to(dt)
+            k_lo = tl.where(use_side[:, None], sk_lo, k_lo)
+            k_hi = tl.where(use_side[:, None], sk_hi, k_hi)
+            s = mma(q_lo, tl.trans(k_lo), F32) + mma(q_hi, tl.trans(k_hi), F32)
+            s = s * ks[None, :]
+            s = tl.where(c_mask[None, :], s, float("-inf"))
+            p, alpha, m_i, l_i = _online_softmax(s, m_i, l_i)
+            acc_lo = acc_lo * alpha[:, None]
+            acc_hi = acc_hi * alpha[:, None]
+
+            v_lo, v_hi = dequant_halves(c_base + V_OFF, c_mask & ~use_side, offs_lo, offs_hi,
+                                        vcent_ptr, vtab_ptr, VBITS, D, dt, VMODE, VASM)
+            vs = ((sc >> 16) & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+            vs = tl.where(use_side, 1.0, vs)
+            sv_lo = tl.load(side_v_ptr + side_off[:, None] + offs_lo[None, :],
+                            mask=use_side[:, None], other=0.0).to(dt)
+            sv_hi = tl.load(side_v_ptr + side_off[:, None] + offs_hi[None, :],
+                            mask=use_side[:, None], other=0.0).to(dt)
+            v_lo = tl.where(use_side[:, None], sv_lo, v_lo)
+            v_hi = tl.where(use_side[:, None], sv_hi, v_hi)
+            pv = (p * vs[None, :]).to(dt)
+            acc_lo += mma(pv, v_lo, F32)
+            acc_hi += mma(pv, v_hi, F32)
 
     # Empty split (start >= end): l = 0, lse = -inf, o = 0.
     lse = tl.where(l_i > 0, m_i + tl.log2(tl.maximum(l_i, 1e-30)), float("-inf"))
@@ -252,10 +287,11 @@ def _num_sms(device) -> int:
 
 
 def default_block_n(head_size: int) -> int:
-    """Tokens per tile. H100, batch 32 x 16K, GQA 4, CUDA graph: head 128 block 128 = 863 us
-    vs 910 (64) and 1238 (32); head 64 (SmolLM2 9/3): block 64 = 225 us vs 239 (128).
-    Head 256 keeps 64 (two [128, 128] dequantized halves per operand already)."""
-    return 128 if head_size == 128 else 64
+    """Tokens per tile: 64 for every head size. H100, register `prmt` lookup, 2 stages
+    (docs/kernels-notes.md, v3): head 128 block 64 = 555 us vs 586-594 (128) at batch 32 x
+    16K, 548 vs 623 at 128 x 4K, 164 vs 178 at 32 x 4K; block 128 wins only at 1 x 16K
+    (58 vs 63 us). Head 64 was already best at 64; head 256 keeps two [64, 128] halves."""
+    return 64
 
 
 def default_num_splits(batch: int, num_kv_heads: int, max_context: int, device,
@@ -306,8 +342,8 @@ def rotate_query(query: torch.Tensor, params, scale: float, dtype) -> torch.Tens
 def tq_decode(query: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
               seq_lens: torch.Tensor, params, scale: float, side: TQSide | None = None,
               num_splits: int | None = None, out: torch.Tensor | None = None,
-              block_n: int | None = None, num_warps: int = 4, num_stages: int = 1,
-              lookup: int = 1, kt: bool = False, prefetch: bool = False) -> torch.Tensor:
+              block_n: int | None = None, num_warps: int = 4, num_stages: int = 2,
+              lookup: int = 3, kt: bool = False, prefetch: bool = False) -> torch.Tensor:
     """Triton split-KV decode over packed slots; same contract as `reference.tq_decode_ref`.
 
     query [B, Hq, D] fp16/bf16 (fp32 is computed in fp32); kv_cache uint8

@@ -40,7 +40,15 @@ def _rotate(x, rot_ptr, cols, offs_d, rot_scale, D: tl.constexpr, ROT: tl.conste
 
 @triton.jit
 def _finite_rows(y):
-    return tl.sum(((y - y) != 0).to(tl.int32), axis=1) == 0     # inf - inf, nan -> nan
+    """True for rows [N, D] -> [N] without nan/inf. |y| < inf is false exactly for nan and
+    +-inf, and involves no arithmetic. The former test, (y - y) != 0, broke on the GPU: y is
+    dot * rot_scale, and with FMA contraction (Triton's default there) y - y became
+    fma(dot, rot_scale, -y) = the rounding error of the product, nonzero whenever rot_scale
+    is not a power of two (head 128: 1/sqrt(128)); every row read as non-finite and was stored
+    as zeros (codes 0x77, scale 0). Heads 64/256 (1/8, 1/16) and the CPU interpreter, which
+    never contracts, were unaffected."""
+    bad = (tl.abs(y) < float("inf")) == 0
+    return tl.sum(bad.to(tl.int32), axis=1) == 0
 
 
 @triton.jit
@@ -100,10 +108,11 @@ def _quantize_halves(y_lo, y_hi, cent_ptr, bound_ptr, LSQ: tl.constexpr):
 def _encode_half(src, dst, valid, rot_ptr, rot_scale, cent_ptr, bound_ptr,
                  side_ptr, side_off, sel, offs_d, offs_lo, offs_hi,
                  BITS: tl.constexpr, D: tl.constexpr, LSQ: tl.constexpr,
-                 ROT: tl.constexpr, DT16: tl.constexpr, HAS_SIDE: tl.constexpr):
+                 ROT: tl.constexpr, DT16: tl.constexpr, HAS_SIDE: tl.constexpr,
+                 HALVES: tl.constexpr):
     """Encode one of K/V for N tokens: src [N, D] float32 rows -> packed codes at dst [N];
     returns the fp16 scale [N]. Writes the rotated vector to the side copy where sel."""
-    if BITS == 4:
+    if BITS == 4 and HALVES:
         y_lo = _rotate(src, rot_ptr, offs_lo, offs_d, rot_scale, D, ROT, DT16)
         y_hi = _rotate(src, rot_ptr, offs_hi, offs_d, rot_scale, D, ROT, DT16)
         packed, scale, y_lo, y_hi = _quantize_halves(y_lo, y_hi, cent_ptr, bound_ptr, LSQ)
@@ -142,7 +151,7 @@ def _tq_store_kernel(
     stride_cb, stride_ct, stride_ch,
     D: tl.constexpr, KBITS: tl.constexpr, VBITS: tl.constexpr, LSQ: tl.constexpr,
     V_OFF: tl.constexpr, KS_OFF: tl.constexpr, BLOCK_T: tl.constexpr,
-    HAS_SIDE: tl.constexpr, ROT: tl.constexpr,
+    HAS_SIDE: tl.constexpr, ROT: tl.constexpr, HALVES: tl.constexpr = True,
 ):
     pid_t = tl.program_id(0)
     h = tl.program_id(1)
@@ -177,12 +186,14 @@ def _tq_store_kernel(
                 mask=valid[:, None], other=0.0).to(tl.float32)
     ks16 = _encode_half(x, dst, valid, rot_ptr, rot_scale, kcent_ptr, kbound_ptr,
                         side_k_ptr, side_off, sel, offs_d, offs_lo, offs_hi,
-                        KBITS, D, LSQ, ROT, key_ptr.dtype.element_ty, HAS_SIDE)
+                        KBITS, D, LSQ, ROT, key_ptr.dtype.element_ty, HAS_SIDE,
+                        HALVES)
     x = tl.load(value_ptr + t64[:, None] * stride_vt + h * stride_vh + offs_d[None, :],
                 mask=valid[:, None], other=0.0).to(tl.float32)
     vs16 = _encode_half(x, dst + V_OFF, valid, rot_ptr, rot_scale, vcent_ptr,
                         vbound_ptr, side_v_ptr, side_off, sel, offs_d, offs_lo, offs_hi,
-                        VBITS, D, LSQ, ROT, key_ptr.dtype.element_ty, HAS_SIDE)
+                        VBITS, D, LSQ, ROT, key_ptr.dtype.element_ty, HAS_SIDE,
+                        HALVES)
     kbits = ks16.to(tl.uint16, bitcast=True).to(tl.int32)
     vbits = vs16.to(tl.uint16, bitcast=True).to(tl.int32)
     both = kbits | (vbits << 16)                   # K scale | V scale, little endian
@@ -197,7 +208,8 @@ def tq_store(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
              slot_mapping: torch.Tensor, params, side: TQSide | None = None,
              token_rows: torch.Tensor | None = None, token_pos: torch.Tensor | None = None,
              token_seq_end: torch.Tensor | None = None, block_t: int | None = None,
-             num_warps: int | None = None, rot: str | None = None) -> None:
+             num_warps: int | None = None, rot: str | None = None, halves: bool = True,
+             prescaled: bool = False) -> None:
     """Triton quantize-on-write; same contract as `reference.tq_store_ref`.
 
     key, value     [T, Hkv, D] fp16/bf16/fp32, last dim contiguous (any token/head strides).
@@ -233,17 +245,20 @@ def tq_store(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
     num_warps = num_warps or 4
     if key.dtype == torch.float32 or interpreting(_tq_store_kernel):
         rot = "ieee"
+    rot_mat, rot_scale = p.rotation_pm1, p.rotation_scale
+    if prescaled:                        # R itself (not exact in tf32/16-bit): fp32 FMA dot
+        rot_mat, rot_scale, rot = p.rotation, 1.0, "ieee"
     rot_code = {"tf32": 0, "ieee": 1, "dot16": 2}[rot or "tf32"]
     grid = (triton.cdiv(t, block_t), hkv)
     _tq_store_kernel[grid](
-        key, value, kv_cache, slot_mapping, p.rotation_pm1,
+        key, value, kv_cache, slot_mapping, rot_mat,
         p.key_centroids, p.key_bounds, p.value_centroids, p.value_bounds,
         sk, sv, stag, schk, rows, pos, send,
-        t, p.rotation_scale, kv_cache.shape[1], w, hkv,
+        t, rot_scale, kv_cache.shape[1], w, hkv,
         key.stride(0), key.stride(1), value.stride(0), value.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2),
         D=d, KBITS=p.key_bits, VBITS=p.value_bits, LSQ=p.scale_mode == "lsq",
         V_OFF=lay.v_codes_offset, KS_OFF=lay.k_scale_offset, BLOCK_T=block_t,
         HAS_SIDE=has_side,
-        ROT=rot_code,
+        ROT=rot_code, HALVES=halves,
         num_warps=num_warps)

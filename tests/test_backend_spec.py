@@ -103,7 +103,8 @@ def _impl(window, rows=4, kv_heads=3, head_size=64, dtype=torch.bfloat16):
     from vllm_turboquant.backend.impl import TurboQuantImpl
     impl = object.__new__(TurboQuantImpl)
     impl.config = PRESETS["turboquant"].with_overrides(window=window)
-    impl.rows, impl.num_kv_heads, impl.head_size, impl.model_dtype = rows, kv_heads, head_size, dtype
+    impl.rows, impl.num_kv_heads, impl.head_size = rows, kv_heads, head_size
+    impl.model_dtype = dtype
     return impl
 
 

@@ -1,6 +1,7 @@
 """End to end on vLLM's CPU build with the real model (SmolLM2-135M-Instruct, eager).
 
-* same KV memory: ``turboquant`` plans >= 3.5x the KV tokens of ``auto``;
+* same KV memory: ``turboquant`` plans >= 3.5x the KV tokens of ``auto`` (``tq-k3v3``, a
+  named preset dtype, ~4.9x);
 * greedy output agrees with ``auto`` for the first 8 tokens in most prompts, with chunked
   prefill (64-token chunks) and prefix caching on; a repeated long prompt hits the prefix
   cache and decodes the same tokens;
@@ -26,7 +27,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-KV_BYTES = 64 << 20
+# Large enough that a preset window (its buffers come out of this budget, max_num_seqs 4)
+# costs a few percent of the tokens, small enough to allocate in a blink.
+KV_BYTES = 256 << 20
 MAX_TOKENS = 8
 PROMPTS = [
     "The capital of France is",
@@ -83,6 +86,11 @@ def _child_main(args: dict) -> None:
     cc = llm.llm_engine.vllm_config.cache_config
     tokens = cc.kv_cache_size_tokens or cc.num_gpu_blocks * cc.block_size
     greedy = SamplingParams(max_tokens=MAX_TOKENS, temperature=0)
+    if args.get("quick"):
+        outs = llm.generate(PROMPTS[:2], greedy, use_tqdm=False)
+        print("RESULT " + json.dumps({"kv_tokens": tokens,
+                                      "texts": [o.outputs[0].text for o in outs]}), flush=True)
+        return
     long = _long_prompt()
     outs = llm.generate(PROMPTS + [long], greedy, use_tqdm=False)
     again = llm.generate([long], greedy, use_tqdm=False)[0]
@@ -124,6 +132,17 @@ def test_prefix_cache_hit_decodes_the_same_tokens(runs):
     for name, run in runs.items():
         assert run["long_again_cached"] >= run["block_size"], name
         assert run["long_again"] == run["tokens"][-1], name
+
+
+@pytest.mark.slow
+def test_named_preset_dtype_serves_with_its_own_page_size(runs):
+    """--kv-cache-dtype tq-k3v3: 52 B per token and KV head at head 64, vs 256 for bf16."""
+    from vllm_turboquant.codec import PRESETS
+    k3 = _run_child("tq-k3v3", quick=True)
+    want = 4 * 64 / PRESETS["tq-k3v3"].layout(64).slot_bytes      # 4.92x
+    assert k3["kv_tokens"] >= 0.97 * want * runs["auto"]["kv_tokens"]
+    assert k3["kv_tokens"] > runs["turboquant"]["kv_tokens"]
+    assert "Paris" in k3["texts"][0]
 
 
 # -- vllm serve ---------------------------------------------------------------------------------

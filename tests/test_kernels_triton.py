@@ -163,6 +163,31 @@ def test_decode_matches_reference(dtype, g, bs, window, lookup, kt, prefetch):
     assert got[3].abs().sum() == 0
 
 
+@pytest.mark.parametrize("lens,window,prefetch", [
+    ([100, 45], 24, True),    # 100: window from 76, tile 64 is mid split 1 of [48, 96)
+    ([20, 7], 24, False),     # W > L: every tile (and split) is a tail tile
+])
+def test_decode_window_tail_splits(lens, window, prefetch):
+    """The window's side-buffer logic runs only in the tail tiles (p >= L - W, tile-aligned):
+    splits cut across the main/tail boundary, and a split fully inside the tail, must still
+    merge to the reference, with one stale tag and one stale check taking the packed slot."""
+    codec, params = make_params("turboquant", window=window)
+    hkv, d, dtype = 2, 64, torch.float16
+    side = TQSide.empty(len(lens), window, hkv, d, dtype)
+    cache, bt, _ = paged(lens, hkv, d, 16, params, dtype, side=side)
+    side.tag[0, (lens[0] - 3) % window] = 12345                # stale tag -> packed slot
+    side.check[0, (lens[0] - 10) % window, 1] += 1           # stale check (head 1) -> packed
+    q = torch.randn(len(lens), hkv * 3, d).to(dtype)
+    sl = torch.tensor(lens, dtype=torch.int32)
+    got = tq_decode(q, cache, bt, sl, params, d ** -0.5, side, num_splits=3, block_n=16,
+                    lookup=1, prefetch=prefetch)
+    want = tq_decode_ref(q, cache, bt, sl, params, d ** -0.5, side)
+    assert_close(got, want, dtype, "decode, window tail across splits")
+    # The stale entries matter: without the side buffers the answer is different.
+    plain = tq_decode_ref(q, cache, bt, sl, params, d ** -0.5, None)
+    assert (plain - want).abs().max() > 1e-3
+
+
 def test_decode_more_splits_than_tiles_and_3bit():
     codec, params = make_params("tq-k3v3")
     hkv, d = 1, 64

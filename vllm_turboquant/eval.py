@@ -237,14 +237,14 @@ class Tally:
 
 
 def score_batch(logits: torch.Tensor, ids: torch.Tensor, ref_logp: torch.Tensor | None,
-                tally: Tally) -> torch.Tensor | None:
-    """Add one batch to `tally`. logits [B, T, V], ids [B, T]; positions 0..T-2 predict
-    1..T-1. ref_logp: the reference's log-probs [B, T-1, V] (None for the reference itself,
-    whose log-probs are returned)."""
+                tally: Tally, score_from: int = 0) -> torch.Tensor | None:
+    """Add one batch to `tally`. logits [B, T, V], ids [B, T]; positions p = score_from..T-2
+    predict p + 1. ref_logp: the reference's log-probs [B, T-1-score_from, V] (None for the
+    reference itself, whose log-probs are returned)."""
     out = [] if ref_logp is None else None
     for i in range(ids.shape[0]):  # one sequence at a time keeps [T, V] temporaries small
-        logp = torch.log_softmax(logits[i, :-1].float(), -1)
-        nll = -logp.gather(-1, ids[i, 1:, None]).squeeze(-1)
+        logp = torch.log_softmax(logits[i, score_from:-1].float(), -1)
+        nll = -logp.gather(-1, ids[i, score_from + 1:, None]).squeeze(-1)
         tally.nll += float(nll.double().sum())
         tally.seq_nll.append(float(nll.double().mean()))
         tally.tokens += nll.numel()
@@ -305,9 +305,10 @@ def head_size_of(config) -> int:
     return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
 
 
-def evaluate(model, ids: torch.Tensor, rows: list[Row], batch_size: int,
-             log=print) -> tuple[list[dict], float]:
-    """Run reference + every row over `ids` [N, T]; returns (result dicts, ref ppl)."""
+def evaluate(model, ids: torch.Tensor, rows: list[Row], batch_size: int, log=print,
+             score_from: int = 0) -> tuple[list[dict], float]:
+    """Run reference + every row over `ids` [N, T]; returns (result dicts, ref ppl).
+    Only predictions made at positions >= score_from are scored (all are computed)."""
     device = next(model.parameters()).device
     ref = Tally()
     tallies = [Tally() for _ in rows]
@@ -317,13 +318,15 @@ def evaluate(model, ids: torch.Tensor, rows: list[Row], batch_size: int,
         batch = ids[b * batch_size:(b + 1) * batch_size].to(device)
         t0 = time.time()
         with torch.inference_mode(), active_view(None):
-            ref_logp = score_batch(model(batch, use_cache=False).logits, batch, None, ref)
+            ref_logp = score_batch(model(batch, use_cache=False).logits, batch, None, ref,
+                                   score_from)
         ref.seconds += time.time() - t0
         times = [f"ref {time.time() - t0:.0f}s"]
         for row, tally in zip(rows, tallies):
             t0 = time.time()
             with torch.inference_mode(), active_view(row.view):
-                score_batch(model(batch, use_cache=False).logits, batch, ref_logp, tally)
+                score_batch(model(batch, use_cache=False).logits, batch, ref_logp, tally,
+                            score_from)
             tally.seconds += time.time() - t0
             times.append(f"{row.name} {time.time() - t0:.0f}s")
         del ref_logp
@@ -367,6 +370,9 @@ def main(argv: list[str] | None = None) -> int:
                          "key_bits=4,value_bits=4,window=64, turboquant:window=32")
     ap.add_argument("--num-seqs", type=int, default=64)
     ap.add_argument("--seq-len", type=int, default=1024)
+    ap.add_argument("--score-from", type=int, default=0,
+                    help="score only predictions at positions >= this (long-context view: "
+                         "the window then covers a smaller share of what each query reads)")
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
@@ -394,9 +400,12 @@ def main(argv: list[str] | None = None) -> int:
     ids = load_token_chunks(tokenizer, text_path, args.num_seqs, args.seq_len,
                             cache_dir() / "tokens")
     t0 = time.time()
-    results, ppl_ref = evaluate(model, ids, rows, args.batch_size, log)
+    if not 0 <= args.score_from < args.seq_len - 1:
+        ap.error("--score-from must be in [0, seq_len - 1)")
+    results, ppl_ref = evaluate(model, ids, rows, args.batch_size, log, args.score_from)
     model_head = head_size_of(model.config)
-    print(f"\nreference ppl {ppl_ref:.4f} ({args.num_seqs} x {args.seq_len} tokens, "
+    scored = f", scored from position {args.score_from}" if args.score_from else ""
+    print(f"\nreference ppl {ppl_ref:.4f} ({args.num_seqs} x {args.seq_len} tokens{scored}, "
           f"{args.device} {args.dtype}); sizes: head {SIZE_HEAD} at {SIZE_CONTEXT} context, "
           f"every stored byte counted, vs bf16\n")
     print(format_table(results, model_head))
@@ -413,7 +422,8 @@ def main(argv: list[str] | None = None) -> int:
             "Jane Austen's six novels (Debian r-cran-janeaustenr)",
             "text_sha256": hashlib.sha256(text_path.read_bytes()).hexdigest()[:16],
             "num_seqs": args.num_seqs, "seq_len": args.seq_len,
-            "tokens_scored": args.num_seqs * (args.seq_len - 1),
+            "score_from": args.score_from,
+            "tokens_scored": args.num_seqs * (args.seq_len - 1 - args.score_from),
             "ppl_ref": round(ppl_ref, 4),
             "device": args.device, "dtype": args.dtype, "threads": torch.get_num_threads(),
             "size_columns": f"head {SIZE_HEAD}, context {SIZE_CONTEXT}, every stored byte "

@@ -14,7 +14,6 @@ exactly the memory that is left: the side buffers never come on top of the plann
 
 from __future__ import annotations
 
-import logging
 import re
 from dataclasses import dataclass
 
@@ -22,8 +21,6 @@ import torch
 
 from vllm_turboquant.codec import TQConfig, TQLayerCodec
 from vllm_turboquant.kernels import TQLayerParams, TQSide
-
-logger = logging.getLogger(__name__)
 
 _LAYER_INDEX = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
 

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# One stage of the GPU measurements, run on the device machine after the vLLM bundle bootstrap
+# (../shared/device/README.md). Each stage fits in one 10-minute device call and leaves one
+# archive, $OUT/STAGE.tgz, with its logs and JSON (the device returns at most 8 files).
+#
+#   bash benchmarks/gpu_suite.sh kernels|quality|e2e|serving|tp
+#
+# Expects the English text at .data/text/austen.txt (python -m vllm_turboquant.textdata, then
+# copy it there; .data/ is git-ignored and carried to the device).
+set -uo pipefail
+stage=${1:?stage}
+source /opt/tqb/env.sh
+export VLLM_TURBOQUANT_CACHE=$PWD/.data PYTHONUNBUFFERED=1
+python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >/tmp/pip.log 2>&1 ||
+  { cat /tmp/pip.log; exit 1; }
+top=${OUT:-/tmp/out}
+out=$top/$stage
+mkdir -p "$out"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
+case $stage in
+  kernels)
+    timeout 200 python3 -m pytest -m gpu -q -p no:cacheprovider tests/gpu/test_kernels_gpu.py \
+      2>&1 | tee "$out/gpu-tests.log"
+    timeout 330 python3 benchmarks/kernels.py --out "$out" 2>&1 | tee "$out/kernels.log" ;;
+  quality)
+    timeout 560 python3 benchmarks/quality_vllm.py --model "$TQ_MODEL" --json "$out/quality.json" \
+      --log-dir "$out/logs" 2>&1 | tee "$out/quality.log" ;;
+  e2e)
+    timeout 570 python3 benchmarks/e2e.py --model "$TQ_MODEL" --budget-s 540 --out-dir "$out" \
+      2>&1 | tee "$out/e2e.log" ;;
+  serving)
+    timeout 560 python3 benchmarks/serving_compare.py --model "$TQ_MODEL" --out-dir "$out" \
+      2>&1 | tee "$out/serving.log" ;;
+  tp)
+    python3 benchmarks/make_tiny_llama.py /tmp/tiny-llama --tokenizer "$TQ_MODEL" &&
+      timeout 500 python3 benchmarks/tp_compare.py --model /tmp/tiny-llama --json "$out/tp.json" \
+        2>&1 | tee "$out/tp.log" ;;
+  *) echo "unknown stage $stage"; exit 2 ;;
+esac
+rc=${PIPESTATUS[0]}
+tar -C "$top" -czf "$top/$stage.tgz" "$stage" && rm -rf "$out"
+exit "$rc"
