@@ -11,6 +11,10 @@ set -uo pipefail
 stage=${1:?stage}
 source /opt/tqb/env.sh
 export VLLM_TURBOQUANT_CACHE=$PWD/.data PYTHONUNBUFFERED=1
+# vLLM 0.25's V2 model runner failed with our dtypes in its sampler's memory-profiling run
+# ("Pointer argument cannot be accessed from Triton (cpu tensor?)"); root cause open. Every
+# dtype, baselines included, runs on the V1 runner so the comparison stays like for like.
+export VLLM_USE_V2_MODEL_RUNNER=${VLLM_USE_V2_MODEL_RUNNER:-0}
 python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >/tmp/pip.log 2>&1 ||
   { cat /tmp/pip.log; exit 1; }
 top=${OUT:-/tmp/out}
@@ -24,9 +28,11 @@ case $stage in
     timeout 330 python3 benchmarks/kernels.py --out "$out" 2>&1 | tee "$out/kernels.log" ;;
   quality)
     timeout 560 python3 benchmarks/quality_vllm.py --model "$TQ_MODEL" --json "$out/quality.json" \
-      --log-dir "$out/logs" 2>&1 | tee "$out/quality.log" ;;
+      --dtypes "${DTYPES:-auto,fp8,turboquant,tq-k4v4,tq-k3v3}" --log-dir "$out/logs" 2>&1 |
+      tee "$out/quality.log"
+    rm -f "$out"/logs/*.args.json ;;
   e2e)
-    timeout 570 python3 benchmarks/e2e.py --model "$TQ_MODEL" --budget-s 540 --out-dir "$out" \
+    timeout 570 python3 benchmarks/e2e.py --model "$TQ_MODEL" --budget-s 540 --out-dir "$out" ${E2E_ARGS:-} \
       2>&1 | tee "$out/e2e.log" ;;
   serving)
     timeout 560 python3 benchmarks/serving_compare.py --model "$TQ_MODEL" --out-dir "$out" \

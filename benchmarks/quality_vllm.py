@@ -145,9 +145,12 @@ def run_child(args: dict, timeout: float, log_dir: Path) -> dict:
     name = args["label"]
     log = log_dir / f"quality-{name}.log"
     t0 = time.perf_counter()
+    # The arguments (token ids included) go through a file: too long for a command line.
+    spec = log_dir / f"quality-{name}.args.json"
+    spec.write_text(json.dumps(args))
     with open(log, "w") as f:
         try:
-            proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(args)],
+            proc = subprocess.run([sys.executable, __file__, "--child", str(spec)],
                                   env=env, stdout=subprocess.PIPE, stderr=f, text=True,
                                   timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -197,7 +200,7 @@ def main() -> None:
     ap.add_argument("--child", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
-        print("RESULT " + json.dumps(child(json.loads(a.child))), flush=True)
+        print("RESULT " + json.dumps(child(json.loads(Path(a.child).read_text()))), flush=True)
         return
 
     from serving_common import header_lines, machine_info, markdown_table

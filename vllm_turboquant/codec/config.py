@@ -168,9 +168,12 @@ def _round_up(x: int, m: int) -> int:
 # vllm_turboquant.eval`); pick by those numbers, not by the bits alone.
 PRESETS: dict[str, TQConfig] = {
     p.name: p for p in (
-        TQConfig("turboquant", key_bits=4, value_bits=4, window=0),
+        # Default: 4-bit keys and values, the newest 64 tokens read at full precision.
+        TQConfig("turboquant", key_bits=4, value_bits=4, window=64),
+        # No window: the most tokens per byte and the simplest decode path.
         TQConfig("tq-k4v4", key_bits=4, value_bits=4),
-        TQConfig("tq-k3v3", key_bits=3, value_bits=3),
+        # 3-bit class: >= 4.9x at head 128 and 8K context, window included.
+        TQConfig("tq-k3v3", key_bits=3, value_bits=3, window=64),
     )
 }
 DEFAULT_PRESET = "turboquant"
