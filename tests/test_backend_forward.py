@@ -117,11 +117,15 @@ class Harness:
         self.impl.forward(self.layer, torch.cat(qs), torch.cat(ks), torch.cat(vs),
                           self.kv_cache, md, output=out)
         res = {}
+        self._last, self._last_kv = {}, {}
         for i, (req, n) in enumerate(batch):
             res[req] = (qs[i], out[qsl[i]:qsl[i + 1]], starts[i])
+            self._last[req] = (qs[i], starts[i])
+            self._last_kv[req] = (ks[i], vs[i])
         return md, res
 
-    def expected(self, req: str, q: torch.Tensor, start: int, window: int, prefill: bool):
+    def expected(self, req: str, q: torch.Tensor, start: int, window: int,
+                 prefill: bool = False):
         """Naive attention for the n queries of `req` at positions start.. (see module doc)."""
         from vllm_turboquant.codec import TQLayerCodec
 
@@ -195,6 +199,45 @@ def test_token_positions_for_mixed_batch():
     assert md.token_pos.tolist() == [3, 2, 3, 4]
     assert md.token_seq_end.tolist() == [4, 5, 5, 5]
     assert md.prefill_query_start_loc.tolist() == [0, 3]
+
+
+def test_padded_decode_batch_like_a_full_cuda_graph():
+    """FULL decode graphs pad requests (query length 0, seq_len 0) and tokens (slot -1)."""
+    from vllm.v1.attention.backend import CommonAttentionMetadata
+
+    h = Harness(4, seed=2)
+    h.step([("A", 5), ("B", 3)])
+    md, _ = h.step([("A", 1), ("B", 1)])             # real rows, for the expected values
+    want = {r: h.expected(r, *h._last[r], 4) for r in "AB"}
+    # replay the same decode step padded to 4 requests / 4 tokens: undo A's and B's last token
+    for r in "AB":
+        for x in h.hist[r]:
+            x.pop()
+    qs = [h._last[r][0] for r in "AB"]
+    ks = [h._last_kv[r][0] for r in "AB"]
+    vs = [h._last_kv[r][1] for r in "AB"]
+    for r in "AB":
+        h.hist[r][0].append(h._last_kv[r][0][0])
+        h.hist[r][1].append(h._last_kv[r][1][0])
+    pad = torch.zeros(2, HQ, D), torch.zeros(2, HKV, D)
+    q = torch.cat(qs + [pad[0]])
+    k = torch.cat(ks + [pad[1]])
+    v = torch.cat(vs + [pad[1]])
+    bt = torch.zeros(4, md.block_table.shape[1], dtype=torch.int32)
+    bt[:2] = md.block_table
+    cm = CommonAttentionMetadata(
+        query_start_loc=torch.tensor([0, 1, 2, 2, 2], dtype=torch.int32),
+        query_start_loc_cpu=torch.tensor([0, 1, 2, 2, 2], dtype=torch.int32),
+        seq_lens=torch.tensor([6, 4, 0, 0], dtype=torch.int32), num_reqs=4,
+        num_actual_tokens=4, max_query_len=1, max_seq_len=6, block_table_tensor=bt,
+        slot_mapping=torch.cat([md.slot_mapping, torch.tensor([-1, -1])]))
+    md2 = h.builder.build(0, cm)
+    assert (md2.num_decodes, md2.num_prefills) == (4, 0)
+    out = torch.full((4, HQ, D), float("nan"))
+    h.impl.forward(h.layer, q, k, v, h.kv_cache, md2, output=out)
+    torch.testing.assert_close(out[0:1], want["A"], atol=2e-4, rtol=2e-4)
+    torch.testing.assert_close(out[1:2], want["B"], atol=2e-4, rtol=2e-4)
+    assert torch.count_nonzero(out[2:]) == 0
 
 
 def test_padding_slots_are_not_written():

@@ -378,14 +378,16 @@ def make_determine_available_memory(original):
 
 @_once("window buffer reservation")
 def _patch_memory_reserve() -> None:
-    import importlib
+    import sys
 
+    # Only the worker module this process already runs: never import the other one. Importing
+    # vllm.v1.worker.cpu_worker on a GPU replaces torch.cuda.current_stream with a placeholder
+    # (vllm/v1/worker/cpu/shm.py), which broke CUDA engines at their first profiling step.
     for module, cls_name in (("vllm.v1.worker.gpu_worker", "Worker"),
                              ("vllm.v1.worker.cpu_worker", "CPUWorker")):
-        try:
-            cls = getattr(importlib.import_module(module), cls_name)
-        except Exception:  # the CUDA build has no usable CPU worker and vice versa
-            logger.debug("vllm-turboquant: %s.%s not patched", module, cls_name, exc_info=True)
+        cls = getattr(sys.modules.get(module), cls_name, None)
+        if cls is None:
+            logger.debug("vllm-turboquant: %s not loaded here, not patched", module)
             continue
         _wrap_method(cls, "determine_available_memory", make_determine_available_memory)
 
