@@ -306,15 +306,27 @@ def head_size_of(config) -> int:
 
 
 def evaluate(model, ids: torch.Tensor, rows: list[Row], batch_size: int, log=print,
-             score_from: int = 0) -> tuple[list[dict], float]:
+             score_from: int = 0, checkpoint: Path | None = None,
+             signature: str = "") -> tuple[list[dict], float]:
     """Run reference + every row over `ids` [N, T]; returns (result dicts, ref ppl).
-    Only predictions made at positions >= score_from are scored (all are computed)."""
+
+    Only predictions made at positions >= score_from are scored (all are computed).
+    checkpoint: after every batch the running sums are saved there; a later call with the
+    same `signature` resumes after the last finished batch (long runs survive a kill)."""
     device = next(model.parameters()).device
     ref = Tally()
     tallies = [Tally() for _ in rows]
     n_batches = math.ceil(ids.shape[0] / batch_size)
+    first = 0
+    if checkpoint is not None and checkpoint.is_file():
+        saved = json.loads(checkpoint.read_text())
+        if saved.get("signature") == signature:
+            first = saved["batches_done"]
+            ref = Tally(**saved["ref"])
+            tallies = [Tally(**t) for t in saved["rows"]]
+            log(f"resuming from {checkpoint}: {first}/{n_batches} batches done")
     t_start = time.time()
-    for b in range(n_batches):
+    for b in range(first, n_batches):
         batch = ids[b * batch_size:(b + 1) * batch_size].to(device)
         t0 = time.time()
         with torch.inference_mode(), active_view(None):
@@ -330,8 +342,15 @@ def evaluate(model, ids: torch.Tensor, rows: list[Row], batch_size: int, log=pri
             tally.seconds += time.time() - t0
             times.append(f"{row.name} {time.time() - t0:.0f}s")
         del ref_logp
+        if checkpoint is not None:
+            tmp = checkpoint.with_suffix(".tmp")
+            tmp.write_text(json.dumps({
+                "signature": signature, "batches_done": b + 1,
+                "ref": dataclasses.asdict(ref),
+                "rows": [dataclasses.asdict(t) for t in tallies]}))
+            os.replace(tmp, checkpoint)
         done = time.time() - t_start
-        eta = done / (b + 1) * (n_batches - b - 1)
+        eta = done / (b + 1 - first) * (n_batches - b - 1)
         log(f"[batch {b + 1}/{n_batches}] {', '.join(times)} | elapsed {done:.0f}s, "
             f"eta {eta:.0f}s | ref ppl so far {math.exp(ref.nll / ref.tokens):.3f}")
     model_head = head_size_of(model.config)
@@ -377,7 +396,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    ap.add_argument("--json", default=None, help="write the results here")
+    ap.add_argument("--json", default=None,
+                    help="write the results here (progress is kept in JSON.partial meanwhile; "
+                         "rerunning the same command resumes from it)")
     args = ap.parse_args(argv)
 
     if args.threads:
@@ -402,7 +423,12 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     if not 0 <= args.score_from < args.seq_len - 1:
         ap.error("--score-from must be in [0, seq_len - 1)")
-    results, ppl_ref = evaluate(model, ids, rows, args.batch_size, log, args.score_from)
+    checkpoint = Path(args.json + ".partial") if args.json else None
+    signature = json.dumps([model_path, str(text_path), args.num_seqs, args.seq_len,
+                            args.batch_size, args.score_from, args.dtype,
+                            [r.name for r in rows]])
+    results, ppl_ref = evaluate(model, ids, rows, args.batch_size, log, args.score_from,
+                                checkpoint, signature)
     model_head = head_size_of(model.config)
     scored = f", scored from position {args.score_from}" if args.score_from else ""
     print(f"\nreference ppl {ppl_ref:.4f} ({args.num_seqs} x {args.seq_len} tokens{scored}, "
@@ -439,6 +465,7 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(args.json)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps({"results": results, **meta}, indent=2) + "\n")
+        checkpoint.unlink(missing_ok=True)
         log(f"wrote {out}")
     return 0
 
