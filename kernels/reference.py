@@ -19,10 +19,10 @@ from __future__ import annotations
 import torch
 
 from vllm_turboquant.codec import unpack_codes
+from vllm_turboquant.codec.codec import quantize_rotated
 
 from ._common import TQLayerParams, TQSide, as_params
 
-_FP16_MAX = 65504.0
 
 __all__ = ["tq_store_ref", "tq_decode_ref", "tq_prefill_ref", "encode_slots", "decode_slots",
            "TQLayerParams", "TQSide"]
@@ -30,21 +30,9 @@ __all__ = ["tq_store_ref", "tq_decode_ref", "tq_prefill_ref", "encode_slots", "d
 
 # -- slots ------------------------------------------------------------------------------------
 def _quantize(y: torch.Tensor, centroids, bounds, scale_mode: str):
-    """y [..., D] float32 rotated -> (codes [..., D] int64, scale [...] float16).
-
-    Mirrors TQLayerCodec.quantize_rotated op for op, so the bytes are identical."""
-    finite = torch.isfinite(y).all(-1)
-    y = torch.where(finite[..., None], y, torch.zeros_like(y))
-    norm = y.norm(dim=-1)
-    u = y / norm.clamp(min=1e-30)[..., None]
-    codes = torch.bucketize(u, bounds)
-    c = centroids[codes]
-    if scale_mode == "lsq":
-        scale = (y * c).sum(-1) / c.square().sum(-1).clamp(min=1e-30)
-    else:
-        scale = norm / c.norm(dim=-1).clamp(min=1e-30)
-    scale = torch.where(finite, scale, torch.zeros_like(scale))
-    return codes, scale.clamp(-_FP16_MAX, _FP16_MAX).half()
+    """y [..., D] float32 rotated -> (codes [..., D] int64, scale [...] float16): the codec's
+    own quantizer, so the bytes are identical."""
+    return quantize_rotated(y, centroids, bounds, scale_mode)
 
 
 def _pack(codes: torch.Tensor, bits: int) -> torch.Tensor:

@@ -27,6 +27,26 @@ from .rotation import rotation_matrix
 _FP16_MAX = 65504.0
 
 
+def quantize_rotated(y: torch.Tensor, centroids: torch.Tensor, bounds: torch.Tensor,
+                     scale_mode: str = "lsq") -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize rotated vectors: y [..., D] float32 -> (codes [..., D] int64, scale [...] f16).
+
+    codes index the nearest centroid of each coordinate of y / |y|; the scale is the
+    least-squares fit ("lsq") or |y| / |C[codes]| ("norm"). Non-finite vectors get scale 0."""
+    finite = torch.isfinite(y).all(-1)
+    y = torch.where(finite[..., None], y, torch.zeros_like(y))
+    norm = y.norm(dim=-1)
+    u = y / norm.clamp(min=1e-30)[..., None]
+    codes = torch.bucketize(u, bounds)
+    c = centroids[codes]
+    if scale_mode == "lsq":
+        scale = (y * c).sum(-1) / c.square().sum(-1).clamp(min=1e-30)
+    else:
+        scale = norm / c.norm(dim=-1).clamp(min=1e-30)
+    scale = torch.where(finite, scale, torch.zeros_like(scale))
+    return codes, scale.clamp(-_FP16_MAX, _FP16_MAX).half()
+
+
 class TQLayerCodec:
     """The codec of one attention layer: its rotation and the key/value codebooks."""
 
@@ -56,18 +76,7 @@ class TQLayerCodec:
     def quantize_rotated(self, y: torch.Tensor, centroids: torch.Tensor,
                          bounds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """y [..., D] float32 -> (codes [..., D] int64, scale [...] float16)."""
-        finite = torch.isfinite(y).all(-1)
-        y = torch.where(finite[..., None], y, torch.zeros_like(y))
-        norm = y.norm(dim=-1)
-        u = y / norm.clamp(min=1e-30)[..., None]
-        codes = torch.bucketize(u, bounds)
-        c = centroids[codes]
-        if self.config.scale == "lsq":
-            scale = (y * c).sum(-1) / c.square().sum(-1).clamp(min=1e-30)
-        else:
-            scale = norm / c.norm(dim=-1).clamp(min=1e-30)
-        scale = torch.where(finite, scale, torch.zeros_like(scale))
-        return codes, scale.clamp(-_FP16_MAX, _FP16_MAX).half()
+        return quantize_rotated(y, centroids, bounds, self.config.scale)
 
     @staticmethod
     def dequantize_rotated(codes: torch.Tensor, scale: torch.Tensor,
