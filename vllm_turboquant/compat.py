@@ -376,8 +376,9 @@ def make_determine_available_memory(original):
     return determine_available_memory
 
 
-@_once("window buffer reservation")
 def _patch_memory_reserve() -> None:
+    """Idempotent through _wrap_method; not @_once: a worker module loaded later (tests that
+    build engines of both kinds in one process) must still get the patch."""
     import sys
 
     # Only the worker module this process already runs: never import the other one. Importing
@@ -390,6 +391,7 @@ def _patch_memory_reserve() -> None:
             logger.debug("vllm-turboquant: %s not loaded here, not patched", module)
             continue
         _wrap_method(cls, "determine_available_memory", make_determine_available_memory)
+        _APPLIED.add("window buffer reservation")
 
 
 def make_get_kv_cache_spec_025(original, spec_cls):
