@@ -176,14 +176,55 @@ def compare(a: list[list[int]], b: list[list[int]]) -> dict:
             "identical": sum(d is None for d in firsts), "first_difference": firsts}
 
 
+def run_checks(dtype: str, base: dict, prompts: dict, a, t_start: float,
+               log_dir: Path) -> dict:
+    """The three greedy-token comparisons for one kv-cache dtype (see the module doc)."""
+    cbase = dict(base, task="gen", dtype=dtype, prompts=prompts,
+                 gen_tokens=8 if a.cpu_smoke else GEN_TOKENS)
+    # Only "graphs" compiles and captures CUDA graphs (the slow part of a start); the
+    # prefix and chunking comparisons run between eager engines, so a graphs-vs-eager
+    # difference cannot hide in them.
+    eng = {
+        "eager": dict(eager=True, sets=["mixed", "prefix", "long"]),
+        "no_prefix_cache": dict(eager=True, prefix_caching=False, sets=["prefix_alone"]),
+        "unchunked": dict(eager=True, chunked=False, prefix_caching=False, sets=["long"]),
+        "graphs": dict(eager=a.cpu_smoke, sets=["mixed"]),
+    }
+    res, checks = {}, {}
+    for name, over in eng.items():
+        left = a.budget_s - (time.perf_counter() - t_start)
+        if left < 30:
+            res[name] = {"label": name, "error": f"skipped: {a.budget_s:.0f}s budget spent"}
+            continue
+        res[name] = run_child(dict(cbase, label=f"check-{dtype}-{name}", **over),
+                              min(a.timeout_s, left), log_dir)
+        print(f"[{time.perf_counter() - t_start:6.0f}s] check engine {dtype} {name}: "
+              f"{res[name].get('error', 'ok')}", flush=True)
+    ok = lambda *names: all("error" not in res[n] for n in names)  # noqa: E731
+    if ok("graphs", "eager"):
+        checks["cuda_graphs_vs_eager"] = compare(res["graphs"]["mixed"], res["eager"]["mixed"])
+    if ok("eager", "no_prefix_cache"):
+        c = compare([res["eager"]["prefix_second"]], [res["no_prefix_cache"]["prefix_second"]])
+        c["cached_tokens"] = res["eager"]["prefix_second_cached"]
+        checks["prefix_cache_hit_vs_off"] = c
+    if ok("eager", "unchunked"):
+        checks["chunked_vs_unchunked_long_prompt"] = compare(res["eager"]["long"],
+                                                             res["unchunked"]["long"])
+    for name, r in res.items():
+        if "error" in r:
+            checks[f"engine_{name}"] = {"error": r["error"]}
+    return checks
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", help="HF folder (default: SmolLM2-135M-Instruct from "
                     "vllm_turboquant.models)")
     ap.add_argument("--text", help="English text file (default: vllm_turboquant.textdata)")
     ap.add_argument("--dtypes", default=",".join(GPU_DTYPES))
-    ap.add_argument("--check-dtype", default="turboquant",
-                    help="kv-cache dtype of the consistency checks ('' to skip them)")
+    ap.add_argument("--check-dtype", default="turboquant,auto",
+                    help="comma-separated kv-cache dtypes of the consistency checks ('' to skip "
+                         "them); `auto` is the control: what bf16 itself does in each check")
     ap.add_argument("--additional-config", default=None,
                     help="JSON for vLLM's additional_config (e.g. a TurboQuant window)")
     ap.add_argument("--windows", type=int, default=32)
@@ -246,50 +287,17 @@ def main() -> None:
         r.setdefault("dtype", r["label"].removeprefix("ppl-"))
 
     checks = {}
-    if a.check_dtype:
+    check_dtypes = [d for d in a.check_dtype.split(",") if d]
+    if check_dtypes:
         prompts = consistency_prompts(tok, text, small=a.cpu_smoke)
-        cbase = dict(base, task="gen", dtype=a.check_dtype, prompts=prompts,
-                     gen_tokens=8 if a.cpu_smoke else GEN_TOKENS)
-        # Only "graphs" compiles and captures CUDA graphs (the slow part of a start); the
-        # prefix and chunking comparisons run between eager engines, so a graphs-vs-eager
-        # difference cannot hide in them.
-        eng = {
-            "eager": dict(eager=True, sets=["mixed", "prefix", "long"]),
-            "no_prefix_cache": dict(eager=True, prefix_caching=False, sets=["prefix_alone"]),
-            "unchunked": dict(eager=True, chunked=False, prefix_caching=False, sets=["long"]),
-            "graphs": dict(eager=a.cpu_smoke, sets=["mixed"]),
-        }
-        res = {}
-        for name, over in eng.items():
-            left = a.budget_s - (time.perf_counter() - t_start)
-            if left < 30:
-                res[name] = {"label": name, "error": f"skipped: {a.budget_s:.0f}s budget spent"}
-                continue
-            res[name] = run_child(dict(cbase, label=f"check-{name}", **over),
-                                  min(a.timeout_s, left), log_dir)
-            print(f"[{time.perf_counter() - t_start:6.0f}s] check engine {name}: "
-                  f"{res[name].get('error', 'ok')}", flush=True)
-        ok = lambda *names: all("error" not in res[n] for n in names)  # noqa: E731
-        if ok("graphs", "eager"):
-            checks["cuda_graphs_vs_eager"] = compare(res["graphs"]["mixed"],
-                                                     res["eager"]["mixed"])
-        if ok("eager", "no_prefix_cache"):
-            c = compare([res["eager"]["prefix_second"]],
-                        [res["no_prefix_cache"]["prefix_second"]])
-            c["cached_tokens"] = res["eager"]["prefix_second_cached"]
-            checks["prefix_cache_hit_vs_off"] = c
-        if ok("eager", "unchunked"):
-            checks["chunked_vs_unchunked_long_prompt"] = compare(res["eager"]["long"],
-                                                                 res["unchunked"]["long"])
-        for name, r in res.items():
-            if "error" in r:
-                checks[f"engine_{name}"] = {"error": r["error"]}
+    for cd in check_dtypes:
+        checks[cd] = run_checks(cd, base, prompts, a, t_start, log_dir)
 
     info = machine_info()
     result = {"machine": info, "model": model, "windows": a.windows,
               "window_tokens": a.window_tokens, "chunk_tokens": CHUNK, "kv_bytes": a.kv_bytes,
               "additional_config": extra, "ppl": ppl_rows, "consistency": checks,
-              "check_dtype": a.check_dtype, "gen_tokens": GEN_TOKENS,
+              "check_dtypes": check_dtypes, "gen_tokens": GEN_TOKENS,
               "wall_s": round(time.perf_counter() - t_start, 1)}
     cols = [("dtype", "kv-cache dtype", ""), ("ppl", "PPL", ".4f"),
             ("delta_vs_auto_pct", "vs auto %", "+.2f"), ("kv_tokens", "KV tokens", "d"),
@@ -299,14 +307,15 @@ def main() -> None:
                               f"tokens, {CHUNK}-token chunks, KV {a.kv_bytes / GiB:.2f} GiB"}))
     print()
     print(markdown_table(ppl_rows, cols))
-    for name, c in checks.items():
-        if "error" in c:
-            print(f"{name}: ERROR {c['error'][:300]}")
-        else:
-            extra_txt = f", cached tokens {c['cached_tokens']}" if "cached_tokens" in c else ""
-            print(f"{name} ({a.check_dtype}): {'SAME' if c['same'] else 'DIFFERENT'} "
-                  f"({c['identical']}/{c['prompts']} identical, first differences "
-                  f"{c['first_difference']}{extra_txt})")
+    for cd, dtype_checks in checks.items():
+        for name, c in dtype_checks.items():
+            if "error" in c:
+                print(f"{name} ({cd}): ERROR {c['error'][:300]}")
+            else:
+                extra_txt = f", cached tokens {c['cached_tokens']}" if "cached_tokens" in c else ""
+                print(f"{name} ({cd}): {'SAME' if c['same'] else 'DIFFERENT'} "
+                      f"({c['identical']}/{c['prompts']} identical, first differences "
+                      f"{c['first_difference']}{extra_txt})")
     if a.json:
         Path(a.json).write_text(json.dumps(result, indent=2))
         print(f"\nwrote {a.json}")

@@ -2,10 +2,13 @@
 
 One program per (sequence, block of BLOCK_M chunk tokens, KV head) serves the G query heads of
 the group as BLOCK_M * G_PAD rows (row r = token r // G_PAD, head r % G_PAD), so each packed
-prefix tile is unpacked once per group. One online softmax runs first over the prefix tiles
-(dequantized in registers from the packed slots, window side entries tag-checked as in
-decode), then over the chunk's own exact K/V (rotated once by the launcher) with the causal
-mask. The accumulator lives in the rotated space and is un-rotated at the end (acc @ R).
+prefix tile is unpacked once per group. Precision follows the decode step (see
+reference.tq_prefill_ref): the query at position t reads key j exactly iff j > t - W.
+One online softmax runs first over packed tiles (the cached prefix and the chunk's own tokens
+older than the window, dequantized in registers; prefix keys inside the window come from the
+side copy, tag-checked as in decode), then over the band of the chunk's own exact K/V inside
+the window (rotated once by the launcher). The accumulator lives in the rotated space and is
+un-rotated at the end (acc @ R). The chunk must be stored in the cache before the call.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ def _tq_prefill_kernel(
     D: tl.constexpr, KBITS: tl.constexpr, VBITS: tl.constexpr,
     V_OFF: tl.constexpr, KS_OFF: tl.constexpr,
     BLOCK_M: tl.constexpr, G_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_SIDE: tl.constexpr, F32: tl.constexpr, COLS: tl.constexpr,
+    HAS_SIDE: tl.constexpr, F32: tl.constexpr, COLS: tl.constexpr, WIN: tl.constexpr,
     KMODE: tl.constexpr, VMODE: tl.constexpr, KASM: tl.constexpr = "", VASM: tl.constexpr = "",
 ):
     b = tl.program_id(0)
@@ -72,12 +75,20 @@ def _tq_prefill_kernel(
     acc_hi = tl.zeros([ROWS, HALF], dtype=tl.float32)
     bt_row = block_table_ptr + b.to(tl.int64) * stride_bt
     head_off = h.to(tl.int64) * stride_ch
-    win_start = seq_len - W
+    # Precision policy (the decode step's): query position t reads key j exactly iff
+    # j > t - WIN, else its packed slot. Rows of this program: positions first_pos..last_pos.
+    pos_r = prefix + tok                                  # [ROWS] position of each row's query
+    chunk_end = tl.minimum(q_len, (mb + 1) * BLOCK_M)    # chunk-local end of this program's rows
+    first_pos = prefix + mb * BLOCK_M
+    last_pos = prefix + chunk_end - 1
 
-    # -- the cached prefix, from packed slots -------------------------------------------------
-    for n0 in range(0, prefix, BLOCK_N):
+    # -- packed slots: the cached prefix, and the chunk's own tokens older than the window ----
+    # (the backend stored the chunk before attending; prefix keys inside a row's window come
+    # from the side copy when it holds them, tag- and scale-checked as in decode)
+    packed_end = tl.maximum(prefix, tl.minimum(seq_len, last_pos - WIN + 1))
+    for n0 in range(0, packed_end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        nmask = offs_n < prefix
+        nmask = offs_n < packed_end
         blk = tl.load(bt_row + offs_n // block_size, mask=nmask, other=0).to(tl.int64)
         in_blk = (offs_n % block_size).to(tl.int64)
         # Slots are 4-byte aligned (launcher checks): lets the compiler load 4 bytes at a time.
@@ -88,32 +99,39 @@ def _tq_prefill_kernel(
         ks = tl.load((base + KS_OFF).to(tl.pointer_type(tl.float16)), mask=nmask, other=0.0)
         s = mma(q_lo, tl.trans(k_lo), F32) + mma(q_hi, tl.trans(k_hi), F32)
         s = s * ks.to(tl.float32)[None, :]
+        # prefix keys: every row; chunk keys: only rows whose window they have left
+        valid = nmask[None, :] & ((offs_n[None, :] < prefix)
+                                  | (offs_n[None, :] <= pos_r[:, None] - WIN))
 
-        use_side = offs_n < 0
+        # [ROWS, BLOCK_N] "read exactly"; defined outside the runtime `if` (Triton scopes
+        # names bound inside it).
+        exact = (offs_n[None, :] < 0) & (pos_r[:, None] < 0)
+        held = offs_n < 0
         if HAS_SIDE:
-            # Defined outside the runtime `if`: Triton scopes names bound inside it.
             entry = b.to(tl.int64) * W + offs_n % W
             side_off = (entry * num_kv_heads + h) * D
-            if n0 + BLOCK_N > win_start:
-                in_win = nmask & (offs_n >= win_start)
-                tag = tl.load(side_tag_ptr + entry, mask=in_win, other=-1)
-                chk = tl.load(side_check_ptr + entry * num_kv_heads + h, mask=in_win, other=0)
+            if (n0 + BLOCK_N > first_pos - WIN + 1) & (n0 < prefix):
+                cand = nmask & (offs_n < prefix) & (offs_n > first_pos - WIN)
+                tag = tl.load(side_tag_ptr + entry, mask=cand, other=-1)
+                chk = tl.load(side_check_ptr + entry * num_kv_heads + h, mask=cand, other=0)
                 packed_chk = tl.load((base + KS_OFF).to(tl.pointer_type(tl.int32)),
-                                     mask=in_win, other=1)
-                use_side = in_win & (tag.to(tl.int64) == blk * block_size + in_blk) & (
+                                     mask=cand, other=1)
+                held = cand & (tag.to(tl.int64) == blk * block_size + in_blk) & (
                     chk == packed_chk)
+                exact = held[None, :] & (offs_n[None, :] > pos_r[:, None] - WIN)
                 sk_lo = tl.load(side_k_ptr + side_off[:, None] + offs_lo[None, :],
-                                mask=use_side[:, None], other=0.0)
+                                mask=held[:, None], other=0.0)
                 sk_hi = tl.load(side_k_ptr + side_off[:, None] + offs_hi[None, :],
-                                mask=use_side[:, None], other=0.0)
+                                mask=held[:, None], other=0.0)
                 s_side = (mma(q_lo, tl.trans(sk_lo.to(dt)), F32)
                           + mma(q_hi, tl.trans(sk_hi.to(dt)), F32))
-                s = tl.where(use_side[None, :], s_side, s)
+                s = tl.where(exact, s_side, s)
 
-        s = tl.where(nmask[None, :], s, float("-inf"))
+        s = tl.where(valid, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)   # a row with no key yet
+        alpha = tl.exp2(m_i - m_use)
+        p = tl.exp2(s - m_use[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         acc_lo = acc_lo * alpha[:, None]
         acc_hi = acc_hi * alpha[:, None]
@@ -125,41 +143,45 @@ def _tq_prefill_kernel(
                      other=0.0)
         pv = p * vs.to(tl.float32)[None, :]
         if HAS_SIDE:
-            if n0 + BLOCK_N > win_start:
-                pv = tl.where(use_side[None, :], 0.0, pv)
+            if (n0 + BLOCK_N > first_pos - WIN + 1) & (n0 < prefix):
+                pv = tl.where(exact, 0.0, pv)
                 sv_lo = tl.load(side_v_ptr + side_off[:, None] + offs_lo[None, :],
-                                mask=use_side[:, None], other=0.0)
+                                mask=held[:, None], other=0.0)
                 sv_hi = tl.load(side_v_ptr + side_off[:, None] + offs_hi[None, :],
-                                mask=use_side[:, None], other=0.0)
-                p_side = tl.where(use_side[None, :], p, 0.0).to(dt)
+                                mask=held[:, None], other=0.0)
+                p_side = tl.where(exact, p, 0.0).to(dt)
                 acc_lo += mma(p_side, sv_lo.to(dt), F32)
                 acc_hi += mma(p_side, sv_hi.to(dt), F32)
         pv = pv.to(dt)
         acc_lo += mma(pv, v_lo, F32)
         acc_hi += mma(pv, v_hi, F32)
 
-    # -- the chunk itself, exact and causal ---------------------------------------------------
-    chunk_end = tl.minimum(q_len, (mb + 1) * BLOCK_M)
-    for n0 in range(0, chunk_end, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        nmask = offs_n < chunk_end
-        kv_off = ((q_start + offs_n).to(tl.int64) * num_kv_heads + h) * D
-        kv_lo = kv_off[:, None] + offs_lo[None, :]
-        kv_hi = kv_off[:, None] + offs_hi[None, :]
-        k_lo = tl.load(k_ptr + kv_lo, mask=nmask[:, None], other=0.0)
-        k_hi = tl.load(k_ptr + kv_hi, mask=nmask[:, None], other=0.0)
-        s = mma(q_lo, tl.trans(k_lo), F32) + mma(q_hi, tl.trans(k_hi), F32)
-        s = tl.where(nmask[None, :] & (offs_n[None, :] <= tok[:, None]), s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        pd = p.to(dt)
-        v_lo = tl.load(v_ptr + kv_lo, mask=nmask[:, None], other=0.0)
-        v_hi = tl.load(v_ptr + kv_hi, mask=nmask[:, None], other=0.0)
-        acc_lo = acc_lo * alpha[:, None] + mma(pd, v_lo, F32)
-        acc_hi = acc_hi * alpha[:, None] + mma(pd, v_hi, F32)
-        m_i = m_new
+    # -- the chunk's own keys inside each row's window, exact and causal ----------------------
+    if WIN > 0:   # static: presets without a window read every key from its packed slot
+        band = (tl.maximum(mb * BLOCK_M - WIN + 1, 0) // BLOCK_N) * BLOCK_N
+        for n0 in range(band, chunk_end, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            nmask = offs_n < chunk_end
+            kv_off = ((q_start + offs_n).to(tl.int64) * num_kv_heads + h) * D
+            kv_lo = kv_off[:, None] + offs_lo[None, :]
+            kv_hi = kv_off[:, None] + offs_hi[None, :]
+            k_lo = tl.load(k_ptr + kv_lo, mask=nmask[:, None], other=0.0)
+            k_hi = tl.load(k_ptr + kv_hi, mask=nmask[:, None], other=0.0)
+            s = mma(q_lo, tl.trans(k_lo), F32) + mma(q_hi, tl.trans(k_hi), F32)
+            keep = (nmask[None, :] & (offs_n[None, :] <= tok[:, None])
+                    & (offs_n[None, :] > tok[:, None] - WIN))
+            s = tl.where(keep, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_use)
+            p = tl.exp2(s - m_use[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            pd = p.to(dt)
+            v_lo = tl.load(v_ptr + kv_lo, mask=nmask[:, None], other=0.0)
+            v_hi = tl.load(v_ptr + kv_hi, mask=nmask[:, None], other=0.0)
+            acc_lo = acc_lo * alpha[:, None] + mma(pd, v_lo, F32)
+            acc_hi = acc_hi * alpha[:, None] + mma(pd, v_hi, F32)
+            m_i = m_new
 
     inv_l = 1.0 / tl.maximum(l_i, 1e-30)
     acc_lo = acc_lo * inv_l[:, None]
@@ -220,9 +242,10 @@ def tq_prefill(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     if has_side:
         assert all(x.is_contiguous() for x in side)
         sk, sv, stag, schk, w = *side, side.window
+        win = w
     else:
         sk = sv = stag = schk = seq_lens
-        w = 1
+        w, win = 1, 0          # ring size (unused), precision window (none)
     lay = p.layout
     kmode, vmode, kpair, vpair, kasm, vasm = lookup_tables(
         p, dot_dtype, lookup, allow_asm=not interpreting(_tq_prefill_kernel))
@@ -236,7 +259,7 @@ def tq_prefill(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2),
         D=d, KBITS=p.key_bits, VBITS=p.value_bits, V_OFF=lay.v_codes_offset,
         KS_OFF=lay.k_scale_offset, BLOCK_M=block_m, G_PAD=g_pad, BLOCK_N=block_n,
-        HAS_SIDE=has_side, F32=f32, COLS=min(d, 64), KMODE=kmode, VMODE=vmode,
+        HAS_SIDE=has_side, F32=f32, COLS=min(d, 64), WIN=win, KMODE=kmode, VMODE=vmode,
         KASM=kasm, VASM=vasm, num_warps=num_warps,
         num_stages=num_stages)
     return out

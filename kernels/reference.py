@@ -174,12 +174,34 @@ def tq_decode_ref(query: torch.Tensor, kv_cache: torch.Tensor, block_table: torc
 
 
 # -- prefill ----------------------------------------------------------------------------------
+def _window_side(p: TQLayerParams, kv_cache, block_table_row, start: int, end: int, row: int,
+                 side: TQSide):
+    """Window side entries of positions [start, end) of one sequence: rotated float32 K, V
+    [n, Hkv, D] and use [n, Hkv] (the ring holds that very slot: tag and scale bytes match)."""
+    block_size = kv_cache.shape[1]
+    pos = torch.arange(start, end, device=kv_cache.device)
+    blocks = block_table_row.long()[pos // block_size]
+    slots = kv_cache[blocks, pos % block_size]
+    ring = pos % side.window
+    tag_ok = side.tag[row, ring].long() == blocks * block_size + pos % block_size
+    use = tag_ok[:, None] & (side.check[row, ring] == scale_check(p, slots))
+    return side.k[row, ring].float(), side.v[row, ring].float(), use
+
+
 def tq_prefill_ref(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                    cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, kv_cache: torch.Tensor,
                    block_table: torch.Tensor, params, scale: float,
                    side: TQSide | None = None) -> torch.Tensor:
-    """Chunked prefill: each chunk token attends causally to the chunk (exact K/V) and to the
-    whole cached prefix [0, seq_len - q_len) read from packed slots (+ window side).
+    """Chunked prefill with the decode step's precision policy: the query at position t reads
+    key/value j <= t exactly iff j > t - W (W = side.window, 0 without a side), else from its
+    packed slot. So a prompt gives the same attention whether it arrives in one chunk, in
+    many, or token by token (decode), and what the evaluator measures is what is served.
+
+    Exact copies: the chunk's own K/V (key, value); for prefix positions, the window side
+    entries (tag- and scale-checked; a missing one falls back to the packed slot). The chunk's
+    tokens must already be stored in kv_cache (the backend stores before it attends) and the
+    side must not yet hold them (the backend writes their side entries after attending, so the
+    previous chunk's newest tokens are still there).
 
     query [T, Hq, D]; key, value [T, Hkv, D] (the chunk's own, unquantized);
     cu_seqlens_q int32 [B+1]; seq_lens int32 [B] = prefix + chunk length.
@@ -189,6 +211,7 @@ def tq_prefill_ref(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     t, hq, d = query.shape
     hkv = key.shape[1]
     g = hq // hkv
+    w = side.window if side is not None else 0
     out = torch.zeros(t, hq, d, dtype=torch.float32, device=query.device)
     cu = cu_seqlens_q.tolist()
     lens = seq_lens.tolist()
@@ -199,16 +222,32 @@ def tq_prefill_ref(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
             continue
         n = int(lens[b])
         prefix = n - m
-        kp, vp = _gather_kv(p, kv_cache, block_table[b], 0, prefix, b, n, side)
-        kc = key[s0:s1].float() @ p.rotation.T
-        vc = value[s0:s1].float() @ p.rotation.T
-        k = torch.cat([kp, kc], 0)
-        v = torch.cat([vp, vc], 0)
-        qi = torch.arange(m, device=query.device)
-        kj = torch.arange(prefix + m, device=query.device)
-        mask = kj[None, :] <= qi[:, None] + prefix                      # [M, N]
-        q_rot = (query[s0:s1].float() @ p.rotation.T)                   # [M, Hq, D]
-        q_rot = q_rot.reshape(m, hkv, g, d).permute(1, 2, 0, 3)          # [Hkv, G, M, D]
-        o = _attend(q_rot, k, v, scale, mask)                            # [Hkv, G, M, D]
+        kq, vq = _gather_kv(p, kv_cache, block_table[b], 0, n, b, n, None)   # packed [n, Hkv, D]
+        ke, ve = kq.clone(), vq.clone()
+        have = torch.zeros(n, hkv, dtype=torch.bool, device=query.device)
+        ke[prefix:] = key[s0:s1].float() @ p.rotation.T
+        ve[prefix:] = value[s0:s1].float() @ p.rotation.T
+        have[prefix:] = True
+        first = max(0, prefix - w + 1)
+        if w > 0 and first < prefix:
+            sk, sv, use = _window_side(p, kv_cache, block_table[b], first, prefix, b, side)
+            ke[first:prefix] = torch.where(use[..., None], sk, ke[first:prefix])
+            ve[first:prefix] = torch.where(use[..., None], sv, ve[first:prefix])
+            have[first:prefix] = use
+        qpos = torch.arange(prefix, n, device=query.device)
+        kj = torch.arange(n, device=query.device)
+        causal = kj[None, :] <= qpos[:, None]                               # [M, N]
+        recent = kj[None, :] > qpos[:, None] - w                            # [M, N]
+        exact = recent[None] & have.T[:, None, :]                           # [Hkv, M, N]
+        q_rot = (query[s0:s1].float() @ p.rotation.T)                       # [M, Hq, D]
+        q_rot = q_rot.reshape(m, hkv, g, d).permute(1, 2, 0, 3)              # [Hkv, G, M, D]
+        s_q = torch.einsum("kgmd,nkd->kgmn", q_rot, kq)
+        s_e = torch.einsum("kgmd,nkd->kgmn", q_rot, ke)
+        s = torch.where(exact[:, None], s_e, s_q) * scale
+        s = s.masked_fill(~causal, float("-inf"))
+        prob = torch.softmax(s, dim=-1)
+        sel = exact[:, None].to(prob.dtype)
+        o = (torch.einsum("kgmn,nkd->kgmd", prob * sel, ve)
+             + torch.einsum("kgmn,nkd->kgmd", prob * (1 - sel), vq))         # [Hkv, G, M, D]
         out[s0:s1] = o.permute(2, 0, 1, 3).reshape(m, hq, d) @ p.rotation
     return out.to(query.dtype)

@@ -3,7 +3,6 @@ config errors, and the bytes every preset stores. CPU, a few seconds."""
 
 from __future__ import annotations
 
-import hashlib
 import subprocess
 import sys
 from pathlib import Path
@@ -193,3 +192,44 @@ def test_from_name_overrides():
     cfg = TQConfig.from_name(DEFAULT_PRESET, window=0, value_bits=2)
     assert cfg.window == 0 and cfg.value_bits == 2
     assert PRESETS[DEFAULT_PRESET].value_bits != 2  # the preset itself is untouched
+
+
+# Bytes per token and KV head: (packed slot, everything stored at 8K context incl. the bf16
+# window), per preset and head size. Update together with PRESETS and README's table.
+EXPECTED_BYTES = {
+    #              head 64      head 128      head 256
+    "turboquant": {64: (68, 70), 128: (132, 136), 256: (260, 268)},
+    "tq-k4v4":    {64: (68, 68), 128: (132, 132), 256: (260, 260)},
+    "tq-k3v3":    {64: (52, 54), 128: (100, 104), 256: (196, 204)},
+}
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_BYTES))
+@pytest.mark.parametrize("head", [64, 128, 256])
+def test_bytes_per_token_table(name, head):
+    cfg = PRESETS[name]
+    slot, stored = EXPECTED_BYTES[name][head]
+    assert cfg.layout(head).slot_bytes == slot
+    assert cfg.bytes_per_token(head, num_kv_heads=8) == 8 * slot
+    assert cfg.stored_bytes_per_token(head, 8192) == pytest.approx(stored)
+    assert cfg.compression_vs(head, 8192) == pytest.approx(4 * head / stored)
+
+
+def test_table_covers_every_preset_and_targets_hold():
+    assert set(EXPECTED_BYTES) == set(PRESETS)
+    # Issue 2's byte budgets, head 128 at 8K context, every byte counted.
+    assert PRESETS[DEFAULT_PRESET].compression_vs(128, 8192) >= 3.75
+    assert PRESETS["tq-k3v3"].compression_vs(128, 8192) >= 4.9
+
+
+def test_slot_layout_offsets_are_consistent():
+    for cfg in PRESETS.values():
+        for head in (64, 128, 256):
+            lay = cfg.layout(head)
+            assert lay.slot_bytes % 4 == 0
+            assert lay.k_code_bytes == head * cfg.key_bits // 8
+            assert lay.v_codes_offset == lay.k_code_bytes + lay.qjl_bytes
+            assert lay.k_scale_offset == lay.v_codes_offset + lay.v_code_bytes
+            assert lay.v_scale_offset + 2 <= lay.slot_bytes
+    qjl = SlotLayout(128, 4, 4, key_qjl=True)
+    assert qjl.qjl_bytes == 128 // 8 + 2 and qjl.slot_bytes == 152

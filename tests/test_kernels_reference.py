@@ -115,6 +115,8 @@ def test_decode_ref_padding_row_is_zero(codec):
 
 @pytest.mark.parametrize("lens,qlens", [([9, 40], [9, 5]), ([1, 17], [1, 1])])
 def test_prefill_ref_matches_naive(codec, lens, qlens):
+    """No window: every key, the chunk's own included, is read from its packed slot (what a
+    decode step reads), so the chunking never changes the result."""
     params = TQLayerParams.from_codec(codec)
     hq, hkv, bs = 4, 2, 8
     cache, bt, keys, values = fill_sequences(codec, params, lens, hkv, bs)
@@ -127,11 +129,59 @@ def test_prefill_ref_matches_naive(codec, lens, qlens):
     got = tq_prefill_ref(torch.cat(qs), kchunk, vchunk, cu, torch.tensor(lens, dtype=torch.int32),
                          cache, bt, params, scale)
     for b, (n, m) in enumerate(zip(lens, qlens)):
-        kd, vd = codec.decode(codec.encode(keys[b][:n - m], values[b][:n - m]))
-        k = torch.cat([kd, keys[b][n - m:]])
-        v = torch.cat([vd, values[b][n - m:]])
-        want = naive_attention(qs[b], k, v, scale, causal_offset=n - m)
+        kd, vd = codec.decode(codec.encode(keys[b], values[b]))
+        want = naive_attention(qs[b], kd, vd, scale, causal_offset=n - m)
         torch.testing.assert_close(got[cu[b]:cu[b + 1]], want, atol=2e-5, rtol=2e-5)
+
+
+def _prefill_in_chunks(params, k, v, q, chunks, window, bs=4):
+    """Prefill one sequence chunk by chunk as the backend does (store the chunk's packed slots,
+    attend, then write its window side entries); returns the outputs [n, Hq, D]."""
+    n, hkv, d = k.shape
+    cache = make_cache(n // bs + 2, bs, hkv, params.layout.slot_bytes)
+    bt = torch.arange(n // bs + 2, dtype=torch.int32).flip(0)[None]
+    side = TQSide.empty(1, window, hkv, d, dtype=torch.float32) if window else None
+    outs, start = [], 0
+    for m in chunks:
+        pos = torch.arange(start, start + m)
+        slots = bt[0].long()[pos // bs] * bs + pos % bs
+        tq_store_ref(k[pos], v[pos], cache, slots, params)
+        outs.append(tq_prefill_ref(q[pos], k[pos], v[pos], torch.tensor([0, m], dtype=torch.int32),
+                                   torch.tensor([start + m], dtype=torch.int32), cache, bt,
+                                   params, d ** -0.5, side))
+        if side is not None:
+            z = torch.zeros(m, dtype=torch.long)
+            tq_store_ref(k[pos], v[pos], cache, slots, params, side, z, pos,
+                         torch.full((m,), start + m))
+        start += m
+    return torch.cat(outs)
+
+
+@pytest.mark.parametrize("window", [0, 6])
+def test_prefill_ref_chunking_never_changes_the_result(window):
+    """One chunk, uneven chunks (some shorter, some longer than the window) and token by token
+    give the same attention, and it is the per-query window policy computed naively."""
+    codec = TQLayerCodec(TQConfig.from_name("turboquant", window=window), 64, layer=1)
+    params = TQLayerParams.from_codec(codec)
+    n, hkv, hq = 23, 2, 4
+    gen = torch.Generator().manual_seed(3)
+    k = torch.randn(n, hkv, 64, generator=gen) * 2 + 0.5
+    v = torch.randn(n, hkv, 64, generator=gen)
+    q = torch.randn(n, hq, 64, generator=gen)
+    whole = _prefill_in_chunks(params, k, v, q, [n], window)
+    for chunks in ([5, 9, 2, 7], [1] * n):
+        torch.testing.assert_close(_prefill_in_chunks(params, k, v, q, chunks, window), whole,
+                                   atol=2e-5, rtol=2e-5)
+    kd, vd = codec.decode(codec.encode(k, v))
+    want = torch.empty_like(whole)
+    for t in range(n):
+        j = torch.arange(t + 1)
+        exact = (j > t - window)[:, None, None]
+        want[t] = naive_attention(q[t:t + 1], torch.where(exact, k[:t + 1], kd[:t + 1]),
+                                  torch.where(exact, v[:t + 1], vd[:t + 1]), 64 ** -0.5)[0]
+    torch.testing.assert_close(whole, want, atol=2e-5, rtol=2e-5)
+    if window:   # the window really is used: without it the result differs
+        assert not torch.allclose(_prefill_in_chunks(params, k, v, q, [n], 0), whole, atol=1e-3)
 
 
 def test_window_side_is_exact_and_tag_checked():

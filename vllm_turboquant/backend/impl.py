@@ -1,11 +1,16 @@
 """The attention forward over the packed cache.
 
 Per layer and step (batch reordered: decodes first, then prefill chunks):
-  1. store: quantize this step's K/V into their packed slots (+ the window ring);
+  1. store: quantize this step's K/V into their packed slots (+ the window ring for decodes);
   2. decodes: each query reads its whole sequence from the packed cache (and the window);
-  3. prefill chunks: causal attention over the chunk's own unquantized K/V, plus the cached
-     prefix read from packed slots (continuation chunks, prefix-cache hits). A fresh prefill
-     has no prefix, so it is exact.
+  3. prefill chunks: the same precision policy as a decode step, token by token: the query at
+     position t reads key j exactly iff j > t - W (the chunk's own K/V, or the previous
+     chunk's newest tokens from the window ring), every older key from its packed slot
+     (continuation chunks, prefix-cache hits, and the chunk's own older tokens alike). So
+     chunked, unchunked and token-by-token prefill agree, and the evaluator's numbers are
+     what is served;
+  4. prefill chunks write their window ring entries (after 3, so 3 still saw the previous
+     chunk's).
 CUDA runs the Triton launchers, anything else the torch references (backend/ops.py).
 """
 
@@ -101,19 +106,31 @@ class TurboQuantImpl(AttentionImpl):
         v = value[:t].view(t, hkv, d)
         out = output[:t].view(t, hq, d)
 
-        ops.store(k, v, cache, md.slot_mapping, state.params, state.side, md.token_rows,
-                  md.token_pos, md.token_seq_end)
+        params, side = state.params, state.side
+        nd, ndt = md.num_decodes, md.num_decode_tokens
+        # Prefill chunks write their window side entries only after attending: the previous
+        # chunk's newest tokens must still be there for this chunk's queries to read them
+        # exactly (the precision policy below). Decode rows are other requests: theirs go now.
+        defer = side is not None and md.num_prefills > 0
+        if defer:
+            if ndt:
+                ops.store(k[:ndt], v[:ndt], cache, md.slot_mapping[:ndt], params, side,
+                          md.token_rows[:ndt], md.token_pos[:ndt], md.token_seq_end[:ndt])
+            ops.store(k[ndt:], v[ndt:], cache, md.slot_mapping[ndt:t], params)
+        else:
+            ops.store(k, v, cache, md.slot_mapping, params, side, md.token_rows,
+                      md.token_pos, md.token_seq_end)
         # Decodes first, one token each (FULL CUDA graphs pad requests and tokens alike).
-        nd = md.num_decodes
         if nd:
             ops.decode(out[:nd], q[:nd], cache, md.block_table[:nd], md.seq_lens[:nd],
-                       state.params, self.scale, state.side, num_splits=self.num_splits)
+                       params, self.scale, side, num_splits=self.num_splits)
         if md.num_prefills:
-            ndt = md.num_decode_tokens
             ops.prefill(out[ndt:], q[ndt:], k[ndt:], v[ndt:], md.prefill_query_start_loc,
-                        md.seq_lens[nd:], cache, md.block_table[nd:], state.params,
-                        self.scale, _rows_from(state.side, nd),
-                        max_query_len=md.max_query_len)
+                        md.seq_lens[nd:], cache, md.block_table[nd:], params,
+                        self.scale, _rows_from(side, nd), max_query_len=md.max_query_len)
+        if defer:   # same packed bytes again, now with the window side entries
+            ops.store(k[ndt:], v[ndt:], cache, md.slot_mapping[ndt:t], params, side,
+                      md.token_rows[ndt:], md.token_pos[ndt:], md.token_seq_end[ndt:])
         return output
 
 
