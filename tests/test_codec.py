@@ -233,3 +233,23 @@ def test_slot_layout_offsets_are_consistent():
             assert lay.v_scale_offset + 2 <= lay.slot_bytes
     qjl = SlotLayout(128, 4, 4, key_qjl=True)
     assert qjl.qjl_bytes == 128 // 8 + 2 and qjl.slot_bytes == 152
+
+
+def test_qjl_correction_estimates_the_key_residual_without_bias():
+    """The QJL sketch estimates q . (k - k^) (k^ = the codebook key) without bias:
+    E[estimate | true residual] = true residual, so regressing the estimate on the true
+    residual score gives slope ~1, and the correlation is clearly positive (the estimate is
+    noisy, a single 1-bit sketch). A wrong sign, norm or constant breaks either."""
+    codec = TQLayerCodec(TQConfig("t", key_bits=3, value_bits=3, key_qjl=True), 128, 2)
+    gen = torch.Generator().manual_seed(7)
+    k = torch.randn(256, 128, generator=gen)
+    q = torch.randn(64, 128, generator=gen)
+    slots = codec.encode(k, torch.zeros_like(k))
+    k_hat, _ = codec.decode(slots)
+    resid = q @ (k - k_hat).T                                  # [64, 256] true residual scores
+    est = codec.qjl_score_correction(q, slots)
+    x, y = resid.flatten().double(), est.flatten().double()
+    slope = ((x - x.mean()) * (y - y.mean())).sum() / ((x - x.mean()) ** 2).sum()
+    corr = torch.corrcoef(torch.stack([x, y]))[0, 1]
+    assert 0.8 < slope < 1.25, slope
+    assert corr > 0.4, corr
