@@ -3,7 +3,10 @@
 # (../shared/device/README.md). Each stage fits in one 10-minute device call and leaves one
 # archive, $OUT/STAGE.tgz, with its logs and JSON (the device returns at most 8 files).
 #
-#   bash benchmarks/gpu_suite.sh kernels|quality|e2e|serving|tp
+#   bash benchmarks/gpu_suite.sh gputests|kernels|quality|e2e|serving|tp
+#
+# quality: DTYPES (perplexity rows, default below) and CHECKS (dtypes of the greedy-token
+# consistency checks, default turboquant,auto; empty = none) split it over two calls.
 #
 # Expects the English text at .data/text/austen.txt (python -m vllm_turboquant.textdata, then
 # copy it there; .data/ is git-ignored and carried to the device).
@@ -22,13 +25,17 @@ out=$top/$stage
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
 case $stage in
+  gputests)
+    timeout 300 python3 -m pytest -m gpu -q -p no:cacheprovider tests/gpu/test_kernels_gpu.py \
+      2>&1 | tee "$out/gpu-tests.log" ;;
   kernels)
     timeout 200 python3 -m pytest -m gpu -q -p no:cacheprovider tests/gpu/test_kernels_gpu.py \
       2>&1 | tee "$out/gpu-tests.log"
     timeout 330 python3 benchmarks/kernels.py --out "$out" 2>&1 | tee "$out/kernels.log" ;;
   quality)
     timeout 560 python3 benchmarks/quality_vllm.py --model "$TQ_MODEL" --json "$out/quality.json" \
-      --dtypes "${DTYPES:-auto,fp8,turboquant,tq-k4v4,tq-k3v3}" --log-dir "$out/logs" 2>&1 |
+      --dtypes "${DTYPES-auto,fp8,turboquant,tq-k4v4,tq-k3v3}" \
+      --check-dtype "${CHECKS-turboquant,auto}" --log-dir "$out/logs" 2>&1 |
       tee "$out/quality.log"
     rm -f "$out"/logs/*.args.json ;;
   e2e)
