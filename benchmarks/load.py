@@ -14,8 +14,10 @@ first (requests still running then are cancelled and counted as unfinished).
 Reports request throughput, output tokens/s, TTFT / TPOT / ITL / end-to-end latency
 (mean, p50, p90, p99) as a table and as JSON, together with what the server says about
 itself while loaded: its version, ``/v1/turboquant/stats`` (KV bytes per token, capacity,
-bytes saved; present when vllm-turboquant is installed in the server) and the peaks of
-vLLM's ``vllm:num_requests_running`` / ``vllm:kv_cache_usage_perc``. ``--plot`` adds a PNG
+bytes saved; present when vllm-turboquant is installed in the server), one snapshot of
+that JSON and of every ``vllm_turboquant:*`` series of ``/metrics`` taken under load
+(``server.turboquant_under_load``), and the peaks of vLLM's ``vllm:num_requests_running`` /
+``vllm:kv_cache_usage_perc``. ``--plot`` adds a PNG
 (needs matplotlib; skipped with a message otherwise).
 
 Only targets this machine: the host must be 127.0.0.1, ::1 or localhost.
@@ -30,6 +32,7 @@ import json
 import math
 import platform
 import random
+import re
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -217,6 +220,57 @@ def parse_prometheus(text: str, names: tuple[str, ...]) -> dict[str, float]:
 
 SERVER_GAUGES = ("vllm:num_requests_running", "vllm:num_requests_waiting",
                  "vllm:kv_cache_usage_perc", "vllm:num_preemptions_total")
+OUR_PREFIX = "vllm_turboquant:"
+
+
+def parse_our_metrics(text: str) -> dict[str, float]:
+    """Every ``vllm_turboquant:*`` series of a /metrics text, keyed by name and labels as
+    written there (``vllm_turboquant:kv_cache_compression_ratio{engine="0",...}``)."""
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith(OUR_PREFIX):
+            key, _, value = line.rpartition(" ")
+            try:
+                out[key] = float(value)
+            except ValueError:
+                continue
+    return out
+
+
+def stats_from_metrics(series: dict[str, float]) -> dict | None:
+    """The ``/v1/turboquant/stats`` JSON rebuilt from ``parse_our_metrics`` series, for a
+    server that exports our gauges but lacks the route (needs vllm_turboquant here)."""
+    if not series:
+        return None
+    try:
+        from vllm_turboquant.metrics import summarize
+    except ImportError:
+        return None
+    samples: dict[str, list] = {}
+    for key, value in series.items():
+        name, _, rest = key.partition("{")
+        labels = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', rest))
+        samples.setdefault(name, []).append((labels, value))
+    out = summarize(samples)
+    out["source"] = "/metrics (the server has no /v1/turboquant/stats route)"
+    return out
+
+
+async def get_text(session, url: str) -> str | None:
+    try:
+        async with session.get(url) as r:
+            return await r.text() if r.status == 200 else None
+    except (aiohttp.ClientError, asyncio.TimeoutError):
+        return None
+
+
+async def get_stats(session, base: str) -> dict | None:
+    """/v1/turboquant/stats, else the same rebuilt from /metrics, else None."""
+    stats = await get_json(session, f"{base}/v1/turboquant/stats")
+    if stats is None:
+        stats = stats_from_metrics(parse_our_metrics(await get_text(session, f"{base}/metrics")
+                                                     or ""))
+    return stats
 
 
 async def get_json(session, url: str):
@@ -227,21 +281,43 @@ async def get_json(session, url: str):
         return None
 
 
-async def sample_server(session, base: str, stop: asyncio.Event, t0: float) -> list[dict]:
-    """Every SAMPLE_INTERVAL_S: vLLM's scheduler gauges and our /v1/turboquant/stats."""
+async def sample_server(session, base: str, stop: asyncio.Event, t0: float,
+                        under_load: dict | None = None) -> list[dict]:
+    """Every SAMPLE_INTERVAL_S: vLLM's scheduler gauges and our /v1/turboquant/stats.
+
+    `under_load` (filled in place) gets one full snapshot taken under load: the whole stats
+    JSON and every ``vllm_turboquant:*`` series of /metrics from the sample with requests
+    running and the highest generation-throughput gauge (a 10 s average, so the best
+    sample is one well into the run, not its first second)."""
     samples = []
+    best = None
     while not stop.is_set():
         row = {"t": round(time.perf_counter() - t0, 3)}
+        ours: dict[str, float] = {}
         try:
             async with session.get(f"{base}/metrics") as r:
                 if r.status == 200:
-                    row.update(parse_prometheus(await r.text(), SERVER_GAUGES))
+                    text = await r.text()
+                    row.update(parse_prometheus(text, SERVER_GAUGES))
+                    ours = parse_our_metrics(text)
         except (aiohttp.ClientError, asyncio.TimeoutError):
             pass
         stats = await get_json(session, f"{base}/v1/turboquant/stats")
         if stats:
             row["saved_bytes"] = stats.get("saved_bytes")
             row["used_tokens"] = stats.get("used_tokens")
+            row["gen_tok_s_gauge"] = stats.get("generation_tokens_per_s")
+        running = row.get("vllm:num_requests_running") or 0.0
+        if under_load is not None and running > 0 and (stats or ours):
+            gen = row.get("gen_tok_s_gauge") or sum(
+                v for k, v in ours.items() if "generation_throughput_toks_per_s" in k)
+            score = (gen, running)
+            if best is None or score > best:
+                best = score
+                under_load.clear()
+                under_load.update({"t": row["t"], "num_requests_running": running,
+                                   "kv_cache_usage_perc": row.get("vllm:kv_cache_usage_perc"),
+                                   "stats": stats, "metrics": ours})
         samples.append(row)
         try:
             await asyncio.wait_for(stop.wait(), SAMPLE_INTERVAL_S)
@@ -270,8 +346,7 @@ async def run_load(cfg: LoadConfig) -> dict:
         else:
             prompts = synthetic_prompts(cfg.num_requests, cfg.input_len, cfg.seed)
         server = {"version": (await get_json(session, f"{base}/version") or {}).get("version"),
-                  "turboquant_stats_before": await get_json(session,
-                                                            f"{base}/v1/turboquant/stats")}
+                  "turboquant_stats_before": await get_stats(session, base)}
 
         results: list[RequestResult] = []
         started = [0]
@@ -279,7 +354,8 @@ async def run_load(cfg: LoadConfig) -> dict:
         limit = asyncio.Semaphore(cfg.concurrency) if cfg.concurrency else None
         stop = asyncio.Event()
         t0 = time.perf_counter()
-        sampler = asyncio.create_task(sample_server(session, base, stop, t0))
+        under_load: dict = {}
+        sampler = asyncio.create_task(sample_server(session, base, stop, t0, under_load))
 
         async def one(prompt):
             async with limit if limit is not None else contextlib.nullcontext():
@@ -307,7 +383,10 @@ async def run_load(cfg: LoadConfig) -> dict:
         stop.set()
         samples = await sampler
         bar.close()
-        server["turboquant_stats_after"] = await get_json(session, f"{base}/v1/turboquant/stats")
+        if under_load and not under_load.get("stats"):  # no stats route: from /metrics
+            under_load["stats"] = stats_from_metrics(under_load.get("metrics") or {})
+        server["turboquant_under_load"] = under_load or None
+        server["turboquant_stats_after"] = await get_stats(session, base)
 
     return build_report(cfg, model, results, started[0], duration, timed_out, samples,
                         server)
@@ -401,6 +480,16 @@ def format_table(report: dict) -> str:
         cells = "".join(f"{'-' if d[q] is None else f'{d[q]:.1f}':>10}"
                         for q in ("mean", "p50", "p90", "p99"))
         lines.append(f"  {name:<22}{cells}")
+    loaded = (report["server"] or {}).get("turboquant_under_load") or {}
+    ls = loaded.get("stats") or {}
+    if ls:
+        ratio, cap = ls.get("compression_ratio"), ls.get("capacity_ratio")
+        lines.append(
+            f"  under load (t={loaded['t']:.0f} s, {loaded['num_requests_running']:.0f} "
+            f"running): compression {'-' if ratio is None else f'{ratio:.2f}'}x, capacity "
+            f"{'-' if cap is None else f'{cap:.2f}'}x the model dtype, "
+            f"{(ls.get('saved_bytes') or 0) / 2**20:.1f} MiB saved, generation gauge "
+            f"{ls.get('generation_tokens_per_s') or 0:.0f} tok/s")
     p = report["server_peaks"]
     if p and p.get("vllm:num_requests_running") is not None:
         lines.append(f"  peak running {p['vllm:num_requests_running']:.0f}, peak waiting "

@@ -139,8 +139,9 @@ def child(args: dict) -> dict:
 
 
 def run_child(args: dict, timeout: float, log_dir: Path) -> dict:
-    from serving_common import plugin_env
-    env = dict(os.environ, **plugin_env(), VLLM_ENABLE_V1_MULTIPROCESSING="0")
+    from serving_common import plugin_env, runner_env
+    env = dict(os.environ, **plugin_env(), **runner_env(args["dtype"]),
+               VLLM_ENABLE_V1_MULTIPROCESSING="0")
     env.pop("VLLM_CPU_KVCACHE_SPACE", None)  # would override kv_cache_memory_bytes on CPU
     name = args["label"]
     log = log_dir / f"quality-{name}.log"

@@ -23,6 +23,17 @@ ENTRY_POINTS = {"vllm.general_plugins": "vllm_turboquant.plugin:register",
                 "vllm.stat_logger_plugins": "vllm_turboquant.metrics:TurboQuantStatLogger"}
 
 
+def runner_env(dtype: str) -> dict[str, str]:
+    """Per-dtype environment for vLLM 0.25 on GPU. gpu_suite.sh runs everything on the V1
+    model runner (ours fails on V2, see there), but 0.25's V1 runner cannot build the cache of
+    vLLM's own turboquant_* presets: _reshape_kv_cache_tensors passes cache dtype "auto" to
+    TurboQuantBackend.get_kv_cache_shape ("Unknown TurboQuant cache dtype: 'auto'", seen on
+    the H100 2026-11-23). They run on the V2 runner, vLLM's default for them."""
+    if dtype.startswith("turboquant_"):
+        return {"VLLM_USE_V2_MODEL_RUNNER": "1"}
+    return {}
+
+
 # -- making vLLM's processes find the plugin -------------------------------------------------------
 def plugin_env() -> dict[str, str]:
     """Environment for vLLM processes so they load the plugin and its stat logger.
@@ -179,7 +190,11 @@ class VllmServer:
         self.proc: subprocess.Popen | None = None
 
     def __enter__(self) -> "VllmServer":
-        self.start()
+        try:
+            self.start()
+        except BaseException:  # SIGTERM/Ctrl-C during startup: no server left behind
+            self.stop()
+            raise
         return self
 
     def __exit__(self, *exc) -> None:
