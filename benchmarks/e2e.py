@@ -40,7 +40,6 @@ import gc
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
 import traceback
@@ -52,7 +51,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.extend(p for p in (str(HERE), str(HERE.parent)) if p not in sys.path)
 
 from serving_common import (bar_plot, header_lines, machine_info, markdown_table,  # noqa: E402
-                            on_gpu, plugin_env, runner_env)
+                            on_gpu, plugin_env, run_in_group, runner_env)
 
 GiB, MiB = 1 << 30, 1 << 20
 # Ours first, then the baseline, then fp8: when the budget runs out, vLLM's presets go first
@@ -300,13 +299,6 @@ def size(n: int) -> str:
     return f"{n / GiB:g} GiB" if n >= GiB else f"{n / MiB:g} MiB"
 
 
-def _kill_group(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)  # the worker and its engine-core processes
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
 def run_dtype(dtype: str, spec: dict, out_dir: Path, timeout_s: float) -> dict:
     """Run `worker` for `dtype` in a fresh Python process; its log goes to a file. A worker
     that crashes or runs out of time gives what it had saved, plus an ``error``."""
@@ -318,25 +310,17 @@ def run_dtype(dtype: str, spec: dict, out_dir: Path, timeout_s: float) -> dict:
     cmd = [sys.executable, __file__, "--worker", json.dumps(spec), "--worker-out",
            str(result_path)]
     t0 = time.perf_counter()
-    error = None
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True)
-        try:
-            proc.wait(timeout=max(timeout_s, 1))
-        except subprocess.TimeoutExpired:
-            error = f"timed out after {timeout_s:.0f} s (its share of the budget)"
-        finally:
-            _kill_group(proc)  # also engine-core leftovers of a crashed worker
-            proc.wait()
+    returncode, error = run_in_group(cmd, log_path, env, timeout_s)
+    if error:
+        error += " (its share of the budget)"
     row = {"dtype": dtype}
     try:
         row.update(json.loads(result_path.read_text()))
     except (OSError, ValueError):
         pass
-    if error is None and proc.returncode != 0:
+    if error is None and returncode != 0:
         tail = log_path.read_text(errors="replace").splitlines()[-5:]
-        error = f"worker exit {proc.returncode}: {' | '.join(tail)}"
+        error = f"worker exit {returncode}: {' | '.join(tail)}"
     if error:
         row["error"] = error
     row["wall_s"] = time.perf_counter() - t0

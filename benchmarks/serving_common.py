@@ -34,6 +34,28 @@ def runner_env(dtype: str) -> dict[str, str]:
     return {}
 
 
+def run_in_group(cmd: list[str], log_path: Path, env: dict, timeout_s: float):
+    """Run `cmd` as its own process group with its output in `log_path`, then kill the whole
+    group (a child's engine-core and TP worker processes too, even when it crashed or hung).
+    Returns (exit code, "timed out after N s" or None). A SIGTERM to us unwinds through the
+    `finally`, so the group is killed then as well."""
+    error = None
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True)
+        try:
+            proc.wait(timeout=max(timeout_s, 1))
+        except subprocess.TimeoutExpired:
+            error = f"timed out after {timeout_s:.0f} s"
+        finally:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            proc.wait()
+    return proc.returncode, error
+
+
 # -- making vLLM's processes find the plugin -------------------------------------------------------
 def plugin_env() -> dict[str, str]:
     """Environment for vLLM processes so they load the plugin and its stat logger.

@@ -49,7 +49,6 @@ import asyncio
 import json
 import os
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -194,6 +193,7 @@ def agreement(a: dict, b: dict) -> dict:
 
 
 def run_child(args, dtype: str, tp: int, timeout_s: float, log_dir: Path) -> dict:
+    from serving_common import run_in_group
     out = log_dir / f"offline_{dtype}_tp{tp}.json"
     log = log_dir / f"offline_{dtype}_tp{tp}.log"
     out.unlink(missing_ok=True)
@@ -201,26 +201,13 @@ def run_child(args, dtype: str, tp: int, timeout_s: float, log_dir: Path) -> dic
            "--kv-bytes", str(args.kv_bytes), "--max-num-seqs", str(args.max_num_seqs),
            "--_child", f"{dtype}:{tp}", "--_child-out", str(out)]
     t0 = time.monotonic()
-    error = None
-    with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=child_env(),
-                                start_new_session=True)
-        try:
-            proc.wait(timeout=max(timeout_s, 1))
-        except subprocess.TimeoutExpired:
-            error = f"timed out after {timeout_s:.0f} s"
-        finally:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)  # the engine core and TP workers too
-            except (ProcessLookupError, PermissionError):
-                pass
-            proc.wait()
+    returncode, error = run_in_group(cmd, log, child_env(), timeout_s)
     try:
         result = json.loads(out.read_text())
     except (OSError, ValueError):
         result = {"dtype": dtype, "tp": tp}
         tail = log.read_text(errors="replace").splitlines()[-6:]
-        error = error or f"exit {proc.returncode}: " + " | ".join(tail)
+        error = error or f"exit {returncode}: " + " | ".join(tail)
     if error:
         result["error"] = error
     result["wall_s"] = round(time.monotonic() - t0, 1)
