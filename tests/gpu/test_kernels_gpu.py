@@ -203,7 +203,8 @@ def test_decode_fixed_splits_cuda_graph():
 @pytest.mark.parametrize("lookup", [2, 3])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("d,hq,hkv,bs,window", [(128, 32, 8, 16, 0), (64, 9, 3, 32, 16),
-                                                (256, 4, 2, 64, 0)])
+                                                (256, 4, 2, 64, 0), (128, 8, 4, 16, 64),
+                                                (128, 8, 2, 16, 64)])
 def test_prefill_matches_reference(dtype, d, hq, hkv, bs, window, lookup):
     codec, params = _params("turboquant", d, window)
     lens, qlens = [700, 129, 2000, 64], [300, 129, 17, 1]
@@ -220,3 +221,65 @@ def test_prefill_matches_reference(dtype, d, hq, hkv, bs, window, lookup):
     atol, rtol = TOL[dtype]
     torch.testing.assert_close(got, want, atol=atol, rtol=rtol)
     assert _rel_err(got, want) < 1e-2
+
+
+# Regression hunt (2x H200 and H100 logs of 2026-11-23, benchmarks/results/tp-H200x2-20261123/):
+# `vllm serve` of a head-128 model (8 q / 4 KV heads, TP 1; 2 KV heads per rank at TP 2) with
+# the default window-64 preset died with "illegal memory access" on its first 256-token prompt,
+# surfacing at the deferred side-entry store right after the prefill kernel. Head-64 SmolLM2
+# served fine with the same kernels. Neither the Triton store *with* the window side copy nor
+# prefill at head 128 with a window was covered on the GPU before; these two tests replay that
+# step (store packed, prefill, store with side) kernel by kernel, synchronizing after each.
+@pytest.mark.parametrize("d,hq,hkv", [(128, 8, 4), (128, 8, 2), (64, 9, 3)])
+def test_store_with_window_side_matches_reference(d, hq, hkv):
+    dtype, w, bs, n = torch.bfloat16, 64, 16, 256
+    codec, params = _params("turboquant", d, w)
+    nb = n // bs + 4
+    k = torch.randn(n, hkv, d, device=DEV).to(dtype)
+    v = torch.randn(n, hkv, d, device=DEV).to(dtype)
+    slots = (torch.randperm(nb, device=DEV)[:n // bs, None] * bs
+             + torch.arange(bs, device=DEV)).flatten()
+    rows = torch.zeros(n, dtype=torch.int32, device=DEV)
+    pos = torch.arange(n, dtype=torch.int32, device=DEV)
+    end = torch.full((n,), n, dtype=torch.int32, device=DEV)
+    caches, sides = [], []
+    for fn in (tq_store, tq_store_ref):
+        c = torch.zeros(nb, bs, hkv, params.layout.slot_bytes, dtype=torch.uint8, device=DEV)
+        sd = TQSide.empty(4, w, hkv, d, dtype, DEV)
+        fn(k, v, c, slots, params, sd, rows, pos, end)
+        torch.cuda.synchronize()
+        caches.append(c)
+        sides.append(sd)
+    assert (caches[0] != caches[1]).float().mean().item() < 1e-4
+    assert torch.equal(sides[0].tag, sides[1].tag)
+    torch.testing.assert_close(sides[0].k.float(), sides[1].k.float(), atol=3e-2, rtol=3e-2)
+    torch.testing.assert_close(sides[0].v.float(), sides[1].v.float(), atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.parametrize("d,hq,hkv", [(128, 8, 4), (128, 8, 2), (64, 9, 3)])
+def test_backend_step_order_fresh_prompt_with_window(d, hq, hkv):
+    """A fresh 256-token prompt as the backend runs it: packed store, prefill, side store."""
+    dtype, w, bs, n = torch.bfloat16, 64, 16, 256
+    codec, params = _params("turboquant", d, w)
+    nb = n // bs + 4
+    gen = torch.Generator(device=DEV).manual_seed(0)
+    k = torch.randn(n, hkv, d, device=DEV, generator=gen).to(dtype)
+    v = torch.randn(n, hkv, d, device=DEV, generator=gen).to(dtype)
+    q = torch.randn(n, hq, d, device=DEV, generator=gen).to(dtype)
+    bt = torch.randperm(nb, device=DEV, generator=gen)[None].int()
+    pos = torch.arange(n, device=DEV)
+    slots = bt[0].long()[pos // bs] * bs + pos % bs
+    cache = torch.zeros(nb, bs, hkv, params.layout.slot_bytes, dtype=torch.uint8, device=DEV)
+    side = TQSide.empty(16, w, hkv, d, dtype, DEV)
+    cu = torch.tensor([0, n], dtype=torch.int32, device=DEV)
+    sl = torch.tensor([n], dtype=torch.int32, device=DEV)
+    tq_store(k, v, cache, slots, params)
+    torch.cuda.synchronize()
+    got = tq_prefill(q, k, v, cu, sl, cache, bt, params, d ** -0.5, side, max_query_len=n)
+    torch.cuda.synchronize()
+    want = tq_prefill_ref(q, k, v, cu, sl, cache, bt, params, d ** -0.5, side)
+    torch.testing.assert_close(got, want, atol=3e-2, rtol=3e-2)
+    rows = torch.zeros(n, dtype=torch.int32, device=DEV)
+    tq_store(k, v, cache, slots, params, side, rows, pos.int(), torch.full_like(rows, n))
+    torch.cuda.synchronize()
+    assert (side.tag[0] >= 0).all()
