@@ -145,3 +145,15 @@ def test_vllm_config_refuses_a_bad_preset_through_the_platform_hook(monkeypatch)
     with pytest.raises(ValueError, match="unknown TurboQuant preset 'tq-bogus'.*valid presets"):
         VllmConfig(cache_config=CacheConfig(cache_dtype="turboquant"),
                    additional_config={"turboquant": {"preset": "tq-bogus"}})
+
+
+def test_validation_refuses_an_unverified_window_head_size_on_cuda(monkeypatch):
+    monkeypatch.delenv(settings.ENV_PRESET, raising=False)
+    monkeypatch.delenv("VLLM_TURBOQUANT_ALLOW_UNVERIFIED", raising=False)
+    cuda = _fake_config(model=FakeModel(head_size=128))
+    cuda.device_config = types.SimpleNamespace(device_type="cuda")
+    with pytest.raises(TurboQuantConfigError, match="head size 128"):
+        compat.validate_vllm_config(cuda)
+    cpu = _fake_config(model=FakeModel(head_size=128))
+    cpu.device_config = types.SimpleNamespace(device_type="cpu")
+    assert compat.validate_vllm_config(cpu) == PRESETS["turboquant"]

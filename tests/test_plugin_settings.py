@@ -104,3 +104,18 @@ def test_active_preset_follows_the_latest_resolution():
     assert settings.active() is PRESETS["tq-k3v3"]
     settings.activate(PRESETS[DEFAULT_PRESET])
     assert settings.active() is PRESETS[DEFAULT_PRESET]
+
+
+def test_window_presets_on_cuda_refused_for_unverified_head_sizes(monkeypatch):
+    """A head-128 model with a window preset crashed vLLM on CUDA (2026-11-23): refused at
+    startup with the way out, until verified; CPU, window-less presets and head 64 pass."""
+    monkeypatch.delenv("VLLM_TURBOQUANT_ALLOW_UNVERIFIED", raising=False)
+    default = PRESETS[DEFAULT_PRESET]
+    assert default.window > 0
+    with pytest.raises(TurboQuantConfigError, match=r"head size 128.*tq-k4v4.*window"):
+        settings.check_verified_on_gpu(default, 128, on_cuda=True)
+    settings.check_verified_on_gpu(default, 64, on_cuda=True)
+    settings.check_verified_on_gpu(default, 128, on_cuda=False)
+    settings.check_verified_on_gpu(PRESETS["tq-k4v4"], 128, on_cuda=True)
+    monkeypatch.setenv("VLLM_TURBOQUANT_ALLOW_UNVERIFIED", "1")
+    settings.check_verified_on_gpu(default, 128, on_cuda=True)

@@ -280,6 +280,14 @@ def _patch_backend_routing() -> None:
 
 
 # -- patch 3: startup validation -----------------------------------------------------------------
+def _on_cuda(vllm_config) -> bool:
+    device = str(getattr(getattr(vllm_config, "device_config", None), "device_type", "") or "")
+    if device:
+        return device == "cuda"
+    from vllm.platforms import current_platform
+    return current_platform.is_cuda_alike()
+
+
 def validate_vllm_config(vllm_config):
     """Resolve and check our settings against a VllmConfig; returns the TQConfig or None when
     the run does not use a TurboQuant dtype. Raises TurboQuantConfigError with the way out."""
@@ -314,6 +322,8 @@ def validate_vllm_config(vllm_config):
                 f"{model_config.get_sliding_window()}), which the TurboQuant KV cache does not "
                 "serve" + way_out)
         settings.check_head_size(model_config.get_head_size())
+        settings.check_verified_on_gpu(config, model_config.get_head_size(),
+                                       _on_cuda(vllm_config))
     if getattr(cache_config, "kv_cache_dtype_skip_layers", None):
         raise TurboQuantConfigError(
             "--kv-cache-dtype-skip-layers is not supported with TurboQuant: every attention "

@@ -133,6 +133,27 @@ def check_servable(config: TQConfig) -> None:
             f"({_servable_presets()})")
 
 
+# Window presets verified end to end on CUDA (vLLM serving a real model through the Triton
+# kernels). On 2026-11-23 a head-128 model with the default window-64 preset died with "CUDA
+# illegal memory access" on its first prompt longer than the window (TP 1 and TP 2, 2x H200;
+# benchmarks/results/tp-H200x2-20261123/), while head-64 SmolLM2 served fine. Until the GPU
+# tests that replay that step pass, other head sizes are refused with a window rather than
+# risking a crash mid-serve. VLLM_TURBOQUANT_ALLOW_UNVERIFIED=1 lifts the refusal (developers).
+GPU_WINDOW_VERIFIED_HEAD_SIZES = (64,)
+
+
+def check_verified_on_gpu(config: TQConfig, head_size: int, on_cuda: bool) -> None:
+    if (not on_cuda or config.window <= 0 or head_size in GPU_WINDOW_VERIFIED_HEAD_SIZES
+            or os.environ.get("VLLM_TURBOQUANT_ALLOW_UNVERIFIED") == "1"):
+        return
+    raise TurboQuantConfigError(
+        f"TurboQuant preset {config.name!r} keeps a {config.window}-token window, which on CUDA "
+        f"is verified only for head size {list(GPU_WINDOW_VERIFIED_HEAD_SIZES)}; this model has "
+        f"head size {head_size}, where a known bug crashed the server (docs/serving-vllm.md). "
+        "Use --kv-cache-dtype tq-k4v4 (no window) or --additional-config "
+        "'{\"turboquant\": {\"window\": 0}}' until it is fixed")
+
+
 def check_head_size(head_size: int) -> None:
     if head_size not in KERNEL_HEAD_SIZES:
         raise TurboQuantConfigError(
