@@ -51,7 +51,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.extend(p for p in (str(HERE), str(HERE.parent)) if p not in sys.path)
 
 from serving_common import (bar_plot, header_lines, machine_info, markdown_table,  # noqa: E402
-                            on_gpu, plugin_env, run_in_group, runner_env)
+                            on_gpu, plugin_env, run_worker, runner_env)
 
 GiB, MiB = 1 << 30, 1 << 20
 # Ours first, then the baseline, then fp8: when the budget runs out, vLLM's presets go first
@@ -305,24 +305,13 @@ def run_dtype(dtype: str, spec: dict, out_dir: Path, timeout_s: float) -> dict:
     spec = {**spec, "dtype": dtype}
     result_path = out_dir / f"e2e_{dtype}.json"
     log_path = out_dir / f"e2e_{dtype}.log"
-    result_path.unlink(missing_ok=True)
     env = {**os.environ, **plugin_env(), **runner_env(dtype)}
     cmd = [sys.executable, __file__, "--worker", json.dumps(spec), "--worker-out",
            str(result_path)]
     t0 = time.perf_counter()
-    returncode, error = run_in_group(cmd, log_path, env, timeout_s)
-    if error:
-        error += " (its share of the budget)"
-    row = {"dtype": dtype}
-    try:
-        row.update(json.loads(result_path.read_text()))
-    except (OSError, ValueError):
-        pass
-    if error is None and returncode != 0:
-        tail = log_path.read_text(errors="replace").splitlines()[-5:]
-        error = f"worker exit {returncode}: {' | '.join(tail)}"
-    if error:
-        row["error"] = error
+    row = {"dtype": dtype, **run_worker(cmd, result_path, log_path, env, timeout_s)}
+    if "timed out" in row.get("error", ""):
+        row["error"] += " (its share of the budget)"
     row["wall_s"] = time.perf_counter() - t0
     return row
 

@@ -81,7 +81,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.extend(p for p in (str(HERE), str(HERE.parent)) if p not in sys.path)
 
 from serving_common import (header_lines, machine_info, markdown_table, on_gpu,  # noqa: E402
-                            plugin_env, run_in_group, runner_env)
+                            plugin_env, run_worker, runner_env)
 
 GiB, MiB = 1 << 30, 1 << 20
 GPU_MEMORY_UTILIZATION = 0.5  # as e2e.py: kv_cache_memory_bytes sizes the cache
@@ -762,7 +762,6 @@ def run_dtype(dtype: str, spec: dict, out_dir: Path, timeout_s: float) -> dict:
     spec = {**spec, "dtype": dtype}
     result_path = out_dir / f"profile_{dtype}.json"
     log_path = out_dir / f"profile_{dtype}.log"
-    result_path.unlink(missing_ok=True)
     env = {**os.environ, **plugin_env(), **runner_env(dtype),
            "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CUSTOM_SCOPES_FOR_PROFILING": "1"}
     env.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")  # as gpu_suite.sh (ours fails on V2)
@@ -770,17 +769,7 @@ def run_dtype(dtype: str, spec: dict, out_dir: Path, timeout_s: float) -> dict:
     cmd = [sys.executable, __file__, "--worker", json.dumps(spec), "--worker-out",
            str(result_path)]
     t0 = time.perf_counter()
-    returncode, error = run_in_group(cmd, log_path, env, timeout_s)
-    row = {"dtype": dtype}
-    try:
-        row.update(json.loads(result_path.read_text()))
-    except (OSError, ValueError):
-        pass
-    if error is None and returncode != 0:
-        tail = log_path.read_text(errors="replace").splitlines()[-5:]
-        error = f"worker exit {returncode}: {' | '.join(tail)}"
-    if error:
-        row["error"] = error
+    row = {"dtype": dtype, **run_worker(cmd, result_path, log_path, env, timeout_s)}
     row["driver_wall_s"] = time.perf_counter() - t0
     return row
 

@@ -6,6 +6,7 @@ Everything here stays on this machine: servers listen on 127.0.0.1 only.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import platform
 import signal
@@ -21,6 +22,26 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 ENTRY_POINTS = {"vllm.general_plugins": "vllm_turboquant.plugin:register",
                 "vllm.stat_logger_plugins": "vllm_turboquant.metrics:TurboQuantStatLogger"}
+
+
+def run_worker(cmd: list[str], result_path: Path, log_path: Path, env: dict,
+               timeout_s: float) -> dict:
+    """Run a benchmark worker process (run_in_group) that saves its measurements as JSON in
+    `result_path` as it goes; returns what it saved, plus an ``error`` when it timed out or
+    exited non-zero (with the log's last lines), so one failing dtype never stops a run."""
+    result_path.unlink(missing_ok=True)
+    returncode, error = run_in_group(cmd, log_path, env, timeout_s)
+    row: dict = {}
+    try:
+        row.update(json.loads(result_path.read_text()))
+    except (OSError, ValueError):
+        pass
+    if error is None and returncode != 0:
+        tail = log_path.read_text(errors="replace").splitlines()[-5:]
+        error = f"worker exit {returncode}: {' | '.join(tail)}"
+    if error:
+        row["error"] = error
+    return row
 
 
 def runner_env(dtype: str) -> dict[str, str]:
