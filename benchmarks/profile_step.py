@@ -140,6 +140,18 @@ def simulate_schedule(requests, budget: int, max_seqs: int) -> dict:
     step, last_prefill, first_finish = 0, -1, None
     while waiting or running:
         tokens, done = budget, []
+
+        def feed(i):  # prompt tokens for request i from this step's budget
+            nonlocal tokens, last_prefill
+            take = min(reqs[i][0], tokens)
+            tokens -= take
+            reqs[i][0] -= take
+            last_prefill = step
+            if reqs[i][0] == 0:  # prompt done: this step also gives its first output token
+                reqs[i][1] -= 1
+                if reqs[i][1] == 0:
+                    done.append(i)
+
         for i in running:  # decodes
             if reqs[i][0] == 0 and tokens > 0:
                 tokens -= 1
@@ -148,25 +160,11 @@ def simulate_schedule(requests, budget: int, max_seqs: int) -> dict:
                     done.append(i)
         for i in running:  # a prefill still in progress (from an earlier step)
             if reqs[i][0] > 0 and tokens > 0:
-                take = min(reqs[i][0], tokens)
-                tokens -= take
-                reqs[i][0] -= take
-                last_prefill = step
-                if reqs[i][0] == 0:
-                    reqs[i][1] -= 1
-                    if reqs[i][1] == 0:
-                        done.append(i)
+                feed(i)
         while waiting and tokens > 0 and len(running) < max_seqs:
             i = waiting.pop(0)
             running.append(i)
-            take = min(reqs[i][0], tokens)
-            tokens -= take
-            reqs[i][0] -= take
-            last_prefill = step
-            if reqs[i][0] == 0:
-                reqs[i][1] -= 1
-                if reqs[i][1] == 0:
-                    done.append(i)
+            feed(i)
         if done and first_finish is None:
             first_finish = step
         running = [i for i in running if i not in set(done)]
