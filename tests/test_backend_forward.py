@@ -173,6 +173,10 @@ def test_forward_matches_semantics_over_prefill_chunk_and_decode_steps(window):
     md, res = h.step([("A", 1), ("B", 9)])
     assert (md.num_decodes, md.num_prefills) == (1, 1)
     _check(h, res, window)
+    # step 5: both decode; B's window is the last tokens of that long chunk (their side
+    # entries are written after the chunk attended)
+    md, res = h.step([("A", 1), ("B", 1)])
+    _check(h, res, window)
 
 
 def test_window_actually_changes_the_output():
@@ -194,6 +198,9 @@ def test_token_positions_for_mixed_batch():
     assert md.token_pos.tolist() == [3, 2, 3, 4]
     assert md.token_seq_end.tolist() == [4, 5, 5, 5]
     assert md.prefill_query_start_loc.tolist() == [0, 3]
+    assert md.prefill_side_tokens.tolist() == [-1, 1, 2, 3]   # B's chunk is shorter than W
+    md, _ = h.step([("A", 1), ("B", 6)])
+    assert md.prefill_side_tokens.tolist() == [3, 4, 5, 6]    # the last W of B's 6 tokens
 
 
 def test_padded_decode_batch_like_a_full_cuda_graph():

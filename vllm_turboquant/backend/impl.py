@@ -10,7 +10,7 @@ Per layer and step (batch reordered: decodes first, then prefill chunks):
      chunked, unchunked and token-by-token prefill agree, and the evaluator's numbers are
      what is served;
   4. prefill chunks write their window ring entries (after 3, so 3 still saw the previous
-     chunk's).
+     chunk's): only each chunk's last W tokens are stored a second time, not the whole chunk.
 CUDA runs the Triton launchers, anything else the torch references (backend/ops.py).
 """
 
@@ -128,9 +128,12 @@ class TurboQuantImpl(AttentionImpl):
             ops.prefill(out[ndt:], q[ndt:], k[ndt:], v[ndt:], md.prefill_query_start_loc,
                         md.seq_lens[nd:], cache, md.block_table[nd:], params,
                         self.scale, _rows_from(side, nd), max_query_len=md.max_query_len)
-        if defer:   # same packed bytes again, now with the window side entries
-            ops.store(k[ndt:], v[ndt:], cache, md.slot_mapping[ndt:t], params, side,
-                      md.token_rows[ndt:], md.token_pos[ndt:], md.token_seq_end[ndt:])
+        if defer:   # the chunks' last W tokens again (same packed bytes), now with side entries
+            idx = md.prefill_side_tokens
+            take = idx.clamp(min=0)
+            slots = torch.where(idx >= 0, md.slot_mapping[take], -1)
+            ops.store(k[take], v[take], cache, slots, params, side, md.token_rows[take],
+                      md.token_pos[take], md.token_seq_end[take])
         return output
 
 

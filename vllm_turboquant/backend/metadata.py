@@ -28,6 +28,8 @@ class TurboQuantMetadata(AttentionMetadata):
     prefill_query_start_loc  int32 [P + 1], rebased to 0, for the P prefill requests.
     token_rows / token_pos / token_seq_end  int32 [T]: batch row, position and the request's
         seq_len of every token (window presets only, else None).
+    prefill_side_tokens  int64 [P * W]: the tokens of each prefill chunk that get a window side
+        entry (its last min(W, chunk) tokens; -1 pads shorter chunks). Window presets only.
     """
 
     num_actual_tokens: int
@@ -45,6 +47,7 @@ class TurboQuantMetadata(AttentionMetadata):
     token_rows: torch.Tensor | None = None
     token_pos: torch.Tensor | None = None
     token_seq_end: torch.Tensor | None = None
+    prefill_side_tokens: torch.Tensor | None = None
 
 
 class TurboQuantMetadataBuilder(AttentionMetadataBuilder[TurboQuantMetadata]):
@@ -63,6 +66,7 @@ class TurboQuantMetadataBuilder(AttentionMetadataBuilder[TurboQuantMetadata]):
         self.max_tokens = max(sched.max_num_batched_tokens,
                               getattr(compile_cfg, "max_cudagraph_capture_size", 0) or 0)
         if self.window > 0:
+            self.max_tokens = max(self.max_tokens, self.window)
             self._arange = torch.arange(self.max_tokens, dtype=torch.int32, device=device)
             self._rows = torch.zeros(self.max_tokens, dtype=torch.int32, device=device)
             self._pos = torch.zeros(self.max_tokens, dtype=torch.int32, device=device)
@@ -98,7 +102,15 @@ class TurboQuantMetadataBuilder(AttentionMetadataBuilder[TurboQuantMetadata]):
         if self.window > 0 and t > 0 and b > 0:
             md.token_rows, md.token_pos, md.token_seq_end = self._token_positions(
                 qsl, cm.seq_lens[:b], t)
+            if num_prefills:
+                md.prefill_side_tokens = self._last_tokens(qsl[num_decodes:])
         return md
+
+    def _last_tokens(self, qsl: torch.Tensor) -> torch.Tensor:
+        """The last min(W, chunk) token indices of each chunk (qsl: [P + 1] chunk bounds),
+        flattened, -1 where a chunk is shorter than W; on device, no host sync."""
+        idx = qsl[1:, None].long() - self.window + self._arange[:self.window].long()
+        return torch.where(idx >= qsl[:-1, None], idx, -1).flatten()
 
     def _token_positions(self, qsl: torch.Tensor, seq_lens: torch.Tensor, t: int):
         """Row, position and request seq_len of each of the t tokens, on device, no host sync.
