@@ -500,8 +500,8 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def plot_report(report: dict, path: Path) -> bool:
-    """TTFT / ITL histograms and running requests over time. False when no matplotlib."""
+def pyplot():
+    """matplotlib.pyplot on the Agg backend, or None (with a message) when not installed."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -509,6 +509,14 @@ def plot_report(report: dict, path: Path) -> bool:
     except ImportError:
         print("matplotlib is not installed: skipping the plot (pip install matplotlib)",
               file=sys.stderr)
+        return None
+    return plt
+
+
+def plot_report(report: dict, path: Path) -> bool:
+    """TTFT / ITL histograms and running requests over time. False when no matplotlib."""
+    plt = pyplot()
+    if plt is None:
         return False
     fig, ax = plt.subplots(1, 3, figsize=(15, 4))
     reqs = [r for r in report["per_request"] if r["ok"]]

@@ -400,18 +400,14 @@ def summarize(events: list[dict], skip: int = 0, top: int = 25) -> dict:
     att = [e for e in host if e.get("cat") == "cpu_op" and e["name"] == ATTENTION_OP]
     if att:
         out["attention_op"] = container_summary(tr, att, s, top=10)
-    fwd = _outermost([e for e in host if e.get("cat") == "python_function"
-                      and BACKEND_FORWARD.search(e["name"])])
-    if fwd:
-        out["backend_forward"] = container_summary(tr, fwd, s, top=15)
-        out["backend_forward"]["share_of_step"] = round(
-            out["backend_forward"]["host_us_per_step"] / out["step_wall_us"], 4)
-    build = _outermost([e for e in host if e.get("cat") == "python_function"
-                        and METADATA_BUILD.search(e["name"])])
-    if build:
-        out["metadata_build"] = container_summary(tr, build, s, top=5)
-        out["metadata_build"]["share_of_step"] = round(
-            out["metadata_build"]["host_us_per_step"] / out["step_wall_us"], 4)
+    for key, pattern, top in (("backend_forward", BACKEND_FORWARD, 15),
+                              ("metadata_build", METADATA_BUILD, 5)):
+        calls = _outermost([e for e in host if e.get("cat") == "python_function"
+                            and pattern.search(e["name"])])
+        if calls:
+            out[key] = container_summary(tr, calls, s, top=top)
+            out[key]["share_of_step"] = round(out[key]["host_us_per_step"]
+                                              / out["step_wall_us"], 4)
     return out
 
 

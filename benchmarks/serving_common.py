@@ -12,7 +12,6 @@ import platform
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 import urllib.request
@@ -181,13 +180,9 @@ def header_lines(info: dict, extra: dict) -> str:
 def bar_plot(rows: list[dict], label_key: str, panels: list[tuple[str, str]],
              title: str, path: Path) -> bool:
     """One bar chart per (key, axis label); False (and a message) without matplotlib."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: skipping the plot (pip install matplotlib)",
-              file=sys.stderr)
+    from load import pyplot
+    plt = pyplot()
+    if plt is None:
         return False
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.6))
     labels = [str(r[label_key]) for r in rows]
