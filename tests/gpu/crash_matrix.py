@@ -1,0 +1,132 @@
+"""Which prefill/store/decode launches fault on the GPU: each case in a fresh process.
+
+A CUDA "illegal memory access" kills the process's context, so one pytest run cannot say
+which of several cases faults. This runs every case of CASES in its own subprocess (with
+CUDA_LAUNCH_BLOCKING=1) and prints one line per case: ok (and the error vs the reference),
+MISMATCH, or FAULT with the first error line. Diagnostic, not a test (pytest does not
+collect it). Device machine:
+
+    python3 tests/gpu/crash_matrix.py [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+# name: (kernel, d, hq, hkv, window, extra launcher kwargs, case options)
+CASES = {
+    "prefill d128 g2 w64 (test that faulted)": ("prefill", 128, 8, 4, 64, {}, {}),
+    "prefill d128 g2 w64 lookup3": ("prefill", 128, 8, 4, 64, {"lookup": 3}, {}),
+    "prefill d128 g2 w16": ("prefill", 128, 8, 4, 16, {}, {}),
+    "prefill d128 g4 w64": ("prefill", 128, 16, 4, 64, {}, {}),
+    "prefill d64 g3 w64": ("prefill", 64, 9, 3, 64, {}, {}),
+    "prefill d64 g2 w64": ("prefill", 64, 8, 4, 64, {}, {}),
+    "prefill d128 g2 w64 block_m32": ("prefill", 128, 8, 4, 64, {"block_m": 32}, {}),
+    "prefill d128 g2 w64 block_m16": ("prefill", 128, 8, 4, 64, {"block_m": 16}, {}),
+    "prefill d128 g2 w64 warps8": ("prefill", 128, 8, 4, 64, {"num_warps": 8}, {}),
+    "prefill d128 g2 w64 block_n16": ("prefill", 128, 8, 4, 64, {"block_n": 16}, {}),
+    "prefill d128 g2 w64 block_n64": ("prefill", 128, 8, 4, 64, {"block_n": 64}, {}),
+    "prefill d128 g2 w64 fp16": ("prefill", 128, 8, 4, 64, {}, {"dtype": "float16"}),
+    "prefill d128 g2 w64 no prefix": ("prefill", 128, 8, 4, 64, {}, {"no_prefix": True}),
+    "prefill d128 g2 w64 empty side": ("prefill", 128, 8, 4, 64, {}, {"empty_side": True}),
+    "prefill d128 g2 w64 side=None": ("prefill", 128, 8, 4, 64, {}, {"no_side": True}),
+    "store d128 hkv4 w64 side": ("store", 128, 8, 4, 64, {}, {}),
+    "store d64 hkv3 w64 side": ("store", 64, 9, 3, 64, {}, {}),
+    "decode d128 g2 w64": ("decode", 128, 8, 4, 64, {}, {}),
+    "decode d64 g3 w64": ("decode", 64, 9, 3, 64, {}, {}),
+}
+
+
+def run_case(kernel, d, hq, hkv, window, kwargs, opts) -> dict:
+    import torch
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    from test_kernels_gpu import DEV, _paged, _params, _rel_err
+
+    from vllm_turboquant.kernels import TQSide
+    from vllm_turboquant.kernels.decode import tq_decode
+    from vllm_turboquant.kernels.prefill import tq_prefill
+    from vllm_turboquant.kernels.reference import tq_decode_ref, tq_prefill_ref, tq_store_ref
+    from vllm_turboquant.kernels.store import tq_store
+
+    torch.manual_seed(0)
+    dtype = getattr(torch, opts.get("dtype", "bfloat16"))
+    codec, params = _params("turboquant", d, window)
+    if kernel == "store":
+        n, bs = 256, 16
+        k = torch.randn(n, hkv, d, device=DEV).to(dtype)
+        v = torch.randn(n, hkv, d, device=DEV).to(dtype)
+        nb = n // bs + 4
+        slots = (torch.randperm(nb, device=DEV)[:n // bs, None] * bs
+                 + torch.arange(bs, device=DEV)).flatten()
+        rows = torch.zeros(n, dtype=torch.int32, device=DEV)
+        pos = torch.arange(n, dtype=torch.int32, device=DEV)
+        end = torch.full((n,), n, dtype=torch.int32, device=DEV)
+        out = []
+        for fn in (tq_store, tq_store_ref):
+            c = torch.zeros(nb, bs, hkv, params.layout.slot_bytes, dtype=torch.uint8,
+                            device=DEV)
+            sd = TQSide.empty(4, window, hkv, d, dtype, DEV)
+            fn(k, v, c, slots, params, sd, rows, pos, end)
+            torch.cuda.synchronize()
+            out.append(sd.k.float())
+        return {"rel_err": _rel_err(out[0], out[1])}
+    lens, qlens = [700, 129, 2000, 64], [300, 129, 17, 1]
+    if opts.get("no_prefix"):
+        lens = qlens
+    side = None if opts.get("no_side") else TQSide.empty(len(lens), window, hkv, d, dtype, DEV)
+    cache, bt, chunks = _paged(lens, hkv, d, 16, params, dtype, side=side)
+    if opts.get("empty_side") and side is not None:
+        side.tag.fill_(-1)
+    sl = torch.tensor(lens, dtype=torch.int32, device=DEV)
+    if kernel == "decode":
+        q = torch.randn(len(lens), hq, d, device=DEV).to(dtype)
+        got = tq_decode(q, cache, bt, sl, params, d ** -0.5, side, **kwargs)
+        torch.cuda.synchronize()
+        want = tq_decode_ref(q, cache, bt, sl, params, d ** -0.5, side)
+        return {"rel_err": _rel_err(got, want)}
+    k = torch.cat([c[0][n - m:] for c, n, m in zip(chunks, lens, qlens)])
+    v = torch.cat([c[1][n - m:] for c, n, m in zip(chunks, lens, qlens)])
+    q = torch.randn(sum(qlens), hq, d, device=DEV).to(dtype)
+    cu = torch.tensor([0] + torch.tensor(qlens).cumsum(0).tolist(), dtype=torch.int32,
+                      device=DEV)
+    got = tq_prefill(q, k, v, cu, sl, cache, bt, params, d ** -0.5, side, **kwargs)
+    torch.cuda.synchronize()
+    want = tq_prefill_ref(q, k, v, cu, sl, cache, bt, params, d ** -0.5, side)
+    return {"rel_err": _rel_err(got, want)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--json")
+    ap.add_argument("--case", help=argparse.SUPPRESS)   # child mode
+    args = ap.parse_args()
+    if args.case:
+        print("RESULT " + json.dumps(run_case(*CASES[args.case])))
+        return
+    env = dict(os.environ, CUDA_LAUNCH_BLOCKING="1")
+    results = {}
+    for name in CASES:
+        p = subprocess.run([sys.executable, __file__, "--case", name], env=env,
+                           capture_output=True, text=True, timeout=300)
+        line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
+        if p.returncode == 0 and line:
+            res = json.loads(line[0][7:])
+            res["status"] = "ok" if res["rel_err"] < 1e-2 else "MISMATCH"
+        else:
+            err = [x for x in p.stderr.splitlines() if "Error" in x or "error" in x]
+            res = {"status": "FAULT", "error": (err[-1] if err else p.stderr[-300:])[:300]}
+        results[name] = res
+        print(f"{name:45s} {res['status']:9s} {res.get('rel_err', res.get('error'))}",
+              flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
