@@ -215,3 +215,27 @@ def check_cache_alignment(kv_cache: torch.Tensor) -> None:
     if kv_cache.data_ptr() % 4 or any(st % 4 for st in kv_cache.stride()[:3]):
         raise ValueError("kv_cache base and block/token/head strides must be multiples of 4 "
                          "bytes (slot_bytes is a multiple of 4)")
+
+
+_SMS: dict = {}
+
+
+def _num_sms(device) -> int:
+    """Streaming multiprocessors of a CUDA device (4 elsewhere: the interpreter's tests)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return 4
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SMS:
+        _SMS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SMS[index]
+
+
+def default_num_splits(batch: int, num_kv_heads: int, max_context: int, device,
+                       block_n: int = 64) -> int:
+    """Enough (sequence, KV head, split) programs to fill the GPU ~4 times over, but no split
+    shorter than 4 tiles. Depends only on shapes (no host sync), so CUDA graphs can capture."""
+    target = 4 * _num_sms(device)
+    splits = -(-target // max(1, batch * num_kv_heads))
+    splits = min(splits, max(1, -(-max_context // (4 * block_n))), 64)
+    return max(1, splits)

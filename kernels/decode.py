@@ -20,8 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (TQSide, as_params, cached, check_cache_alignment, next_pow2, pair_table,
-                      prmt_dequant_asm)
+from ._common import (TQSide, as_params, cached, check_cache_alignment, default_num_splits,
+                      next_pow2, pair_table, prmt_dequant_asm)
 from ._tl import decode_bytes, dequant_halves, interpreting, mma
 
 _LOG2E = 1.4426950408889634
@@ -280,28 +280,12 @@ def _tq_decode_merge_kernel(
                  + (c0 + offs_c)[None, :], o.to(out_ptr.dtype.element_ty), mask=gmask[:, None])
 
 
-def _num_sms(device) -> int:
-    if device.type != "cuda":
-        return 4
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def default_block_n(head_size: int) -> int:
     """Tokens per tile: 64 for every head size. H100, register `prmt` lookup, 2 stages
     (docs/kernels-notes.md, v3): head 128 block 64 = 555 us vs 586-594 (128) at batch 32 x
     16K, 548 vs 623 at 128 x 4K, 164 vs 178 at 32 x 4K; block 128 wins only at 1 x 16K
     (58 vs 63 us). Head 64 was already best at 64; head 256 keeps two [64, 128] halves."""
     return 64
-
-
-def default_num_splits(batch: int, num_kv_heads: int, max_context: int, device,
-                       block_n: int = 64) -> int:
-    """Enough (sequence, KV head, split) programs to fill the GPU ~4 times over, but no split
-    shorter than 4 tiles. Depends only on shapes (no host sync), so CUDA graphs can capture."""
-    target = 4 * _num_sms(device)
-    splits = triton.cdiv(target, max(1, batch * num_kv_heads))
-    splits = min(splits, max(1, triton.cdiv(max_context, 4 * block_n)), 64)
-    return max(1, splits)
 
 
 def lookup_tables(params, dot_dtype, lookup=2, allow_asm=True):
@@ -334,9 +318,21 @@ def lookup_tables(params, dot_dtype, lookup=2, allow_asm=True):
 
 
 def rotate_query(query: torch.Tensor, params, scale: float, dtype) -> torch.Tensor:
-    """query [..., D] -> rotated, pre-scaled by scale * log2(e), in `dtype`."""
-    q = query.float() @ params.rotation.T
-    return (q * (scale * _LOG2E)).to(dtype)
+    """query [..., D] -> rotated (x @ R.T), pre-scaled by scale * log2(e), in `dtype`.
+
+    One GEMM launch with the scalar folded into alpha: the +-1 matrix R / rotation_scale is
+    exact in fp16/bf16, so the products are exact, the sum accumulates in fp32 and the result
+    is rounded once (what float(), matmul, mul and to() did in four launches)."""
+    d = query.shape[-1]
+    rt = cached(params, ("pm1_t", dtype),
+                lambda: params.rotation_pm1.T.to(dtype).contiguous())
+    zero = cached(params, ("zero", dtype),
+                  lambda: torch.zeros((), dtype=dtype, device=rt.device))
+    q = query.reshape(-1, d)
+    if q.dtype != dtype:
+        q = q.to(dtype)
+    out = torch.addmm(zero, q, rt, beta=0, alpha=params.rotation_scale * scale * _LOG2E)
+    return out.view(*query.shape[:-1], d)
 
 
 def tq_decode(query: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,

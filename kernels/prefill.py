@@ -205,11 +205,13 @@ def tq_prefill(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, kv_cache: torch.Tensor,
                block_table: torch.Tensor, params, scale: float, side: TQSide | None = None,
                max_query_len: int | None = None, out: torch.Tensor | None = None,
-               block_m: int | None = None, block_n: int = 32, num_warps: int = 4,
+               rotated: bool = False, block_m: int | None = None, block_n: int = 32,
+               num_warps: int = 4,
                num_stages: int = 1, lookup: int = 2) -> torch.Tensor:
     """Triton prefill over packed pages; same contract as `reference.tq_prefill_ref`.
 
-    query [T, Hq, D]; key, value [T, Hkv, D] (the chunk's own K/V); cu_seqlens_q int32 [B+1];
+    query [T, Hq, D]; key, value [T, Hkv, D] (the chunk's own K/V; rotated=True: already
+    rotated, in query.dtype, contiguous, e.g. tq_store's rot_out); cu_seqlens_q int32 [B+1];
     seq_lens int32 [B] = prefix + chunk; kv_cache uint8 [num_blocks, block_size, Hkv,
     slot_bytes]; block_table int32 [B, max_blocks]. max_query_len: the longest chunk (pass it
     to avoid a device->host sync). Returns [T, Hq, D] in query.dtype.
@@ -230,9 +232,12 @@ def tq_prefill(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     f32 = query.dtype == torch.float32 or interpreting(_tq_prefill_kernel)
     dot_dtype = query.dtype
     q = rotate_query(query, p, scale, dot_dtype)
-    # The chunk's K/V rotated once here (T x Hkv x D, small next to the prefix).
-    k = (key.float() @ p.rotation.T).to(dot_dtype).contiguous()
-    v = (value.float() @ p.rotation.T).to(dot_dtype).contiguous()
+    if rotated:   # the store already wrote them rotated (the backend's path: no extra ops)
+        assert key.dtype == dot_dtype and key.is_contiguous() and value.is_contiguous()
+        k, v = key, value.to(dot_dtype)
+    else:         # rotated once here (T x Hkv x D, small next to the prefix)
+        k = (key.float() @ p.rotation.T).to(dot_dtype).contiguous()
+        v = (value.float() @ p.rotation.T).to(dot_dtype).contiguous()
     g_pad = next_pow2(g)
     if block_m is None:
         # 128 rows per program: 8.1 ms vs 12.4 (64 rows) and 20.4 (32 rows) at 32K cached +

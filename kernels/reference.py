@@ -81,23 +81,40 @@ def _half_bytes(x: torch.Tensor) -> torch.Tensor:
 def tq_store_ref(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
                  slot_mapping: torch.Tensor, params, side: TQSide | None = None,
                  token_rows: torch.Tensor | None = None, token_pos: torch.Tensor | None = None,
-                 token_seq_end: torch.Tensor | None = None) -> None:
+                 token_seq_end: torch.Tensor | None = None,
+                 token_index: torch.Tensor | None = None,
+                 rot_out: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
     """Quantize-on-write: encode each token's K/V and write its packed slot, in place.
 
-    key, value     [T, Hkv, D] float16/bfloat16/float32 (any strides).
+    key, value     [N, Hkv, D] float16/bfloat16/float32 (any strides).
     kv_cache       uint8 [num_blocks, block_size, Hkv, slot_bytes] (written in place).
-    slot_mapping   int64 [T]; < 0 = padding, not written.
+    slot_mapping   int64 [T]; < 0 = padding, not written. T = N, or len(token_index).
     side           optional TQSide; then token_rows / token_pos / token_seq_end (int32/int64 [T]:
                    the token's batch row, its position, and its request's seq_len) are required.
                    Token t writes the ring entry (row, pos % W) iff pos >= seq_end - W.
+    token_index    optional int [T]: token i encodes key/value row token_index[i] (rows of
+                   padding tokens, slot < 0, may hold anything in range).
+    rot_out        optional (rk, rv) [T, Hkv, D]: receive the rotated K/V (x @ R.T, zero for a
+                   non-finite vector, as the side copy, and for padding tokens) of every token.
     """
     p = as_params(params, kv_cache.device)
     block_size = kv_cache.shape[1]
+    if token_index is not None:
+        take = token_index.long().clamp(min=0)
+        key, value = key[take], value[take]
     slots, ky, vy = encode_slots(p, key, value)
     sm = slot_mapping.long()
     valid = sm >= 0
     idx = sm[valid]
     kv_cache[idx // block_size, idx % block_size] = slots[valid]
+    fin_k = torch.isfinite(ky).all(-1, keepdim=True)
+    fin_v = torch.isfinite(vy).all(-1, keepdim=True)
+    if rot_out is not None:
+        if token_index is not None:
+            raise ValueError("rot_out and token_index are not used together")
+        keep = valid[:, None, None]      # padding rows get zeros (the kernel loads them as 0)
+        rot_out[0].copy_(torch.where(keep & fin_k, ky, 0))
+        rot_out[1].copy_(torch.where(keep & fin_v, vy, 0))
     if side is None or side.window == 0:
         return
     if token_rows is None or token_pos is None or token_seq_end is None:
@@ -107,8 +124,6 @@ def tq_store_ref(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
     sel = valid & (pos >= token_seq_end.long() - w)
     rows, ring = token_rows.long()[sel], pos[sel] % w
     # The side holds the vector attention would see: zero for a non-finite one, as the codec.
-    fin_k = torch.isfinite(ky).all(-1, keepdim=True)
-    fin_v = torch.isfinite(vy).all(-1, keepdim=True)
     side.k[rows, ring] = torch.where(fin_k, ky, 0)[sel].to(side.k.dtype)
     side.v[rows, ring] = torch.where(fin_v, vy, 0)[sel].to(side.v.dtype)
     side.tag[rows, ring] = sm[sel].to(torch.int32)
@@ -191,7 +206,7 @@ def _window_side(p: TQLayerParams, kv_cache, block_table_row, start: int, end: i
 def tq_prefill_ref(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                    cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, kv_cache: torch.Tensor,
                    block_table: torch.Tensor, params, scale: float,
-                   side: TQSide | None = None) -> torch.Tensor:
+                   side: TQSide | None = None, rotated: bool = False) -> torch.Tensor:
     """Chunked prefill with the decode step's precision policy: the query at position t reads
     key/value j <= t exactly iff j > t - W (W = side.window, 0 without a side), else from its
     packed slot. So a prompt gives the same attention whether it arrives in one chunk, in
@@ -203,7 +218,8 @@ def tq_prefill_ref(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     side must not yet hold them (the backend writes their side entries after attending, so the
     previous chunk's newest tokens are still there).
 
-    query [T, Hq, D]; key, value [T, Hkv, D] (the chunk's own, unquantized);
+    query [T, Hq, D]; key, value [T, Hkv, D] (the chunk's own, unquantized; with rotated=True
+    already rotated, x @ R.T, as the store's rot_out gives them);
     cu_seqlens_q int32 [B+1]; seq_lens int32 [B] = prefix + chunk length.
     Returns [T, Hq, D] in query.dtype. A fresh prefill is prefix = 0.
     """
@@ -225,8 +241,8 @@ def tq_prefill_ref(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
         kq, vq = _gather_kv(p, kv_cache, block_table[b], 0, n, b, n, None)   # packed [n, Hkv, D]
         ke, ve = kq.clone(), vq.clone()
         have = torch.zeros(n, hkv, dtype=torch.bool, device=query.device)
-        ke[prefix:] = key[s0:s1].float() @ p.rotation.T
-        ve[prefix:] = value[s0:s1].float() @ p.rotation.T
+        ke[prefix:] = key[s0:s1].float() if rotated else key[s0:s1].float() @ p.rotation.T
+        ve[prefix:] = value[s0:s1].float() if rotated else value[s0:s1].float() @ p.rotation.T
         have[prefix:] = True
         first = max(0, prefix - w + 1)
         if w > 0 and first < prefix:

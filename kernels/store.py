@@ -106,12 +106,15 @@ def _quantize_halves(y_lo, y_hi, cent_ptr, bound_ptr, LSQ: tl.constexpr):
 
 @triton.jit
 def _encode_half(src, dst, valid, rot_ptr, rot_scale, cent_ptr, bound_ptr,
-                 side_ptr, side_off, sel, offs_d, offs_lo, offs_hi,
+                 side_ptr, side_off, sel, offs_d, offs_lo, offs_hi, rot_out_ptr, rot_off,
+                 in_range,
                  BITS: tl.constexpr, D: tl.constexpr, LSQ: tl.constexpr,
                  ROT: tl.constexpr, DT16: tl.constexpr, HAS_SIDE: tl.constexpr,
-                 HALVES: tl.constexpr):
+                 HALVES: tl.constexpr, ROT_OUT: tl.constexpr):
     """Encode one of K/V for N tokens: src [N, D] float32 rows -> packed codes at dst [N];
-    returns the fp16 scale [N]. Writes the rotated vector to the side copy where sel."""
+    returns the fp16 scale [N]. Writes the rotated vector to the side copy where sel, and to
+    rot_out_ptr + rot_off [N] (in its dtype) for every row in_range when ROT_OUT (padding
+    rows, loaded as zeros, write zeros: the buffer holds no uninitialized memory)."""
     if BITS == 4 and HALVES:
         y_lo = _rotate(src, rot_ptr, offs_lo, offs_d, rot_scale, D, ROT, DT16)
         y_hi = _rotate(src, rot_ptr, offs_hi, offs_d, rot_scale, D, ROT, DT16)
@@ -123,6 +126,12 @@ def _encode_half(src, dst, valid, rot_ptr, rot_scale, cent_ptr, bound_ptr,
                      mask=sel[:, None])
             tl.store(side_ptr + side_off[:, None] + offs_hi[None, :], y_hi.to(et),
                      mask=sel[:, None])
+        if ROT_OUT:
+            ot = rot_out_ptr.dtype.element_ty
+            tl.store(rot_out_ptr + rot_off[:, None] + offs_lo[None, :], y_lo.to(ot),
+                     mask=in_range[:, None])
+            tl.store(rot_out_ptr + rot_off[:, None] + offs_hi[None, :], y_hi.to(ot),
+                     mask=in_range[:, None])
     else:
         y = _rotate(src, rot_ptr, offs_d, offs_d, rot_scale, D, ROT, DT16)
         codes, scale, y = _quantize(y, cent_ptr, bound_ptr, 1 << BITS, LSQ)
@@ -130,6 +139,9 @@ def _encode_half(src, dst, valid, rot_ptr, rot_scale, cent_ptr, bound_ptr,
         if HAS_SIDE:
             tl.store(side_ptr + side_off[:, None] + offs_d[None, :],
                      y.to(side_ptr.dtype.element_ty), mask=sel[:, None])
+        if ROT_OUT:
+            tl.store(rot_out_ptr + rot_off[:, None] + offs_d[None, :],
+                     y.to(rot_out_ptr.dtype.element_ty), mask=in_range[:, None])
     return scale.to(tl.float16)
 
 
@@ -146,12 +158,15 @@ def _tq_store_kernel(
     side_tag_ptr,       # [rows, W] int32 (contiguous)
     side_check_ptr,     # [rows, W, Hkv] int32 (contiguous)
     rows_ptr, pos_ptr, send_ptr,  # [T] int32/int64: batch row, position, request seq_len
+    idx_ptr,            # [T] int32/int64: key/value row of each token (when IDX)
+    rot_k_ptr, rot_v_ptr,    # [T, Hkv, D] contiguous: rotated K/V out (when ROT_OUT)
     T, rot_scale, block_size, W, num_kv_heads,
     stride_kt, stride_kh, stride_vt, stride_vh,
     stride_cb, stride_ct, stride_ch,
     D: tl.constexpr, KBITS: tl.constexpr, VBITS: tl.constexpr, LSQ: tl.constexpr,
     V_OFF: tl.constexpr, KS_OFF: tl.constexpr, BLOCK_T: tl.constexpr,
     HAS_SIDE: tl.constexpr, ROT: tl.constexpr, HALVES: tl.constexpr = True,
+    IDX: tl.constexpr = False, ROT_OUT: tl.constexpr = False,
 ):
     pid_t = tl.program_id(0)
     h = tl.program_id(1)
@@ -182,18 +197,24 @@ def _tq_store_kernel(
         entry = t64
         side_off = t64
 
-    x = tl.load(key_ptr + t64[:, None] * stride_kt + h * stride_kh + offs_d[None, :],
+    # The K/V row each token reads: itself, or (IDX) the row idx_ptr names, so a second store
+    # of a few tokens needs no gathered copy of their K/V.
+    src = t64
+    if IDX:
+        src = tl.load(idx_ptr + offs_t, mask=valid, other=0).to(tl.int64)
+    rot_off = (t64 * num_kv_heads + h) * D
+    x = tl.load(key_ptr + src[:, None] * stride_kt + h * stride_kh + offs_d[None, :],
                 mask=valid[:, None], other=0.0).to(tl.float32)
     ks16 = _encode_half(x, dst, valid, rot_ptr, rot_scale, kcent_ptr, kbound_ptr,
-                        side_k_ptr, side_off, sel, offs_d, offs_lo, offs_hi,
-                        KBITS, D, LSQ, ROT, key_ptr.dtype.element_ty, HAS_SIDE,
-                        HALVES)
-    x = tl.load(value_ptr + t64[:, None] * stride_vt + h * stride_vh + offs_d[None, :],
+                        side_k_ptr, side_off, sel, offs_d, offs_lo, offs_hi, rot_k_ptr, rot_off,
+                        offs_t < T, KBITS, D, LSQ, ROT, key_ptr.dtype.element_ty, HAS_SIDE,
+                        HALVES, ROT_OUT)
+    x = tl.load(value_ptr + src[:, None] * stride_vt + h * stride_vh + offs_d[None, :],
                 mask=valid[:, None], other=0.0).to(tl.float32)
     vs16 = _encode_half(x, dst + V_OFF, valid, rot_ptr, rot_scale, vcent_ptr,
                         vbound_ptr, side_v_ptr, side_off, sel, offs_d, offs_lo, offs_hi,
-                        VBITS, D, LSQ, ROT, key_ptr.dtype.element_ty, HAS_SIDE,
-                        HALVES)
+                        rot_v_ptr, rot_off, offs_t < T, VBITS, D, LSQ, ROT,
+                        key_ptr.dtype.element_ty, HAS_SIDE, HALVES, ROT_OUT)
     kbits = ks16.to(tl.uint16, bitcast=True).to(tl.int32)
     vbits = vs16.to(tl.uint16, bitcast=True).to(tl.int32)
     both = kbits | (vbits << 16)                   # K scale | V scale, little endian
@@ -207,20 +228,26 @@ def _tq_store_kernel(
 def tq_store(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
              slot_mapping: torch.Tensor, params, side: TQSide | None = None,
              token_rows: torch.Tensor | None = None, token_pos: torch.Tensor | None = None,
-             token_seq_end: torch.Tensor | None = None, block_t: int | None = None,
-             num_warps: int | None = None, rot: str | None = None, halves: bool = True,
-             prescaled: bool = False) -> None:
+             token_seq_end: torch.Tensor | None = None, token_index: torch.Tensor | None = None,
+             rot_out: tuple[torch.Tensor, torch.Tensor] | None = None,
+             block_t: int | None = None, num_warps: int | None = None, rot: str | None = None,
+             halves: bool = True, prescaled: bool = False) -> None:
     """Triton quantize-on-write; same contract as `reference.tq_store_ref`.
 
-    key, value     [T, Hkv, D] fp16/bf16/fp32, last dim contiguous (any token/head strides).
+    key, value     [N, Hkv, D] fp16/bf16/fp32, last dim contiguous (any token/head strides).
     kv_cache       uint8 [num_blocks, block_size, Hkv, slot_bytes], last dim contiguous.
-    slot_mapping   int64 [T] (< 0 skipped).
-    side + token_rows/token_pos/token_seq_end: optional window copy (see TQSide).
+    slot_mapping   int64 [T] (< 0 skipped); T = N, or len(token_index).
+    side + token_rows/token_pos/token_seq_end: optional window copy (see TQSide), [T] each.
+    token_index    optional int [T]: token i encodes key/value row token_index[i].
+    rot_out        optional (rk, rv), each [T, Hkv, D] contiguous: receive the rotated K/V
+                   (x @ R.T, in their dtype) of every written token.
     rot: how the rotation's dot runs: "ieee" (exact fp32 FMA), "tf32" (tensor cores, exact
     products of fp16/bf16 inputs), "dot16" (tensor cores in the input dtype); default below.
     """
     p = as_params(params, kv_cache.device)
     t, hkv, d = key.shape
+    if token_index is not None:
+        t = token_index.shape[0]
     if t == 0:
         return
     assert key.stride(-1) == 1 and value.stride(-1) == 1 and kv_cache.stride(-1) == 1
@@ -238,6 +265,13 @@ def tq_store(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
         sk = sv = stag = schk = rows = pos = send = slot_mapping
         w = 1
     value = value.to(key.dtype)
+    idx = token_index if token_index is not None else slot_mapping
+    if rot_out is not None:
+        rk, rv = rot_out
+        assert token_index is None and rk.is_contiguous() and rv.is_contiguous()
+        assert rk.shape == (t, hkv, d) and rv.shape == (t, hkv, d)
+    else:
+        rk = rv = slot_mapping
     if block_t is None:
         # H100, 8K tokens x 8 heads x 128, bf16: 64 tokens / 8 warps = 153 us, 32 / 4 = 162,
         # 16 / 4 = 219. Head 256 stays at 16 (fp32 operand tiles must fit shared memory).
@@ -253,12 +287,12 @@ def tq_store(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
     _tq_store_kernel[grid](
         key, value, kv_cache, slot_mapping, rot_mat,
         p.key_centroids, p.key_bounds, p.value_centroids, p.value_bounds,
-        sk, sv, stag, schk, rows, pos, send,
+        sk, sv, stag, schk, rows, pos, send, idx, rk, rv,
         t, rot_scale, kv_cache.shape[1], w, hkv,
         key.stride(0), key.stride(1), value.stride(0), value.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2),
         D=d, KBITS=p.key_bits, VBITS=p.value_bits, LSQ=p.scale_mode == "lsq",
         V_OFF=lay.v_codes_offset, KS_OFF=lay.k_scale_offset, BLOCK_T=block_t,
         HAS_SIDE=has_side,
-        ROT=rot_code, HALVES=halves,
+        ROT=rot_code, HALVES=halves, IDX=token_index is not None, ROT_OUT=rot_out is not None,
         num_warps=num_warps)

@@ -198,9 +198,20 @@ def test_token_positions_for_mixed_batch():
     assert md.token_pos.tolist() == [3, 2, 3, 4]
     assert md.token_seq_end.tolist() == [4, 5, 5, 5]
     assert md.prefill_query_start_loc.tolist() == [0, 3]
-    assert md.prefill_side_tokens.tolist() == [-1, 1, 2, 3]   # B's chunk is shorter than W
+    # the first store writes window entries for the decode (A) only
+    assert md.store_seq_end.tolist()[0] == 4 and min(md.store_seq_end.tolist()[1:]) > 1e9
+    # after attending: B's chunk is shorter than W, the pad has slot -1
+    assert md.side_tokens.tolist() == [0, 1, 2, 3]
+    assert md.side_slots.tolist()[0] == -1
+    assert md.side_slots.tolist()[1:] == md.slot_mapping.tolist()[1:]
+    assert md.side_rows.tolist()[1:] == [1, 1, 1]
+    assert md.side_pos.tolist()[1:] == [2, 3, 4]
+    assert md.side_seq_end.tolist()[1:] == [5, 5, 5]
     md, _ = h.step([("A", 1), ("B", 6)])
-    assert md.prefill_side_tokens.tolist() == [3, 4, 5, 6]    # the last W of B's 6 tokens
+    assert md.side_tokens.tolist() == [3, 4, 5, 6]    # the last W of B's 6 tokens
+    assert md.side_pos.tolist() == [7, 8, 9, 10]
+    md, _ = h.step([("A", 1), ("B", 1)])               # decodes only: no deferred store
+    assert md.side_tokens is None and md.store_seq_end is md.token_seq_end
 
 
 def test_padded_decode_batch_like_a_full_cuda_graph():

@@ -136,6 +136,47 @@ def test_store_window_side_copy():
         assert_close(a, b, torch.bfloat16, "side copy")
 
 
+@pytest.mark.parametrize("name", ["turboquant", "tq-k3v3"])
+def test_store_rot_out_and_token_index(name):
+    """The backend's two store calls of a mixed step: (1) every token, handing back the
+    rotated K/V (zeros for the padding token) and writing no window entry where seq_end is
+    out of reach; (2) a few tokens again through token_index, now with their entries."""
+    codec, params = make_params(name, window=4)
+    hkv, d, bs, w = 2, 64, 16, 4
+    t = 7
+    gen = torch.Generator().manual_seed(3)
+    k = torch.randn(t, hkv, d, generator=gen).to(torch.bfloat16)
+    v = torch.randn(t, hkv, d, generator=gen).to(torch.bfloat16)
+    slots = torch.tensor([20, 21, 22, 23, -1, 25, 26])
+    rows = torch.zeros(t, dtype=torch.int32)
+    pos = torch.arange(t, dtype=torch.int32)
+    no_side = torch.full((t,), 1 << 30, dtype=torch.int32)
+    idx = torch.tensor([3, 5, 6, 0])          # the last tokens again (one pad, slot -1)
+    idx_slots = torch.where(torch.arange(4) < 3, slots[idx], -1)
+    end = torch.full((4,), t, dtype=torch.int32)
+    results = []
+    for store in (tq_store, tq_store_ref):
+        cache = torch.zeros(3, bs, hkv, params.layout.slot_bytes, dtype=torch.uint8)
+        side = TQSide.empty(1, w, hkv, d, torch.bfloat16)
+        rot = torch.full((2, t, hkv, d), float("nan"), dtype=torch.bfloat16)
+        store(k, v, cache, slots, params, side, rows, pos, no_side, rot_out=(rot[0], rot[1]))
+        assert (side.tag == -1).all(), "the first store wrote window entries"
+        first = cache.clone()
+        store(k, v, cache, idx_slots, params, side, rows[idx], pos[idx], end, token_index=idx)
+        assert torch.equal(cache, first), "the second store changed packed bytes"
+        results.append((cache, side, rot))
+    (c1, s1, r1), (c2, s2, r2) = results
+    assert torch.equal(c1, c2)
+    assert s1.tag[0].tolist() == [-1, 25, 26, 23]     # positions 5, 6, 3 -> ring 1, 2, 3
+    assert torch.equal(s1.tag, s2.tag) and torch.equal(s1.check, s2.check)
+    assert (r1[:, 4] == 0).all() and not r1.isnan().any()
+    want_k = (k.float() @ params.rotation.T)
+    want_k[4] = 0
+    assert_close(r1[0], want_k, torch.bfloat16, "rotated keys")
+    assert_close(r1, r2, torch.bfloat16, "rot_out vs reference")
+    assert_close(s1.k, s2.k, torch.bfloat16, "side copy")
+
+
 # -- decode -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype,g,bs,window,lookup,kt,prefetch", [
     (torch.bfloat16, 1, 16, 0, 1, False, False),
@@ -220,6 +261,15 @@ def test_prefill_matches_reference(dtype, g, bs, window, name):
                      block_n=16)
     want = tq_prefill_ref(q, k, v, cu, sl, cache, bt, params, d ** -0.5, side)
     assert_close(got, want, dtype, "prefill")
+    # The backend's call: the chunk's K/V handed over already rotated (the store's rot_out).
+    kr = (k.float() @ params.rotation.T).to(dtype)
+    vr = (v.float() @ params.rotation.T).to(dtype)
+    got_r = tq_prefill(q, kr, vr, cu, sl, cache, bt, params, d ** -0.5, side, block_m=4,
+                       block_n=16, rotated=True)
+    want_r = tq_prefill_ref(q, kr, vr, cu, sl, cache, bt, params, d ** -0.5, side,
+                            rotated=True)
+    assert_close(got_r, want_r, dtype, "prefill, rotated K/V")
+    assert_close(got_r, want, dtype, "prefill, rotated K/V vs unrotated")
 
 
 # The step that crashed `vllm serve` on CUDA (head 128, GQA 2, window 64, a fresh 256-token

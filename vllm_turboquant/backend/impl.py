@@ -25,15 +25,24 @@ from vllm_turboquant.backend.state import LayerState, get_layer_state, side_byte
 from vllm_turboquant.kernels import TQSide
 from vllm_turboquant.settings import TurboQuantConfigError
 
-# Decode splits every sequence's KV into this many parts (fewer for short max_model_len: at
-# least 4 tiles of 64 tokens per split). One count for the whole run, whatever the batch:
-# a captured CUDA graph replays for any sequence lengths, and eager steps (mixed batches,
-# --enforce-eager) reduce in the same order, so graphs and eager give the same tokens.
-MAX_DECODE_SPLITS = 16
+def decode_splits(num_decodes: int, num_kv_heads: int, max_model_len: int, device) -> int:
+    """KV splits of the decode kernel for a batch of num_decodes requests.
 
+    The kernels' shape heuristic (kernels/_common.default_num_splits: ~4 programs per SM, no
+    split under 4 tiles of 64 tokens of max_model_len), applied to the batch rounded up to a
+    power of two. It never depends on sequence lengths, so a CUDA graph can capture it; and a
+    batch of n requests gets the same count eagerly (mixed steps, --enforce-eager) as from the
+    graph vLLM replays for it (captured at the smallest capture size >= n: with vLLM's
+    default sizes, 1, 2, 4, then multiples of 8, both round up to the same power of two), so
+    graphs and eager reduce in the same order. Before, every batch used 16 splits: at batch
+    128 x 1K context (profile_step, H100) most of the 6,144 programs had one tile or none and
+    decode attention took 2.2x FlashAttention's time; benchmarks/kernels.py, which always
+    used this heuristic, measured 0.9-1.0x FlashAttention at batch 128 (head 64).
+    """
+    from vllm_turboquant.kernels._common import default_num_splits, next_pow2
 
-def decode_splits(max_model_len: int) -> int:
-    return max(1, min(MAX_DECODE_SPLITS, -(-max_model_len // 256)))
+    return default_num_splits(next_pow2(max(1, num_decodes)), num_kv_heads, max_model_len,
+                              device)
 
 
 class TurboQuantImpl(AttentionImpl):
@@ -68,10 +77,19 @@ class TurboQuantImpl(AttentionImpl):
         self.attn_type = attn_type
         self.rows = vllm_config.scheduler_config.max_num_seqs
         model_config = getattr(vllm_config, "model_config", None)
-        self.num_splits = decode_splits(getattr(model_config, "max_model_len", None) or 8192)
+        self.max_model_len = getattr(model_config, "max_model_len", None) or 8192
+        self._splits: dict[int, int] = {}
         # The model dtype: vLLM sets it as the default dtype while it builds the model.
         self.model_dtype = torch.get_default_dtype()
         self._state: LayerState | None = None
+
+    def splits(self, num_decodes: int, device: torch.device) -> int:
+        """decode_splits for this layer's shapes (memoized per batch size)."""
+        n = self._splits.get(num_decodes)
+        if n is None:
+            n = self._splits[num_decodes] = decode_splits(
+                num_decodes, self.num_kv_heads, self.max_model_len, device)
+        return n
 
     # -- memory ---------------------------------------------------------------------------------
     def window_bytes(self) -> int:
@@ -108,32 +126,28 @@ class TurboQuantImpl(AttentionImpl):
 
         params, side = state.params, state.side
         nd, ndt = md.num_decodes, md.num_decode_tokens
-        # Prefill chunks write their window side entries only after attending: the previous
-        # chunk's newest tokens must still be there for this chunk's queries to read them
-        # exactly (the precision policy below). Decode rows are other requests: theirs go now.
-        defer = side is not None and md.num_prefills > 0
-        if defer:
-            if ndt:
-                ops.store(k[:ndt], v[:ndt], cache, md.slot_mapping[:ndt], params, side,
-                          md.token_rows[:ndt], md.token_pos[:ndt], md.token_seq_end[:ndt])
-            ops.store(k[ndt:], v[ndt:], cache, md.slot_mapping[ndt:t], params)
-        else:
-            ops.store(k, v, cache, md.slot_mapping, params, side, md.token_rows,
-                      md.token_pos, md.token_seq_end)
-        # Decodes first, one token each (FULL CUDA graphs pad requests and tokens alike).
+        # 1. One store for every token. Prefill chunks get their rotated K/V back for step 3
+        # (no second rotation), and no window entries yet (md.store_seq_end): the previous
+        # chunk's newest tokens must still be in the ring when this chunk attends.
+        rot = None
+        if md.num_prefills:
+            rot = torch.empty((2, t, hkv, d), dtype=query.dtype, device=query.device)
+        ops.store(k, v, cache, md.slot_mapping, params, side, md.token_rows, md.token_pos,
+                  md.store_seq_end, rot_out=None if rot is None else (rot[0], rot[1]))
+        # 2. Decodes first, one token each (FULL CUDA graphs pad requests and tokens alike).
         if nd:
             ops.decode(out[:nd], q[:nd], cache, md.block_table[:nd], md.seq_lens[:nd],
-                       params, self.scale, side, num_splits=self.num_splits)
+                       params, self.scale, side, num_splits=self.splits(nd, query.device))
         if md.num_prefills:
-            ops.prefill(out[ndt:], q[ndt:], k[ndt:], v[ndt:], md.prefill_query_start_loc,
-                        md.seq_lens[nd:], cache, md.block_table[nd:], params,
-                        self.scale, _rows_from(side, nd), max_query_len=md.max_query_len)
-        if defer:   # the chunks' last W tokens again (same packed bytes), now with side entries
-            idx = md.prefill_side_tokens
-            take = idx.clamp(min=0)
-            slots = torch.where(idx >= 0, md.slot_mapping[take], -1)
-            ops.store(k[take], v[take], cache, slots, params, side, md.token_rows[take],
-                      md.token_pos[take], md.token_seq_end[take])
+            # 3. Prefill chunks over the packed prefix, their own rotated K/V and the ring.
+            ops.prefill(out[ndt:], q[ndt:], rot[0, ndt:], rot[1, ndt:],
+                        md.prefill_query_start_loc, md.seq_lens[nd:], cache,
+                        md.block_table[nd:], params, self.scale, _rows_from(side, nd),
+                        max_query_len=md.max_query_len, rotated=True)
+            # 4. The chunks' window entries: their last W tokens again (same packed bytes).
+            if side is not None:
+                ops.store(k, v, cache, md.side_slots, params, side, md.side_rows,
+                          md.side_pos, md.side_seq_end, token_index=md.side_tokens)
         return output
 
 

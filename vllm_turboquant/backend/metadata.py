@@ -28,8 +28,15 @@ class TurboQuantMetadata(AttentionMetadata):
     prefill_query_start_loc  int32 [P + 1], rebased to 0, for the P prefill requests.
     token_rows / token_pos / token_seq_end  int32 [T]: batch row, position and the request's
         seq_len of every token (window presets only, else None).
-    prefill_side_tokens  int64 [P * W]: the tokens of each prefill chunk that get a window side
-        entry (its last min(W, chunk) tokens; -1 pads shorter chunks). Window presets only.
+    Window presets with prefill chunks in the batch (built once per step, shared by every
+    layer, so a layer's forward does no index arithmetic of its own):
+    store_seq_end  int32 [T]: token_seq_end for the step's first store, with the prefill tokens'
+        entries raised past any position, so that store writes window entries for decodes only
+        (a chunk's entries go after it attends: the previous chunk's newest must stay readable).
+    side_tokens  int64 [P * W]: the tokens that get their window entry after attending, each
+        chunk's last min(W, chunk) tokens (0 pads shorter chunks); side_slots int64 [P * W]
+        (-1 for the pads), side_rows / side_pos / side_seq_end int32 [P * W]: theirs.
+    Decode-only steps: store_seq_end is token_seq_end, side_* are None.
     """
 
     num_actual_tokens: int
@@ -47,7 +54,16 @@ class TurboQuantMetadata(AttentionMetadata):
     token_rows: torch.Tensor | None = None
     token_pos: torch.Tensor | None = None
     token_seq_end: torch.Tensor | None = None
-    prefill_side_tokens: torch.Tensor | None = None
+    store_seq_end: torch.Tensor | None = None
+    side_tokens: torch.Tensor | None = None
+    side_slots: torch.Tensor | None = None
+    side_rows: torch.Tensor | None = None
+    side_pos: torch.Tensor | None = None
+    side_seq_end: torch.Tensor | None = None
+
+# store_seq_end of a prefill token in the step's first store: no position reaches
+# NO_SIDE - W, so that store writes it no window entry.
+NO_SIDE = 1 << 30
 
 
 class TurboQuantMetadataBuilder(AttentionMetadataBuilder[TurboQuantMetadata]):
@@ -102,9 +118,22 @@ class TurboQuantMetadataBuilder(AttentionMetadataBuilder[TurboQuantMetadata]):
         if self.window > 0 and t > 0 and b > 0:
             md.token_rows, md.token_pos, md.token_seq_end = self._token_positions(
                 qsl, cm.seq_lens[:b], t)
+            md.store_seq_end = md.token_seq_end
             if num_prefills:
-                md.prefill_side_tokens = self._last_tokens(qsl[num_decodes:])
+                self._deferred_side_store(md, qsl[num_decodes:])
         return md
+
+    def _deferred_side_store(self, md: TurboQuantMetadata, prefill_qsl: torch.Tensor) -> None:
+        """Fill md.store_seq_end and md.side_* (see TurboQuantMetadata), on device."""
+        t, ndt = md.num_actual_tokens, md.num_decode_tokens
+        md.store_seq_end = torch.where(self._arange[:t] >= ndt, NO_SIDE, md.token_seq_end)
+        idx = self._last_tokens(prefill_qsl)
+        take = idx.clamp(min=0)
+        md.side_tokens = take
+        md.side_slots = torch.where(idx >= 0, md.slot_mapping[take], -1)
+        md.side_rows = md.token_rows[take]
+        md.side_pos = md.token_pos[take]
+        md.side_seq_end = md.token_seq_end[take]
 
     def _last_tokens(self, qsl: torch.Tensor) -> torch.Tensor:
         """The last min(W, chunk) token indices of each chunk (qsl: [P + 1] chunk bounds),

@@ -1,0 +1,109 @@
+"""Host work of one TurboQuant layer forward: kernel launches and torch ops, counted on CPU.
+
+Mixed prefill+decode steps run attention eagerly (vLLM captures only pure-decode batches in
+FULL CUDA graphs), so every launch and torch op there is paid on the host, per layer, per
+step. The H100 profile of 2026-11-23 (benchmarks/results/profile-H100-20261123/) measured
+2.4 ms of host time per layer call in such steps (30 launches, ~20 of them small torch ops:
+casts, four rotation matmuls, six index gathers), 3x the whole bf16 step. This pins the
+leaner forward: counts are taken through the Triton launchers under the interpreter
+(VLLM_TURBOQUANT_FORCE_TRITON=1, the CUDA code path) in a subprocess, with
+`python tests/test_host_ops.py` printing them.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("vllm")
+pytest.importorskip("triton")
+
+# aten ops that only make views (no kernel launch on a GPU)
+VIEW_OPS = {"aten.slice", "aten.view", "aten.select", "aten.transpose", "aten.permute",
+            "aten._unsafe_view", "aten.as_strided", "aten.reshape", "aten.alias",
+            "aten.expand", "aten.empty"}
+
+
+def count() -> dict:
+    """Per step kind: Triton launches and aten ops of one layer's forward."""
+    sys.path.insert(0, os.path.dirname(__file__))
+    import test_backend_forward as tb
+    import triton.runtime.interpreter as it
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from vllm_turboquant.plugin import register
+
+    register()
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = collections.Counter()
+            self.paused = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not self.paused:
+                self.ops[str(func.overloadpacket)] += 1
+            return func(*args, **(kwargs or {}))
+
+    mode, launches = Ops(), collections.Counter()
+    run = it.InterpretedFunction.run
+
+    def counted_run(self, *a, **k):       # the interpreter's own torch work is not counted
+        launches[self.fn.__name__] += 1
+        mode.paused += 1
+        try:
+            return run(self, *a, **k)
+        finally:
+            mode.paused -= 1
+
+    it.InterpretedFunction.run = counted_run
+    h = tb.Harness(4)
+    forward = h.impl.forward
+    h.step([("A", 6), ("B", 5)])
+    result = {}
+    for kind, batch in (("mixed", [("A", 1), ("B", 7)]), ("decode", [("A", 1), ("B", 1)])):
+        mode.ops.clear()
+        launches.clear()
+
+        def fwd(*a, **k):
+            with mode:
+                return forward(*a, **k)
+
+        h.impl.forward = fwd
+        h.step(batch)
+        h.impl.forward = forward
+        compute = {k: v for k, v in mode.ops.items() if k not in VIEW_OPS}
+        result[kind] = {"launches": dict(launches), "aten_ops": dict(mode.ops),
+                        "compute_ops": compute}
+    return result
+
+
+def _run_counter() -> dict:
+    env = dict(os.environ, VLLM_TURBOQUANT_FORCE_TRITON="1", TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_layer_forward_launches_and_torch_ops():
+    res = _run_counter()
+    mixed, decode = res["mixed"], res["decode"]
+    # mixed: one store, decode split + merge, prefill, the chunks' window entries
+    assert sum(mixed["launches"].values()) == 5, mixed
+    assert mixed["launches"]["_tq_store_kernel"] == 2, mixed
+    # torch compute: only the two query rotations (one addmm each, decode and prefill)
+    assert mixed["compute_ops"] == {"aten.addmm": 2}, mixed
+    # decode-only (what a FULL CUDA graph captures): store, split, merge + the rotation
+    assert sum(decode["launches"].values()) == 3, decode
+    assert decode["compute_ops"] == {"aten.addmm": 1}, decode
+
+
+if __name__ == "__main__":
+    print(json.dumps(count()))
