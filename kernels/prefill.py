@@ -206,8 +206,7 @@ def tq_prefill(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                block_table: torch.Tensor, params, scale: float, side: TQSide | None = None,
                max_query_len: int | None = None, out: torch.Tensor | None = None,
                rotated: bool = False, block_m: int | None = None, block_n: int = 32,
-               num_warps: int = 4,
-               num_stages: int = 1, lookup: int = 2) -> torch.Tensor:
+               num_warps: int = 8, num_stages: int = 1, lookup: int = 2) -> torch.Tensor:
     """Triton prefill over packed pages; same contract as `reference.tq_prefill_ref`.
 
     query [T, Hq, D]; key, value [T, Hkv, D] (the chunk's own K/V; rotated=True: already
@@ -215,6 +214,10 @@ def tq_prefill(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     seq_lens int32 [B] = prefix + chunk; kv_cache uint8 [num_blocks, block_size, Hkv,
     slot_bytes]; block_table int32 [B, max_blocks]. max_query_len: the longest chunk (pass it
     to avoid a device->host sync). Returns [T, Hq, D] in query.dtype.
+    num_warps 8 (was 4): compiled for sm_90, 4 warps spill 640-2,080 B per thread with a window
+    and 800 B at head 128 without; 8 warps 0-480 (benchmarks/kernel_resources.py, triton 3.9).
+    Chosen from those counts on a CPU; not yet timed on the H100 (the 7.8 ms prefill figure in
+    docs/kernels-notes.md is 4 warps).
     """
     p = as_params(params, query.device)
     t, hq, d = query.shape

@@ -1,7 +1,8 @@
 """The attention forward over the packed cache.
 
 Per layer and step (batch reordered: decodes first, then prefill chunks):
-  1. store: quantize this step's K/V into their packed slots (+ the window ring for decodes);
+  1. store: quantize every token's K/V into its packed slot, in one launch; decodes also write
+     their window ring entry; prefill chunks get their rotated K/V back (rot_out) for step 3;
   2. decodes: each query reads its whole sequence from the packed cache (and the window);
   3. prefill chunks: the same precision policy as a decode step, token by token: the query at
      position t reads key j exactly iff j > t - W (the chunk's own K/V, or the previous
@@ -10,7 +11,13 @@ Per layer and step (batch reordered: decodes first, then prefill chunks):
      chunked, unchunked and token-by-token prefill agree, and the evaluator's numbers are
      what is served;
   4. prefill chunks write their window ring entries (after 3, so 3 still saw the previous
-     chunk's): only each chunk's last W tokens are stored a second time, not the whole chunk.
+     chunk's): each chunk's last W tokens are stored a second time through an index list the
+     metadata builder made once for the step (md.side_*), no gathered copies.
+Mixed steps run this eagerly (vLLM captures only pure decode batches in CUDA graphs), so
+each launch and torch op is host time paid per layer and step: the forward issues 5 kernel
+launches and 2 small GEMMs (the query rotations) in a mixed step, 3 launches and 1 GEMM in a
+decode step (tests/test_host_ops.py; the H100 profile in benchmarks/results/
+profile-H100-20261123/ is of the former forward, 6 launches and ~20 torch ops).
 CUDA runs the Triton launchers, anything else the torch references (backend/ops.py).
 """
 
