@@ -3,7 +3,7 @@
 # (../shared/device/README.md). Each stage fits in one 10-minute device call and leaves one
 # archive, $OUT/STAGE.tgz, with its logs and JSON (the device returns at most 8 files).
 #
-#   bash benchmarks/gpu_suite.sh gputests|kernels|quality|e2e|serving|tp
+#   bash benchmarks/gpu_suite.sh gputests|crashmatrix|kernels|quality|e2e|serving|tp
 #
 # quality: DTYPES (perplexity rows, default below) and CHECKS (dtypes of the greedy-token
 # consistency checks, default turboquant,auto; empty = none) split it over two calls.
@@ -28,6 +28,10 @@ case $stage in
   gputests)
     timeout 300 python3 -m pytest -m gpu -q -p no:cacheprovider tests/gpu/test_kernels_gpu.py \
       2>&1 | tee "$out/gpu-tests.log" ;;
+  crashmatrix)
+    # Which launch faults (head-128 window prefill, 2026-11-23): each case in its own process.
+    timeout 400 python3 tests/gpu/crash_matrix.py --json "$out/crash_matrix.json" 2>&1 |
+      tee "$out/crash_matrix.log" ;;
   kernels)
     timeout 200 python3 -m pytest -m gpu -q -p no:cacheprovider tests/gpu/test_kernels_gpu.py \
       2>&1 | tee "$out/gpu-tests.log"

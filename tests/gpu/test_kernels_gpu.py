@@ -273,13 +273,26 @@ def test_backend_step_order_fresh_prompt_with_window(d, hq, hkv):
     side = TQSide.empty(16, w, hkv, d, dtype, DEV)
     cu = torch.tensor([0, n], dtype=torch.int32, device=DEV)
     sl = torch.tensor([n], dtype=torch.int32, device=DEV)
-    tq_store(k, v, cache, slots, params)
+    rows = torch.zeros(n, dtype=torch.int32, device=DEV)
+    no_side = torch.full_like(rows, 1 << 30)
+    rot = torch.empty(2, n, hkv, d, dtype=dtype, device=DEV)
+    # 1. the backend's single store: packed slots, rotated K/V back, no window entries yet
+    tq_store(k, v, cache, slots, params, side, rows, pos.int(), no_side, rot_out=(rot[0], rot[1]))
     torch.cuda.synchronize()
-    got = tq_prefill(q, k, v, cu, sl, cache, bt, params, d ** -0.5, side, max_query_len=n)
+    assert (side.tag == -1).all()
+    torch.testing.assert_close(rot[0].float(), k.float() @ params.rotation.T, atol=3e-2,
+                               rtol=3e-2)
+    # 2. prefill over the packed prefix with the rotated chunk
+    got = tq_prefill(q, rot[0], rot[1], cu, sl, cache, bt, params, d ** -0.5, side,
+                     max_query_len=n, rotated=True)
     torch.cuda.synchronize()
     want = tq_prefill_ref(q, k, v, cu, sl, cache, bt, params, d ** -0.5, side)
     torch.testing.assert_close(got, want, atol=3e-2, rtol=3e-2)
-    rows = torch.zeros(n, dtype=torch.int32, device=DEV)
-    tq_store(k, v, cache, slots, params, side, rows, pos.int(), torch.full_like(rows, n))
+    # 3. the last W tokens again, through token_index, now with their window entries
+    idx = torch.arange(n - w, n, device=DEV)
+    packed = cache.clone()
+    tq_store(k, v, cache, slots[idx], params, side, rows[idx], pos.int()[idx],
+             torch.full_like(rows[idx], n), token_index=idx)
     torch.cuda.synchronize()
+    assert torch.equal(cache, packed), "re-encoding changed packed bytes"
     assert (side.tag[0] >= 0).all()
