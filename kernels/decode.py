@@ -317,22 +317,20 @@ def lookup_tables(params, dot_dtype, lookup=2, allow_asm=True):
     return kmode, vmode, kt, vt, kasm, vasm
 
 
-def rotate_query(query: torch.Tensor, params, scale: float, dtype) -> torch.Tensor:
-    """query [..., D] -> rotated (x @ R.T), pre-scaled by scale * log2(e), in `dtype`.
+def rotate_query(query: torch.Tensor, params, scale: float) -> torch.Tensor:
+    """query [..., D] -> rotated (x @ R.T), pre-scaled by scale * log2(e), in query.dtype.
 
-    One GEMM launch with the scalar folded into alpha: the +-1 matrix R / rotation_scale is
-    exact in fp16/bf16, so the products are exact, the sum accumulates in fp32 and the result
-    is rounded once (what float(), matmul, mul and to() did in four launches)."""
+    One addmm with the scalar folded into alpha: the +-1 matrix R / rotation_scale is exact
+    in fp16/bf16, so the products are exact, the sum accumulates in fp32 and the result is
+    rounded once (what float(), matmul, mul and to() did in four ops)."""
     d = query.shape[-1]
-    rt = cached(params, ("pm1_t", dtype),
-                lambda: params.rotation_pm1.T.to(dtype).contiguous())
-    zero = cached(params, ("zero", dtype),
-                  lambda: torch.zeros((), dtype=dtype, device=rt.device))
-    q = query.reshape(-1, d)
-    if q.dtype != dtype:
-        q = q.to(dtype)
-    out = torch.addmm(zero, q, rt, beta=0, alpha=params.rotation_scale * scale * _LOG2E)
-    return out.view(*query.shape[:-1], d)
+    rt = cached(params, ("pm1_t", query.dtype),
+                lambda: params.rotation_pm1.T.to(query.dtype).contiguous())
+    zero = cached(params, ("zero", query.dtype),
+                  lambda: torch.zeros((), dtype=query.dtype, device=rt.device))
+    out = torch.addmm(zero, query.reshape(-1, d), rt, beta=0,
+                      alpha=params.rotation_scale * scale * _LOG2E)
+    return out.view(query.shape)
 
 
 def tq_decode(query: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
@@ -359,8 +357,8 @@ def tq_decode(query: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Te
     assert g * hkv == hq and kv_cache.stride(-1) == 1
     check_cache_alignment(kv_cache)
     f32 = query.dtype == torch.float32 or interpreting(_tq_decode_split_kernel)
-    dot_dtype = torch.float32 if query.dtype == torch.float32 else query.dtype
-    q = rotate_query(query, p, scale, dot_dtype)
+    dot_dtype = query.dtype          # fp32 queries compute in fp32
+    q = rotate_query(query, p, scale)
     if out is None:
         out = torch.empty_like(query)
     if bsz == 0:

@@ -234,10 +234,11 @@ def tq_prefill(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
         max_query_len = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max())
     f32 = query.dtype == torch.float32 or interpreting(_tq_prefill_kernel)
     dot_dtype = query.dtype
-    q = rotate_query(query, p, scale, dot_dtype)
+    q = rotate_query(query, p, scale)
     if rotated:   # the store already wrote them rotated (the backend's path: no extra ops)
-        assert key.dtype == dot_dtype and key.is_contiguous() and value.is_contiguous()
-        k, v = key, value.to(dot_dtype)
+        assert key.dtype == value.dtype == dot_dtype
+        assert key.is_contiguous() and value.is_contiguous()
+        k, v = key, value
     else:         # rotated once here (T x Hkv x D, small next to the prefix)
         k = (key.float() @ p.rotation.T).to(dot_dtype).contiguous()
         v = (value.float() @ p.rotation.T).to(dot_dtype).contiguous()

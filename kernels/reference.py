@@ -100,13 +100,17 @@ def tq_store_ref(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
     p = as_params(params, kv_cache.device)
     block_size = kv_cache.shape[1]
     if token_index is not None:
-        take = token_index.long().clamp(min=0)
+        take = token_index.long()
         key, value = key[take], value[take]
     slots, ky, vy = encode_slots(p, key, value)
     sm = slot_mapping.long()
     valid = sm >= 0
     idx = sm[valid]
     kv_cache[idx // block_size, idx % block_size] = slots[valid]
+    has_side = side is not None and side.window > 0
+    if rot_out is None and not has_side:
+        return
+    # What attention sees of a non-finite vector: zeros, as the codec stores it.
     fin_k = torch.isfinite(ky).all(-1, keepdim=True)
     fin_v = torch.isfinite(vy).all(-1, keepdim=True)
     if rot_out is not None:
@@ -115,7 +119,7 @@ def tq_store_ref(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
         keep = valid[:, None, None]      # padding rows get zeros (the kernel loads them as 0)
         rot_out[0].copy_(torch.where(keep & fin_k, ky, 0))
         rot_out[1].copy_(torch.where(keep & fin_v, vy, 0))
-    if side is None or side.window == 0:
+    if not has_side:
         return
     if token_rows is None or token_pos is None or token_seq_end is None:
         raise ValueError("the window side copy needs token_rows, token_pos and token_seq_end")
@@ -123,7 +127,6 @@ def tq_store_ref(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
     pos = token_pos.long()
     sel = valid & (pos >= token_seq_end.long() - w)
     rows, ring = token_rows.long()[sel], pos[sel] % w
-    # The side holds the vector attention would see: zero for a non-finite one, as the codec.
     side.k[rows, ring] = torch.where(fin_k, ky, 0)[sel].to(side.k.dtype)
     side.v[rows, ring] = torch.where(fin_v, vy, 0)[sel].to(side.v.dtype)
     side.tag[rows, ring] = sm[sel].to(torch.int32)

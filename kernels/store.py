@@ -105,6 +105,13 @@ def _quantize_halves(y_lo, y_hi, cent_ptr, bound_ptr, LSQ: tl.constexpr):
 
 
 @triton.jit
+def _store_rows(ptr, row_off, cols, y, mask):
+    """y [N, len(cols)] float32 -> ptr + row_off[n] + cols in ptr's dtype, rows where mask."""
+    tl.store(ptr + row_off[:, None] + cols[None, :], y.to(ptr.dtype.element_ty),
+             mask=mask[:, None])
+
+
+@triton.jit
 def _encode_half(src, dst, valid, rot_ptr, rot_scale, cent_ptr, bound_ptr,
                  side_ptr, side_off, sel, offs_d, offs_lo, offs_hi, rot_out_ptr, rot_off,
                  in_range,
@@ -121,27 +128,19 @@ def _encode_half(src, dst, valid, rot_ptr, rot_scale, cent_ptr, bound_ptr,
         packed, scale, y_lo, y_hi = _quantize_halves(y_lo, y_hi, cent_ptr, bound_ptr, LSQ)
         tl.store(dst[:, None] + offs_lo[None, :], packed.to(tl.uint8), mask=valid[:, None])
         if HAS_SIDE:
-            et = side_ptr.dtype.element_ty
-            tl.store(side_ptr + side_off[:, None] + offs_lo[None, :], y_lo.to(et),
-                     mask=sel[:, None])
-            tl.store(side_ptr + side_off[:, None] + offs_hi[None, :], y_hi.to(et),
-                     mask=sel[:, None])
+            _store_rows(side_ptr, side_off, offs_lo, y_lo, sel)
+            _store_rows(side_ptr, side_off, offs_hi, y_hi, sel)
         if ROT_OUT:
-            ot = rot_out_ptr.dtype.element_ty
-            tl.store(rot_out_ptr + rot_off[:, None] + offs_lo[None, :], y_lo.to(ot),
-                     mask=in_range[:, None])
-            tl.store(rot_out_ptr + rot_off[:, None] + offs_hi[None, :], y_hi.to(ot),
-                     mask=in_range[:, None])
+            _store_rows(rot_out_ptr, rot_off, offs_lo, y_lo, in_range)
+            _store_rows(rot_out_ptr, rot_off, offs_hi, y_hi, in_range)
     else:
         y = _rotate(src, rot_ptr, offs_d, offs_d, rot_scale, D, ROT, DT16)
         codes, scale, y = _quantize(y, cent_ptr, bound_ptr, 1 << BITS, LSQ)
         store_codes(codes, dst, valid, BITS, D)
         if HAS_SIDE:
-            tl.store(side_ptr + side_off[:, None] + offs_d[None, :],
-                     y.to(side_ptr.dtype.element_ty), mask=sel[:, None])
+            _store_rows(side_ptr, side_off, offs_d, y, sel)
         if ROT_OUT:
-            tl.store(rot_out_ptr + rot_off[:, None] + offs_d[None, :],
-                     y.to(rot_out_ptr.dtype.element_ty), mask=in_range[:, None])
+            _store_rows(rot_out_ptr, rot_off, offs_d, y, in_range)
     return scale.to(tl.float16)
 
 

@@ -146,7 +146,8 @@ def test_prefix_cache_hit_decodes_the_same_tokens(runs, run_no_window):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="known limitation (issue 4): the exact copies of the newest 64 tokens "
+@pytest.mark.xfail(strict=True,
+                   reason="known limitation (issue 4): the exact copies of the newest 64 tokens "
                           "live in the writing request's window ring, so a prefix-cache hit reads "
                           "the newest cached tokens in packed form; precision, not correctness")
 def test_prefix_cache_hit_with_window_decodes_the_same_tokens(runs):

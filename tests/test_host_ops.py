@@ -3,11 +3,14 @@
 Mixed prefill+decode steps run attention eagerly (vLLM captures only pure-decode batches in
 FULL CUDA graphs), so every launch and torch op there is paid on the host, per layer, per
 step. The H100 profile of 2026-11-23 (benchmarks/results/profile-H100-20261123/) measured
-2.4 ms of host time per layer call in such steps (30 launches, ~20 of them small torch ops:
-casts, four rotation matmuls, six index gathers), 3x the whole bf16 step. This pins the
+2.6 ms of host time per layer call in such steps (6 Triton launches and 20 small torch
+kernels: casts, four rotation matmuls, six index gathers, ...). This pins the
 leaner forward: counts are taken through the Triton launchers under the interpreter
-(VLLM_TURBOQUANT_FORCE_TRITON=1, the CUDA code path) in a subprocess, with
-`python tests/test_host_ops.py` printing them.
+(VLLM_TURBOQUANT_FORCE_TRITON=1, the CUDA code path) in a subprocess. To print them, for
+this checkout or another one (e.g. a `git worktree` of an older commit, with this file's
+harness):
+
+    VLLM_TURBOQUANT_FORCE_TRITON=1 TRITON_INTERPRET=1 python tests/test_host_ops.py [--tree DIR]
 """
 
 from __future__ import annotations
@@ -29,9 +32,23 @@ VIEW_OPS = {"aten.slice", "aten.view", "aten.select", "aten.transpose", "aten.pe
             "aten.expand", "aten.empty"}
 
 
-def count() -> dict:
+def _use_tree(tree: str) -> None:
+    """Import vllm_turboquant (and its kernels/) from another checkout."""
+    import importlib.util
+
+    for name, path in (("vllm_turboquant", "vllm_turboquant"),
+                       ("vllm_turboquant.kernels", "kernels")):
+        folder = os.path.join(tree, path)
+        spec = importlib.util.spec_from_file_location(
+            name, os.path.join(folder, "__init__.py"), submodule_search_locations=[folder])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+
+
+def count(tests_dir: str = os.path.dirname(os.path.abspath(__file__))) -> dict:
     """Per step kind: Triton launches and aten ops of one layer's forward."""
-    sys.path.insert(0, os.path.dirname(__file__))
+    sys.path.insert(0, tests_dir)
     import test_backend_forward as tb
     import triton.runtime.interpreter as it
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -106,4 +123,13 @@ def test_layer_forward_launches_and_torch_ops():
 
 
 if __name__ == "__main__":
-    print(json.dumps(count()))
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tree", help="count another checkout's forward (its tests/ harness)")
+    args = ap.parse_args()
+    if args.tree:
+        _use_tree(args.tree)
+        print(json.dumps(count(os.path.join(args.tree, "tests"))))
+    else:
+        print(json.dumps(count()))

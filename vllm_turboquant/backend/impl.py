@@ -30,6 +30,7 @@ from vllm_turboquant import compat, settings
 from vllm_turboquant.backend import ops
 from vllm_turboquant.backend.state import LayerState, get_layer_state, side_bytes
 from vllm_turboquant.kernels import TQSide
+from vllm_turboquant.kernels._common import default_num_splits, next_pow2
 from vllm_turboquant.settings import TurboQuantConfigError
 
 def decode_splits(num_decodes: int, num_kv_heads: int, max_model_len: int, device) -> int:
@@ -46,8 +47,6 @@ def decode_splits(num_decodes: int, num_kv_heads: int, max_model_len: int, devic
     decode attention took 2.2x FlashAttention's time; benchmarks/kernels.py, which always
     used this heuristic, measured 0.9-1.0x FlashAttention at batch 128 (head 64).
     """
-    from vllm_turboquant.kernels._common import default_num_splits, next_pow2
-
     return default_num_splits(next_pow2(max(1, num_decodes)), num_kv_heads, max_model_len,
                               device)
 
@@ -85,18 +84,9 @@ class TurboQuantImpl(AttentionImpl):
         self.rows = vllm_config.scheduler_config.max_num_seqs
         model_config = getattr(vllm_config, "model_config", None)
         self.max_model_len = getattr(model_config, "max_model_len", None) or 8192
-        self._splits: dict[int, int] = {}
         # The model dtype: vLLM sets it as the default dtype while it builds the model.
         self.model_dtype = torch.get_default_dtype()
         self._state: LayerState | None = None
-
-    def splits(self, num_decodes: int, device: torch.device) -> int:
-        """decode_splits for this layer's shapes (memoized per batch size)."""
-        n = self._splits.get(num_decodes)
-        if n is None:
-            n = self._splits[num_decodes] = decode_splits(
-                num_decodes, self.num_kv_heads, self.max_model_len, device)
-        return n
 
     # -- memory ---------------------------------------------------------------------------------
     def window_bytes(self) -> int:
@@ -143,8 +133,9 @@ class TurboQuantImpl(AttentionImpl):
                   md.store_seq_end, rot_out=None if rot is None else (rot[0], rot[1]))
         # 2. Decodes first, one token each (FULL CUDA graphs pad requests and tokens alike).
         if nd:
+            splits = decode_splits(nd, hkv, self.max_model_len, query.device)
             ops.decode(out[:nd], q[:nd], cache, md.block_table[:nd], md.seq_lens[:nd],
-                       params, self.scale, side, num_splits=self.splits(nd, query.device))
+                       params, self.scale, side, num_splits=splits)
         if md.num_prefills:
             # 3. Prefill chunks over the packed prefix, their own rotated K/V and the ring.
             ops.prefill(out[ndt:], q[ndt:], rot[0, ndt:], rot[1, ndt:],
