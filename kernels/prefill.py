@@ -13,6 +13,10 @@ un-rotated at the end (acc @ R). The chunk must be stored in the cache before th
 
 from __future__ import annotations
 
+import functools
+import json
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -201,12 +205,32 @@ def _tq_prefill_kernel(
                  + (c0 + offs_c)[None, :], o.to(out_ptr.dtype.element_ty), mask=rmask[:, None])
 
 
+_OVERRIDE_ENV = "VLLM_TURBOQUANT_PREFILL_CONFIG"
+
+
+@functools.lru_cache(maxsize=None)
+def launch_override() -> dict:
+    """Launch-config defaults from $VLLM_TURBOQUANT_PREFILL_CONFIG, a JSON object with any of
+    block_m, block_n, num_warps (a tuning knob: benchmarks/layer_step.py --sweep measures the
+    candidates and --best prints the fastest correct one in this form). Read once."""
+    raw = os.environ.get(_OVERRIDE_ENV, "").strip()
+    if not raw:
+        return {}
+    cfg = json.loads(raw)
+    bad = sorted(set(cfg) - {"block_m", "block_n", "num_warps"})
+    if bad or not all(isinstance(v, int) and v > 0 for v in cfg.values()):
+        raise ValueError(f"{_OVERRIDE_ENV}: expected positive ints for block_m, block_n, "
+                         f"num_warps, got {raw!r}")
+    return cfg
+
+
 def tq_prefill(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, kv_cache: torch.Tensor,
                block_table: torch.Tensor, params, scale: float, side: TQSide | None = None,
                max_query_len: int | None = None, out: torch.Tensor | None = None,
-               rotated: bool = False, block_m: int | None = None, block_n: int = 32,
-               num_warps: int = 8, num_stages: int = 1, lookup: int = 2) -> torch.Tensor:
+               rotated: bool = False, block_m: int | None = None, block_n: int | None = None,
+               num_warps: int | None = None, num_stages: int = 1,
+               lookup: int = 3) -> torch.Tensor:
     """Triton prefill over packed pages; same contract as `reference.tq_prefill_ref`.
 
     query [T, Hq, D]; key, value [T, Hkv, D] (the chunk's own K/V; rotated=True: already
@@ -214,6 +238,8 @@ def tq_prefill(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     seq_lens int32 [B] = prefix + chunk; kv_cache uint8 [num_blocks, block_size, Hkv,
     slot_bytes]; block_table int32 [B, max_blocks]. max_query_len: the longest chunk (pass it
     to avoid a device->host sync). Returns [T, Hq, D] in query.dtype.
+    lookup 3 (register prmt lookups; was 2, the 16-entry table): lookup 2 with a window
+    faulted at head 128 on the H100/H200 (tests/gpu/crash_matrix.py) and is refused there.
     num_warps 8 (was 4): compiled for sm_90, 4 warps spill 640-2,080 B per thread with a window
     and 800 B at head 128 without; 8 warps 0-480 (benchmarks/kernel_resources.py, triton 3.9).
     Chosen from those counts on a CPU; not yet timed on the H100 (the 7.8 ms prefill figure in
@@ -243,10 +269,13 @@ def tq_prefill(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
         k = (key.float() @ p.rotation.T).to(dot_dtype).contiguous()
         v = (value.float() @ p.rotation.T).to(dot_dtype).contiguous()
     g_pad = next_pow2(g)
+    tuned = launch_override()
+    block_n = block_n or tuned.get("block_n", 32)
+    num_warps = num_warps or tuned.get("num_warps", 8)
     if block_m is None:
         # 128 rows per program: 8.1 ms vs 12.4 (64 rows) and 20.4 (32 rows) at 32K cached +
         # 2K chunk, head 128, GQA 4, H100, before the 4-byte alignment hint.
-        block_m = max(1, 128 // g_pad)
+        block_m = tuned.get("block_m") or max(1, 128 // g_pad)
     has_side = side is not None and side.window > 0
     if has_side:
         assert all(x.is_contiguous() for x in side)
@@ -258,6 +287,11 @@ def tq_prefill(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     lay = p.layout
     kmode, vmode, kpair, vpair, kasm, vasm = lookup_tables(
         p, dot_dtype, lookup, allow_asm=not interpreting(_tq_prefill_kernel))
+    if has_side and d >= 128 and 2 in (kmode, vmode) and query.is_cuda:
+        # H200 and H100, triton 3.6: this variant faults ("illegal memory access") or returns
+        # wrong output depending on block sizes (tests/gpu/crash_matrix.py, 2026-12-02).
+        raise ValueError("tq_prefill: lookup=2 with a window at head size >= 128 is miscompiled "
+                         "on CUDA (triton 3.6); use lookup=3 (the default) or 1")
     grid = (bsz, triton.cdiv(max_query_len, block_m), hkv)
     _tq_prefill_kernel[grid](
         q, k, v, out, cu_seqlens_q, seq_lens, kv_cache, block_table,

@@ -199,7 +199,6 @@ def test_token_positions_for_mixed_batch():
     assert md.token_rows.tolist() == [0, 1, 1, 1]
     assert md.token_pos.tolist() == [3, 2, 3, 4]
     assert md.token_seq_end.tolist() == [4, 5, 5, 5]
-    assert md.prefill_query_start_loc.tolist() == [0, 3]
     # the first store writes window entries for the decode (A) only
     assert md.store_seq_end.tolist() == [4, NO_SIDE, NO_SIDE, NO_SIDE]
     # after attending: B's chunk is shorter than W, the pad has slot -1

@@ -216,6 +216,10 @@ def test_prefill_matches_reference(dtype, d, hq, hkv, bs, window, lookup):
     cu = torch.tensor([0] + torch.tensor(qlens).cumsum(0).tolist(), dtype=torch.int32,
                       device=DEV)
     sl = torch.tensor(lens, dtype=torch.int32, device=DEV)
+    if lookup == 2 and window and d >= 128:   # the miscompiled variant: refused, not run
+        with pytest.raises(ValueError, match="miscompiled"):
+            tq_prefill(q, k, v, cu, sl, cache, bt, params, d ** -0.5, side, lookup=lookup)
+        return
     got = tq_prefill(q, k, v, cu, sl, cache, bt, params, d ** -0.5, side, lookup=lookup)
     want = tq_prefill_ref(q, k, v, cu, sl, cache, bt, params, d ** -0.5, side)
     atol, rtol = TOL[dtype]

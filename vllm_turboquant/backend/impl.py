@@ -1,23 +1,25 @@
 """The attention forward over the packed cache.
 
 Per layer and step (batch reordered: decodes first, then prefill chunks):
+
+Decode-only steps (vLLM replays them as FULL CUDA graphs): one store (each token's packed slot
+and window ring entry), then the split-KV decode kernel over the packed cache and the ring.
+
+Mixed and prefill-only steps (vLLM runs attention eagerly there, so every launch is host time
+paid per layer and step: 3 Triton launches and one small GEMM, the query rotation):
   1. store: quantize every token's K/V into its packed slot, in one launch; decodes also write
-     their window ring entry; prefill chunks get their rotated K/V back (rot_out) for step 3;
-  2. decodes: each query reads its whole sequence from the packed cache (and the window);
-  3. prefill chunks: the same precision policy as a decode step, token by token: the query at
-     position t reads key j exactly iff j > t - W (the chunk's own K/V, or the previous
-     chunk's newest tokens from the window ring), every older key from its packed slot
-     (continuation chunks, prefix-cache hits, and the chunk's own older tokens alike). So
-     chunked, unchunked and token-by-token prefill agree, and the evaluator's numbers are
-     what is served;
-  4. prefill chunks write their window ring entries (after 3, so 3 still saw the previous
+     their window ring entry; every token's rotated K/V comes back (rot_out) for step 2;
+  2. one prefill-kernel launch for the whole batch, a decode being a one-token chunk. The
+     precision policy is the decode step's, token by token: the query at position t reads key
+     j exactly iff j > t - W (the chunk's own K/V, or the previous chunk's newest tokens from
+     the window ring), every older key from its packed slot (continuation chunks, prefix-cache
+     hits, and the chunk's own older tokens alike). So chunked, unchunked and token-by-token
+     prefill agree, and the evaluator's numbers are what is served;
+  3. prefill chunks write their window ring entries (after 2, so 2 still saw the previous
      chunk's): each chunk's last W tokens are stored a second time through an index list the
      metadata builder made once for the step (md.side_*), no gathered copies.
-Mixed steps run this eagerly (vLLM captures only pure decode batches in CUDA graphs), so
-each launch and torch op is host time paid per layer and step: the forward issues 5 kernel
-launches and 2 small GEMMs (the query rotations) in a mixed step, 3 launches and 1 GEMM in a
-decode step (tests/test_host_ops.py; the H100 profile in benchmarks/results/
-profile-H100-20261123/ is of the former forward, 6 launches and ~20 torch ops).
+Before 2026-12-02 mixed steps ran decodes through the split kernel too (5 launches, 2 GEMMs):
+on the H200, benchmarks/layer_step.py measured that forward at 440 us of host time per layer.
 CUDA runs the Triton launchers, anything else the torch references (backend/ops.py).
 """
 
@@ -29,7 +31,6 @@ from vllm.v1.attention.backend import AttentionImpl, AttentionType
 from vllm_turboquant import compat, settings
 from vllm_turboquant.backend import ops
 from vllm_turboquant.backend.state import LayerState, get_layer_state, side_bytes
-from vllm_turboquant.kernels import TQSide
 from vllm_turboquant.kernels._common import default_num_splits, next_pow2
 from vllm_turboquant.settings import TurboQuantConfigError
 
@@ -122,38 +123,35 @@ class TurboQuantImpl(AttentionImpl):
         out = output[:t].view(t, hq, d)
 
         params, side = state.params, state.side
-        nd, ndt = md.num_decodes, md.num_decode_tokens
-        # 1. One store for every token. Prefill chunks get their rotated K/V back for step 3
-        # (no second rotation), and no window entries yet (md.store_seq_end): the previous
-        # chunk's newest tokens must still be in the ring when this chunk attends.
-        rot = None
-        if md.num_prefills:
-            rot = torch.empty((2, t, hkv, d), dtype=query.dtype, device=query.device)
-        ops.store(k, v, cache, md.slot_mapping, params, side, md.token_rows, md.token_pos,
-                  md.store_seq_end, rot_out=None if rot is None else (rot[0], rot[1]))
-        # 2. Decodes first, one token each (FULL CUDA graphs pad requests and tokens alike).
-        if nd:
+        nd = md.num_decodes
+        if not md.num_prefills:
+            # Decode-only step (what vLLM captures in FULL CUDA graphs): the store writes each
+            # token's packed slot and window entry, the split-KV decode kernel reads them.
+            ops.store(k, v, cache, md.slot_mapping, params, side, md.token_rows, md.token_pos,
+                      md.store_seq_end)
             splits = decode_splits(nd, hkv, self.max_model_len, query.device)
             ops.decode(out[:nd], q[:nd], cache, md.block_table[:nd], md.seq_lens[:nd],
                        params, self.scale, side, num_splits=splits)
-        if md.num_prefills:
-            # 3. Prefill chunks over the packed prefix, their own rotated K/V and the ring.
-            ops.prefill(out[ndt:], q[ndt:], rot[0, ndt:], rot[1, ndt:],
-                        md.prefill_query_start_loc, md.seq_lens[nd:], cache,
-                        md.block_table[nd:], params, self.scale, _rows_from(side, nd),
-                        max_query_len=md.max_query_len, rotated=True)
-            # 4. The chunks' window entries: their last W tokens again (same packed bytes).
-            if side is not None:
-                ops.store(k, v, cache, md.side_slots, params, side, md.side_rows,
-                          md.side_pos, md.side_seq_end, token_index=md.side_tokens)
+            return output
+        # Mixed or prefill-only step (eager: every launch is host time per layer and step).
+        # 1. One store for every token, handing back the rotated K/V for step 2; prefill
+        # tokens get no window entry yet (md.store_seq_end): the previous chunk's newest
+        # tokens must still be in the ring when this chunk attends. Decodes get theirs.
+        rot = torch.empty((2, t, hkv, d), dtype=query.dtype, device=query.device)
+        ops.store(k, v, cache, md.slot_mapping, params, side, md.token_rows, md.token_pos,
+                  md.store_seq_end, rot_out=(rot[0], rot[1]))
+        # 2. One attention launch for the whole batch: a decode is a one-token chunk, and the
+        # prefill kernel applies the same per-query precision policy to it (its own token
+        # exact from rot, its window from the ring, the rest packed). Decodes no longer take
+        # the split kernel here: 2 launches and a second query rotation fewer per layer.
+        ops.prefill(out, q, rot[0], rot[1], md.query_start_loc, md.seq_lens, cache,
+                    md.block_table, params, self.scale, side,
+                    max_query_len=md.max_query_len, rotated=True)
+        # 3. The chunks' window entries: their last W tokens again (same packed bytes).
+        if side is not None:
+            ops.store(k, v, cache, md.side_slots, params, side, md.side_rows,
+                      md.side_pos, md.side_seq_end, token_index=md.side_tokens)
         return output
-
-
-def _rows_from(side: TQSide | None, first: int) -> TQSide | None:
-    """The window rows of the batch rows first.. (a view: rows stay contiguous)."""
-    if side is None or first == 0:
-        return side
-    return TQSide(side.k[first:], side.v[first:], side.tag[first:], side.check[first:])
 
 
 def _refuse(cond: bool, what: str) -> None:

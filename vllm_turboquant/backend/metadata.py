@@ -25,7 +25,6 @@ class TurboQuantMetadata(AttentionMetadata):
 
     query_start_loc  int32 [B + 1]; seq_lens int32 [B] (cached tokens incl. this step's);
     block_table      int32 [B, max_blocks]; slot_mapping int64 [T] (< 0 = padding).
-    prefill_query_start_loc  int32 [P + 1], rebased to 0, for the P prefill requests.
     token_rows / token_pos / token_seq_end  int32 [T]: batch row, position and the request's
         seq_len of every token (window presets only, else None).
     Window presets with prefill chunks in the batch (built once per step, shared by every
@@ -50,7 +49,6 @@ class TurboQuantMetadata(AttentionMetadata):
     seq_lens: torch.Tensor
     block_table: torch.Tensor
     slot_mapping: torch.Tensor
-    prefill_query_start_loc: torch.Tensor | None = None
     token_rows: torch.Tensor | None = None
     token_pos: torch.Tensor | None = None
     token_seq_end: torch.Tensor | None = None
@@ -113,8 +111,6 @@ class TurboQuantMetadataBuilder(AttentionMetadataBuilder[TurboQuantMetadata]):
             max_query_len=cm.max_query_len, max_seq_len=cm.max_seq_len,
             query_start_loc=qsl, seq_lens=cm.seq_lens[:b],
             block_table=cm.block_table_tensor[:b], slot_mapping=cm.slot_mapping[:t])
-        if num_prefills:
-            md.prefill_query_start_loc = qsl[num_decodes:] - qsl[num_decodes]
         if self.window > 0 and t > 0 and b > 0:
             md.token_rows, md.token_pos, md.token_seq_end = self._token_positions(
                 qsl, cm.seq_lens[:b], t)

@@ -1,0 +1,309 @@
+"""One attention layer's step, as the backend runs it, timed on the host and on the GPU.
+
+The e2e runs are dominated by mixed prefill+decode steps, which vLLM runs with attention
+outside CUDA graphs: every launch's host time is paid per layer and step. This script builds
+the step of `backend/impl.py` (store with rotated output, decode, prefill over packed pages,
+deferred window store) for the SmolLM2 shape (9 query / 3 KV heads, head 64, bf16, block 16)
+and times, per call:
+
+  host_us  wall time of the launch on the host (no sync inside the timed loop);
+  gpu_us   CUDA-event time of the same calls;
+
+for each op alone, the whole forward, and vLLM's FlashAttention (varlen, paged bf16) plus
+its cache write for the same batch. A cProfile of the forward shows where host time goes.
+
+Device machine (vLLM 0.25 bundle):  python3 benchmarks/layer_step.py [--sweep] --json OUT.json
+(--sweep: the prefill kernel's launch configs; --best OUT.json prints the fastest correct one)
+CPU (interpreter, a smoke check of the script only):
+  TRITON_INTERPRET=1 python benchmarks/layer_step.py --smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import json
+import pstats
+import statistics
+import time
+
+import torch
+
+from vllm_turboquant.codec import TQConfig, TQLayerCodec
+from vllm_turboquant.kernels import TQLayerParams, TQSide, tq_decode, tq_prefill, tq_store
+from vllm_turboquant.kernels._common import default_num_splits, next_pow2
+
+
+def build_step(nd: int, dec_ctx: int, chunk: int, prefix: int, hq=9, hkv=3, d=64, bs=16,
+               window=64, dtype=torch.bfloat16, device="cuda", preset="turboquant"):
+    """Tensors of one mixed step: nd decodes (context dec_ctx) then one prefill chunk of
+    `chunk` tokens after `prefix` cached ones. Returns a dict of everything the ops take."""
+    g = torch.Generator(device="cpu").manual_seed(0)
+    cfg = TQConfig.from_name(preset, window=window)
+    params = TQLayerParams.from_codec(TQLayerCodec(cfg, d, layer=3), device)
+    lens = [dec_ctx] * nd + [prefix + chunk]
+    qlens = [1] * nd + [chunk]
+    b, t = len(lens), sum(qlens)
+    max_blocks = -(-max(lens) // bs)
+    num_blocks = b * max_blocks + 8
+    cache = torch.zeros(num_blocks, bs, hkv, params.layout.slot_bytes, dtype=torch.uint8,
+                        device=device)
+    bt = torch.randperm(num_blocks - 8, generator=g)[:b * max_blocks].view(b, max_blocks)
+    bt = bt.to(torch.int32).to(device)
+    seq_lens = torch.tensor(lens, dtype=torch.int32, device=device)
+    qsl = torch.tensor([0] + list(torch.tensor(qlens).cumsum(0)), dtype=torch.int32,
+                       device=device)
+    pos = torch.cat([torch.arange(n - q, n) for n, q in zip(lens, qlens)])
+    rows = torch.cat([torch.full((q,), r) for r, q in enumerate(qlens)])
+    bt_cpu = bt.cpu().long()
+    slots = bt_cpu[rows, pos // bs] * bs + pos % bs
+    send = torch.tensor(lens)[rows]
+    store_end = torch.where(torch.arange(t) >= nd, 1 << 30, send)
+    side_tok = torch.arange(max(nd, t - window), t)   # the chunk's last min(W, chunk) tokens
+    q = torch.randn(t, hq, d, generator=g).to(dtype).to(device)
+    k = torch.randn(t, hkv, d, generator=g).to(dtype).to(device)
+    v = torch.randn(t, hkv, d, generator=g).to(dtype).to(device)
+    i32 = dict(dtype=torch.int32, device=device)
+    return dict(
+        params=params, q=q, k=k, v=v, cache=cache, bt=bt, seq_lens=seq_lens,
+        nd=nd, t=t, chunk=chunk, hkv=hkv, max_model_len=max_blocks * bs,
+        slots=slots.to(device), rows=rows.to(**i32), pos=pos.to(**i32),
+        store_end=store_end.to(**i32), prefill_qsl=(qsl[nd:] - qsl[nd]).contiguous(),
+        side=TQSide.empty(128, window, hkv, d, dtype, device) if window else None,
+        side_tok=side_tok.to(device), side_slots=slots[side_tok].to(device),
+        side_rows=rows[side_tok].to(**i32), side_pos=pos[side_tok].to(**i32),
+        side_end=send[side_tok].to(**i32), out=torch.empty_like(q), scale=d ** -0.5)
+
+
+def ops(s):
+    """name -> zero-argument callable, one per launch group of impl.forward, plus 'forward'."""
+    nd, t = s["nd"], s["t"]
+    splits = default_num_splits(next_pow2(nd), s["hkv"], s["max_model_len"], s["q"].device)
+    rot = torch.empty((2, t) + s["k"].shape[1:], dtype=s["q"].dtype, device=s["q"].device)
+    side = s["side"]
+    side_p = None if side is None else TQSide(*(x[nd:] for x in side))
+
+    def store():
+        tq_store(s["k"], s["v"], s["cache"], s["slots"], s["params"], side, s["rows"],
+                 s["pos"], s["store_end"], rot_out=(rot[0], rot[1]))
+
+    def decode():
+        tq_decode(s["q"][:nd], s["cache"], s["bt"][:nd], s["seq_lens"][:nd], s["params"],
+                  s["scale"], side, num_splits=splits, out=s["out"][:nd])
+
+    def prefill():
+        tq_prefill(s["q"][nd:], rot[0, nd:], rot[1, nd:], s["prefill_qsl"], s["seq_lens"][nd:],
+                   s["cache"], s["bt"][nd:], s["params"], s["scale"], side_p,
+                   max_query_len=s["chunk"], out=s["out"][nd:], rotated=True)
+
+    def side_store():
+        if side is not None:
+            tq_store(s["k"], s["v"], s["cache"], s["side_slots"], s["params"], side,
+                     s["side_rows"], s["side_pos"], s["side_end"], token_index=s["side_tok"])
+
+    qsl = torch.cat([torch.arange(nd + 1, dtype=torch.int32, device=s["q"].device),
+                     s["prefill_qsl"][1:] + nd])
+
+    def unified():
+        tq_prefill(s["q"], rot[0], rot[1], qsl, s["seq_lens"], s["cache"], s["bt"], s["params"],
+                   s["scale"], side, max_query_len=s["chunk"], out=s["out"], rotated=True)
+
+    def forward_split():     # impl.forward before 2026-12-02: decodes through the split kernel
+        torch.empty((2, t) + s["k"].shape[1:], dtype=s["q"].dtype, device=s["q"].device)
+        store()
+        decode()
+        prefill()
+        side_store()
+
+    def forward():           # impl.forward now: store, one prefill launch, window store
+        torch.empty((2, t) + s["k"].shape[1:], dtype=s["q"].dtype, device=s["q"].device)
+        store()
+        unified()
+        side_store()
+
+    return {"store": store, "decode": decode, "prefill": prefill, "side_store": side_store,
+            "unified_prefill": unified, "forward_split": forward_split, "forward": forward}
+
+
+def fa_ops(s):
+    """vLLM's FlashAttention for the same batch on a paged bf16 cache, and its cache write."""
+    from vllm import _custom_ops as vops
+    from vllm.vllm_flash_attn import flash_attn_varlen_func
+
+    q, k, v = s["q"], s["k"], s["v"]
+    nb, bs = s["cache"].shape[:2]
+    kc = torch.zeros(nb, bs, k.shape[1], k.shape[2], dtype=q.dtype, device=q.device)
+    vc = torch.zeros_like(kc)
+    one = torch.ones((), dtype=torch.float32, device=q.device)
+    nd = s["nd"]
+    qsl = torch.cat([torch.arange(nd + 1, dtype=torch.int32, device=q.device),
+                     s["prefill_qsl"][1:] + nd])
+    out = torch.empty_like(q)
+
+    def cache_write():
+        vops.reshape_and_cache_flash(k, v, kc, vc, s["slots"], "auto", one, one)
+
+    def attend(version):
+        return lambda: flash_attn_varlen_func(
+            q, kc, vc, max_seqlen_q=s["chunk"], cu_seqlens_q=qsl,
+            max_seqlen_k=int(s["seq_lens"].max()), seqused_k=s["seq_lens"],
+            softmax_scale=s["scale"], causal=True, block_table=s["bt"], out=out,
+            fa_version=version)
+
+    res = {"fa_cache_write": cache_write}
+    for ver in (3, 2):
+        res[f"fa{ver}"] = attend(ver)
+
+    def fa_forward():
+        cache_write()
+        res["fa3"]()
+    res["fa_forward"] = fa_forward
+    return res
+
+
+def sweep_prefill(s, configs, reps: int, sync) -> list[dict]:
+    """The whole batch through the prefill kernel (as impl.forward does since 2026-12-02)
+    under each launch config: GPU/host time and the error against the torch reference."""
+    from vllm_turboquant.kernels.reference import tq_prefill_ref
+
+    t, nd = s["t"], s["nd"]
+    qsl = torch.cat([torch.arange(nd + 1, dtype=torch.int32, device=s["q"].device),
+                     s["prefill_qsl"][1:] + nd])
+    rot = torch.empty((2, t) + s["k"].shape[1:], dtype=s["q"].dtype, device=s["q"].device)
+    tq_store(s["k"], s["v"], s["cache"], s["slots"], s["params"], s["side"], s["rows"],
+             s["pos"], s["store_end"], rot_out=(rot[0], rot[1]))
+    want = tq_prefill_ref(s["q"], s["k"], s["v"], qsl, s["seq_lens"], s["cache"], s["bt"],
+                          s["params"], s["scale"], s["side"]).float()
+    rows = []
+    for cfg in configs:
+        out = torch.empty_like(s["q"])
+
+        def fn():
+            tq_prefill(s["q"], rot[0], rot[1], qsl, s["seq_lens"], s["cache"], s["bt"],
+                       s["params"], s["scale"], s["side"], max_query_len=max(s["chunk"], 1),
+                       out=out, rotated=True, **cfg)
+        row = dict(cfg)
+        try:
+            row.update(timeit(fn, reps, sync))
+            row["rel_err"] = ((out.float() - want).norm() / want.norm().clamp(min=1e-30)).item()
+        except Exception as e:  # noqa: BLE001 - a config that fails is a result
+            row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+        rows.append(row)
+        print("  sweep", row, flush=True)
+    return rows
+
+
+def best_config(result: dict, max_err: float = 1e-2) -> dict:
+    """The fastest sweep row (GPU time) of the first sweep case with rel_err < max_err."""
+    rows = next(iter(result["sweep"].values()))
+    ok = [r for r in rows if r.get("gpu_us") and r.get("rel_err", 1.0) < max_err]
+    best = min(ok, key=lambda r: r["gpu_us"])
+    return {k: best[k] for k in ("block_m", "block_n", "num_warps")}
+
+
+def timeit(fn, reps: int, sync) -> dict:
+    """Median host microseconds per call (no sync inside a call) and GPU microseconds."""
+    for _ in range(3):
+        fn()
+    sync()
+    host = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        host.append((time.perf_counter() - t0) * 1e6)
+        sync()          # keep the launch queue empty, so host time is the launch alone
+    gpu = None
+    if torch.cuda.is_available():
+        # GPU time alone: a sleep kernel holds the stream while the host queues every call,
+        # so the events bracket back-to-back execution, not the launches.
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda._sleep(int(statistics.median(host) * reps * 1.5e-6 * 2e9) + 1_000_000)
+        e0.record()
+        for _ in range(reps):
+            fn()
+        e1.record()
+        torch.cuda.synchronize()
+        gpu = e0.elapsed_time(e1) * 1000 / reps
+    return {"host_us": statistics.median(host), "host_p20_us": sorted(host)[len(host) // 5],
+            "gpu_us": gpu}
+
+
+def profile(fn, n: int) -> str:
+    pr = cProfile.Profile()
+    pr.enable()
+    for _ in range(n):
+        fn()
+    pr.disable()
+    buf = io.StringIO()
+    pstats.Stats(pr, stream=buf).sort_stats("tottime").print_stats(25)
+    return buf.getvalue()
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes (CPU interpreter)")
+    ap.add_argument("--reps", type=int, default=50)
+    ap.add_argument("--sweep", action="store_true", help="prefill launch configs (GPU)")
+    ap.add_argument("--best", metavar="JSON", help="print the fastest correct SmolLM2 prefill "
+                    "config of a --sweep run, as $VLLM_TURBOQUANT_PREFILL_CONFIG takes it")
+    args = ap.parse_args()
+    if args.best:
+        print(json.dumps(best_config(json.load(open(args.best)))))
+        return
+    cuda = torch.cuda.is_available()
+    dev = "cuda" if cuda else "cpu"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    cases = ([("smoke", 2, 40, 20, 16)] if args.smoke else
+             [("mixed 64 dec x 1K + 1984 chunk @ 2K prefix", 64, 1024, 1984, 2048),
+              ("mixed 16 dec x 1K + 2032 chunk fresh", 16, 1024, 2032, 0),
+              ("decode only 128 x 1K (eager)", 128, 1024, 0, 0)])
+    reps = 2 if args.smoke else args.reps
+    result = {"device": torch.cuda.get_device_name() if cuda else "cpu",
+              "torch": torch.__version__, "triton": __import__("triton").__version__,
+              "shape": "SmolLM2: 9 q / 3 kv heads, head 64, bf16, block 16, turboquant W=64",
+              "cases": []}
+    for name, nd, ctx, chunk, prefix in cases:
+        s = build_step(nd, ctx, max(chunk, 1), prefix, device=dev)
+        fns = ops(s)
+        if chunk == 0:       # decode-only: store + decode
+            fns = {"store": fns["store"], "decode": fns["decode"]}
+        row = {"case": name, "ops": {}}
+        for op, fn in fns.items():
+            try:
+                row["ops"][op] = timeit(fn, reps, sync)
+            except Exception as e:  # noqa: BLE001 - a failing op is a result, go on
+                row["ops"][op] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+        if cuda and chunk:
+            try:
+                for op, fn in fa_ops(s).items():
+                    row["ops"][op] = timeit(fn, reps, sync)
+            except Exception as e:  # noqa: BLE001
+                row["fa_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        if chunk:
+            row["profile_forward"] = profile(fns["forward"], 3 if args.smoke else 40)
+        result["cases"].append(row)
+        print(f"== {name}")
+        for op, r in row["ops"].items():
+            print(f"  {op:16s} " + "  ".join(f"{k}={v:.1f}" if isinstance(v, float) else
+                                             f"{k}={v}" for k, v in r.items()))
+    if args.sweep and cuda:
+        grid = [dict(block_m=m, block_n=n, num_warps=w) for m in (16, 32) for n in (32, 64)
+                for w in (4, 8)] + [dict(block_m=8, block_n=64, num_warps=4)]
+        result["sweep"] = {}
+        for name, kw in (("smollm2 mixed 64 dec x 1K + 1984 @ 2K", dict(nd=64, dec_ctx=1024,
+                                                                        chunk=1984, prefix=2048)),
+                         ("d128 32/8 heads, 2048 chunk @ 8K prefix",
+                          dict(nd=0, dec_ctx=1, chunk=2048, prefix=8192, hq=32, hkv=8, d=128))):
+            print(f"== sweep {name}", flush=True)
+            result["sweep"][name] = sweep_prefill(build_step(**kw, device=dev), grid, 20, sync)
+    if result["cases"] and "profile_forward" in result["cases"][0]:
+        print(result["cases"][0]["profile_forward"][:4000])
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
