@@ -3,7 +3,7 @@
 # (../shared/device/README.md). Each stage fits in one 10-minute device call and leaves one
 # archive, $OUT/STAGE.tgz, with its logs and JSON (the device returns at most 8 files).
 #
-#   bash benchmarks/gpu_suite.sh gputests|crashmatrix|kernels|quality|e2e|serving|tp
+#   bash benchmarks/gpu_suite.sh gputests|crashmatrix|layerstep|kernels|quality|e2e|serving|tp
 #
 # quality: DTYPES (perplexity rows, default below) and CHECKS (dtypes of the greedy-token
 # consistency checks, default turboquant,auto; empty = none) split it over two calls.
@@ -30,8 +30,13 @@ case $stage in
       2>&1 | tee "$out/gpu-tests.log" ;;
   crashmatrix)
     # Which launch faults (head-128 window prefill, 2026-11-23): each case in its own process.
-    timeout 400 python3 tests/gpu/crash_matrix.py --json "$out/crash_matrix.json" 2>&1 |
+    timeout 400 python3 tests/gpu/crash_matrix.py --jobs 6 --json "$out/crash_matrix.json" 2>&1 |
       tee "$out/crash_matrix.log" ;;
+  layerstep)
+    # One attention layer's step, host and GPU time vs FlashAttention, and the prefill launch
+    # sweep; `layer_step.py --best $out/layer_step.json` prints the winning config.
+    timeout 300 python3 benchmarks/layer_step.py --sweep --json "$out/layer_step.json" 2>&1 |
+      tee "$out/layer_step.log" ;;
   kernels)
     timeout 200 python3 -m pytest -m gpu -q -p no:cacheprovider tests/gpu/test_kernels_gpu.py \
       2>&1 | tee "$out/gpu-tests.log"
@@ -49,9 +54,8 @@ case $stage in
     timeout 560 python3 benchmarks/serving_compare.py --model "$TQ_MODEL" --out-dir "$out" \
       2>&1 | tee "$out/serving.log" ;;
   tp)
-    # The tiny model has head size 128: window presets there are refused on CUDA until the
-    # 2026-11-23 crash is fixed (settings.check_verified_on_gpu); this stage reproduces it.
-    export VLLM_TURBOQUANT_ALLOW_UNVERIFIED=1
+    # The tiny model has head size 128: since 2026-12-02 the 4-bit presets are verified there
+    # (settings.check_verified_on_gpu); the TP run with the window default is not re-run yet.
     python3 benchmarks/make_tiny_llama.py /tmp/tiny-llama --tokenizer "$TQ_MODEL" &&
       timeout 500 python3 benchmarks/tp_compare.py --model /tmp/tiny-llama --json "$out/tp.json" \
         2>&1 | tee "$out/tp.log" ;;

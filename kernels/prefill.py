@@ -240,10 +240,14 @@ def tq_prefill(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     to avoid a device->host sync). Returns [T, Hq, D] in query.dtype.
     lookup 3 (register prmt lookups; was 2, the 16-entry table): lookup 2 with a window
     faulted at head 128 on the H100/H200 (tests/gpu/crash_matrix.py) and is refused there.
-    num_warps 8 (was 4): compiled for sm_90, 4 warps spill 640-2,080 B per thread with a window
-    and 800 B at head 128 without; 8 warps 0-480 (benchmarks/kernel_resources.py, triton 3.9).
-    Chosen from those counts on a CPU; not yet timed on the H100 (the 7.8 ms prefill figure in
-    docs/kernels-notes.md is 4 warps).
+    Launch config (block_m rows of tokens x padded group = 128 rows, block_n 32, 4 warps): the
+    fastest correct one of `benchmarks/layer_step.py --sweep` on the H200 (2026-12-02,
+    benchmarks/results/h200-20261202/layer_step.json), both shapes swept: SmolLM2 mixed step
+    (64 decodes x 1K + a 1,984-token chunk at 2K) 412 us vs 550 at 8 warps (the previous
+    default, chosen from spill counts alone) and 452-2,771 for the other 7; head 128, 32/8
+    heads, 2K chunk at 8K: 2,701 us vs 2,947 at 8 warps. Head 256 keeps 8 warps (not swept).
+    $VLLM_TURBOQUANT_PREFILL_CONFIG
+    overrides it (see launch_override).
     """
     p = as_params(params, query.device)
     t, hq, d = query.shape
@@ -271,7 +275,9 @@ def tq_prefill(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     g_pad = next_pow2(g)
     tuned = launch_override()
     block_n = block_n or tuned.get("block_n", 32)
-    num_warps = num_warps or tuned.get("num_warps", 8)
+    # 4 warps at heads 64/128 (swept, see the docstring); head 256 keeps 8 (its [128, 128] fp32
+    # accumulator halves, what the GPU suite ran; not swept)
+    num_warps = num_warps or tuned.get("num_warps", 4 if d <= 128 else 8)
     if block_m is None:
         # 128 rows per program: 8.1 ms vs 12.4 (64 rows) and 20.4 (32 rows) at 32K cached +
         # 2K chunk, head 128, GQA 4, H100, before the 4-byte alignment hint.
@@ -287,11 +293,13 @@ def tq_prefill(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     lay = p.layout
     kmode, vmode, kpair, vpair, kasm, vasm = lookup_tables(
         p, dot_dtype, lookup, allow_asm=not interpreting(_tq_prefill_kernel))
-    if has_side and d >= 128 and 2 in (kmode, vmode) and query.is_cuda:
-        # H200 and H100, triton 3.6: this variant faults ("illegal memory access") or returns
-        # wrong output depending on block sizes (tests/gpu/crash_matrix.py, 2026-12-02).
-        raise ValueError("tq_prefill: lookup=2 with a window at head size >= 128 is miscompiled "
-                         "on CUDA (triton 3.6); use lookup=3 (the default) or 1")
+    if has_side and d >= 128 and {kmode, vmode} & {0, 2} and query.is_cuda:
+        # H200 and H100, triton 3.6 (tests/gpu/crash_matrix.py, 2026-12-02): with a window at
+        # head 128 the table-gather paths fault ("illegal memory access", 4-bit lookup 2) or
+        # return wrong output (block_m 32; 3-bit codes, mode 0); the register lookup is right.
+        raise ValueError("tq_prefill: table-lookup dequantization (lookup=2, or codes of other "
+                         "than 4 bits) with a window at head size >= 128 is miscompiled on CUDA "
+                         "(triton 3.6); use 4-bit codes with lookup=3 (the default) or 1")
     grid = (bsz, triton.cdiv(max_query_len, block_m), hkv)
     _tq_prefill_kernel[grid](
         q, k, v, out, cu_seqlens_q, seq_lens, kv_cache, block_table,

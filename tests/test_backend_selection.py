@@ -147,13 +147,15 @@ def test_vllm_config_refuses_a_bad_preset_through_the_platform_hook(monkeypatch)
                    additional_config={"turboquant": {"preset": "tq-bogus"}})
 
 
-def test_validation_refuses_an_unverified_window_head_size_on_cuda(monkeypatch):
+def test_validation_refuses_unverified_bits_at_head_128_on_cuda(monkeypatch):
     monkeypatch.delenv(settings.ENV_PRESET, raising=False)
     monkeypatch.delenv("VLLM_TURBOQUANT_ALLOW_UNVERIFIED", raising=False)
     cuda = _fake_config(model=FakeModel(head_size=128))
     cuda.device_config = types.SimpleNamespace(device_type="cuda")
+    assert compat.validate_vllm_config(cuda) == PRESETS["turboquant"]   # 4-bit + window: ok
+    monkeypatch.setenv(settings.ENV_PRESET, "tq-k3v3")
     with pytest.raises(TurboQuantConfigError, match="head size 128"):
         compat.validate_vllm_config(cuda)
     cpu = _fake_config(model=FakeModel(head_size=128))
     cpu.device_config = types.SimpleNamespace(device_type="cpu")
-    assert compat.validate_vllm_config(cpu) == PRESETS["turboquant"]
+    assert compat.validate_vllm_config(cpu) == PRESETS["tq-k3v3"]

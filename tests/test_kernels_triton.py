@@ -302,3 +302,39 @@ def test_head128_window_step_store_then_prefill_then_side():
     assert (caches[0] != caches[1]).float().mean() < 1e-4
     assert torch.equal(sides[0].tag, sides[1].tag) and (sides[0].tag[0] >= 0).all()
     torch.testing.assert_close(sides[0].k.float(), sides[1].k.float(), atol=3e-2, rtol=3e-2)
+
+
+def test_prefill_launch_override_is_used_and_validated(monkeypatch):
+    """$VLLM_TURBOQUANT_PREFILL_CONFIG sets the launch defaults (what the H200 e2e run used),
+    a bad value is a clear error, not a silent default."""
+    from vllm_turboquant.kernels import prefill as pf
+
+    seen = {}
+    run = pf._tq_prefill_kernel.run
+
+    def spy(*a, **k):
+        seen.update(block_m=k["BLOCK_M"], block_n=k["BLOCK_N"], num_warps=k.get("num_warps"))
+        return run(*a, **k)
+
+    monkeypatch.setattr(pf._tq_prefill_kernel, "run", spy)
+    d, hkv, hq = 64, 1, 2
+    _, params = make_params("turboquant", d=d)
+    lens = [9]
+    cache, bt, chunks = paged(lens, hkv, d, 16, params, torch.bfloat16)
+    q = torch.randn(9, hq, d).to(torch.bfloat16)
+    cu, sl = torch.tensor([0, 9], dtype=torch.int32), torch.tensor(lens, dtype=torch.int32)
+    try:
+        monkeypatch.setenv(pf._OVERRIDE_ENV, '{"block_m": 4, "block_n": 16, "num_warps": 2}')
+        pf.launch_override.cache_clear()
+        got = tq_prefill(q, chunks[0][0], chunks[0][1], cu, sl, cache, bt, params, d ** -0.5)
+        assert seen == {"block_m": 4, "block_n": 16, "num_warps": 2}
+        want = tq_prefill_ref(q, chunks[0][0], chunks[0][1], cu, sl, cache, bt, params,
+                              d ** -0.5)
+        torch.testing.assert_close(got.float(), want.float(), atol=3e-2, rtol=3e-2)
+        monkeypatch.setenv(pf._OVERRIDE_ENV, '{"block_m": 4, "warps": 2}')
+        pf.launch_override.cache_clear()
+        with pytest.raises(ValueError, match="VLLM_TURBOQUANT_PREFILL_CONFIG"):
+            tq_prefill(q, chunks[0][0], chunks[0][1], cu, sl, cache, bt, params, d ** -0.5)
+    finally:
+        monkeypatch.delenv(pf._OVERRIDE_ENV)
+        pf.launch_override.cache_clear()

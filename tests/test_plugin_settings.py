@@ -106,16 +106,20 @@ def test_active_preset_follows_the_latest_resolution():
     assert settings.active() is PRESETS[DEFAULT_PRESET]
 
 
-def test_window_presets_on_cuda_refused_for_unverified_head_sizes(monkeypatch):
-    """A head-128 model with a window preset crashed vLLM on CUDA (2026-11-23): refused at
-    startup with the way out, until verified; CPU, window-less presets and head 64 pass."""
+def test_unverified_bits_on_cuda_refused_for_head_sizes_other_than_64(monkeypatch):
+    """3-bit codes at head 128 gave wrong prefill output on the H200 (2026-12-02): refused at
+    startup with the way out; 4-bit presets (window or not), CPU and head 64 pass."""
     monkeypatch.delenv("VLLM_TURBOQUANT_ALLOW_UNVERIFIED", raising=False)
-    default = PRESETS[DEFAULT_PRESET]
-    assert default.window > 0
-    with pytest.raises(TurboQuantConfigError, match=r"head size 128.*tq-k4v4.*window"):
-        settings.check_verified_on_gpu(default, 128, on_cuda=True)
-    settings.check_verified_on_gpu(default, 64, on_cuda=True)
-    settings.check_verified_on_gpu(default, 128, on_cuda=False)
-    settings.check_verified_on_gpu(PRESETS["tq-k4v4"], 128, on_cuda=True)
+    default, k3 = PRESETS[DEFAULT_PRESET], PRESETS["tq-k3v3"]
+    assert default.window > 0 and (default.key_bits, default.value_bits) == (4, 4)
+    with pytest.raises(TurboQuantConfigError, match=r"K3/V3.*head size 128.*tq-k4v4"):
+        settings.check_verified_on_gpu(k3, 128, on_cuda=True)
+    with pytest.raises(TurboQuantConfigError, match=r"head size 256"):
+        settings.check_verified_on_gpu(k3, 256, on_cuda=True)
+    settings.check_verified_on_gpu(k3, 64, on_cuda=True)
+    settings.check_verified_on_gpu(k3, 128, on_cuda=False)
+    for head in (64, 128, 256):
+        settings.check_verified_on_gpu(default, head, on_cuda=True)
+        settings.check_verified_on_gpu(PRESETS["tq-k4v4"], head, on_cuda=True)
     monkeypatch.setenv("VLLM_TURBOQUANT_ALLOW_UNVERIFIED", "1")
-    settings.check_verified_on_gpu(default, 128, on_cuda=True)
+    settings.check_verified_on_gpu(k3, 128, on_cuda=True)

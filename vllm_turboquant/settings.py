@@ -133,25 +133,33 @@ def check_servable(config: TQConfig) -> None:
             f"({_servable_presets()})")
 
 
-# Window presets verified end to end on CUDA (vLLM serving a real model through the Triton
-# kernels). On 2026-11-23 a head-128 model with the default window-64 preset died with "CUDA
-# illegal memory access" on its first prompt longer than the window (TP 1 and TP 2, 2x H200;
-# benchmarks/results/tp-H200x2-20261123/), while head-64 SmolLM2 served fine. Until the GPU
-# tests that replay that step pass, other head sizes are refused with a window rather than
-# risking a crash mid-serve. VLLM_TURBOQUANT_ALLOW_UNVERIFIED=1 lifts the refusal (developers).
-GPU_WINDOW_VERIFIED_HEAD_SIZES = (64,)
+# What is verified on CUDA (the Triton kernels against their references on the GPU, and vLLM
+# serving a real model): head size 64 with every servable preset; other head sizes with 4-bit
+# keys and values, which the kernels dequantize with register `prmt` lookups. History: on
+# 2026-11-23 a head-128 model with the window-64 default died with "CUDA illegal memory access"
+# on its first prompt longer than the window (2x H200, benchmarks/results/tp-H200x2-20261123/).
+# On 2026-12-02 (H200, triton 3.6, tests/gpu/crash_matrix.py) the prefill kernel's table-lookup
+# paths at head 128 with a window faulted (4-bit lookup 2, then the default) or returned wrong
+# output (3-bit codes: relative error 1.19), while the register lookup (lookup 3, now the
+# default) passed every case (heads 128 and 256, windows 16 and 64, GQA 2-8, fp16/bf16) and the
+# GPU suite (74 tests; benchmarks/results/h200-20261202/). So 3-bit presets stay refused at
+# head sizes other than 64 on CUDA. VLLM_TURBOQUANT_ALLOW_UNVERIFIED=1 lifts the refusal
+# (developers).
+GPU_ANY_BITS_HEAD_SIZES = (64,)
+GPU_VERIFIED_BITS = (4, 4)
 
 
 def check_verified_on_gpu(config: TQConfig, head_size: int, on_cuda: bool) -> None:
-    if (not on_cuda or config.window <= 0 or head_size in GPU_WINDOW_VERIFIED_HEAD_SIZES
+    if (not on_cuda or head_size in GPU_ANY_BITS_HEAD_SIZES
+            or (config.key_bits, config.value_bits) == GPU_VERIFIED_BITS
             or os.environ.get("VLLM_TURBOQUANT_ALLOW_UNVERIFIED") == "1"):
         return
     raise TurboQuantConfigError(
-        f"TurboQuant preset {config.name!r} keeps a {config.window}-token window, which on CUDA "
-        f"is verified only for head size {list(GPU_WINDOW_VERIFIED_HEAD_SIZES)}; this model has "
-        f"head size {head_size}, where a known bug crashed the server (docs/serving-vllm.md). "
-        "Use --kv-cache-dtype tq-k4v4 (no window) or --additional-config "
-        "'{\"turboquant\": {\"window\": 0}}' until it is fixed")
+        f"TurboQuant preset {config.name!r} stores K{config.key_bits}/V{config.value_bits}-bit "
+        f"codes, which on CUDA are verified only for head size {list(GPU_ANY_BITS_HEAD_SIZES)}; "
+        f"this model has head size {head_size}, where the prefill kernel returned wrong results "
+        "in the GPU tests (docs/serving-vllm.md). Use --kv-cache-dtype turboquant or tq-k4v4 "
+        "(4-bit keys and values) for this model")
 
 
 def check_head_size(head_size: int) -> None:
