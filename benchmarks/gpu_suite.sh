@@ -3,7 +3,7 @@
 # (../shared/device/README.md). Each stage fits in one 10-minute device call and leaves one
 # archive, $OUT/STAGE.tgz, with its logs and JSON (the device returns at most 8 files).
 #
-#   bash benchmarks/gpu_suite.sh gputests|crashmatrix|layerstep|kernels|quality|e2e|serving|tp
+#   bash benchmarks/gpu_suite.sh gputests|crashmatrix|verify|layerstep|kernels|quality|e2e|serving|tp
 #
 # quality: DTYPES (perplexity rows, default below) and CHECKS (dtypes of the greedy-token
 # consistency checks, default turboquant,auto; empty = none) split it over two calls.
@@ -32,6 +32,18 @@ case $stage in
     # Which launch faults (head-128 window prefill, 2026-11-23): each case in its own process.
     timeout 400 python3 tests/gpu/crash_matrix.py --jobs 6 --json "$out/crash_matrix.json" 2>&1 |
       tee "$out/crash_matrix.log" ;;
+  verify)
+    # The correctness pair at once (about 4 minutes on an H200, 2026-12-02): the GPU suite and
+    # the crash matrix (each case in its own process) share the GPU; nothing here is timed.
+    timeout 250 python3 tests/gpu/crash_matrix.py --jobs 6 --json "$out/crash_matrix.json" \
+      >"$out/crash_matrix.log" 2>&1 &
+    timeout 280 python3 -m pytest -m gpu -q -p no:cacheprovider tests/gpu/test_kernels_gpu.py \
+      >"$out/gpu-tests.log" 2>&1
+    rc_tests=$?
+    wait
+    cat "$out/crash_matrix.log"
+    tail -3 "$out/gpu-tests.log"
+    (exit $rc_tests) ;;
   layerstep)
     # One attention layer's step, host and GPU time vs FlashAttention, and the prefill launch
     # sweep; `layer_step.py --best $out/layer_step.json` prints the winning config.
