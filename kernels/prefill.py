@@ -246,8 +246,7 @@ def tq_prefill(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     (64 decodes x 1K + a 1,984-token chunk at 2K) 412 us vs 550 at 8 warps (the previous
     default, chosen from spill counts alone) and 452-2,771 for the other 7; head 128, 32/8
     heads, 2K chunk at 8K: 2,701 us vs 2,947 at 8 warps. Head 256 keeps 8 warps (not swept).
-    $VLLM_TURBOQUANT_PREFILL_CONFIG
-    overrides it (see launch_override).
+    $VLLM_TURBOQUANT_PREFILL_CONFIG overrides it (see launch_override).
     """
     p = as_params(params, query.device)
     t, hq, d = query.shape
@@ -293,13 +292,14 @@ def tq_prefill(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     lay = p.layout
     kmode, vmode, kpair, vpair, kasm, vasm = lookup_tables(
         p, dot_dtype, lookup, allow_asm=not interpreting(_tq_prefill_kernel))
-    if has_side and d >= 128 and {kmode, vmode} & {0, 2} and query.is_cuda:
+    if has_side and d >= 128 and (kmode, vmode) != (3, 3) and query.is_cuda:
         # H200 and H100, triton 3.6 (tests/gpu/crash_matrix.py, 2026-12-02): with a window at
         # head 128 the table-gather paths fault ("illegal memory access", 4-bit lookup 2) or
-        # return wrong output (block_m 32; 3-bit codes, mode 0); the register lookup is right.
-        raise ValueError("tq_prefill: table-lookup dequantization (lookup=2, or codes of other "
-                         "than 4 bits) with a window at head size >= 128 is miscompiled on CUDA "
-                         "(triton 3.6); use 4-bit codes with lookup=3 (the default) or 1")
+        # return wrong output (block_m 32; 3-bit codes, mode 0); the register lookup (mode 3)
+        # is right. The 256-entry pair table (mode 1) is a gather too and was never run there.
+        raise ValueError("tq_prefill: table-lookup dequantization (lookup 1 or 2, or codes of "
+                         "other than 4 bits) with a window at head size >= 128 is miscompiled "
+                         "on CUDA (triton 3.6); use 4-bit codes with lookup=3 (the default)")
     grid = (bsz, triton.cdiv(max_query_len, block_m), hkv)
     _tq_prefill_kernel[grid](
         q, k, v, out, cu_seqlens_q, seq_lens, kv_cache, block_table,

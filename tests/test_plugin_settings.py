@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from vllm_turboquant import settings
 from vllm_turboquant.codec import DEFAULT_PRESET, PRESETS, TQConfig
@@ -121,5 +122,11 @@ def test_unverified_bits_on_cuda_refused_for_head_sizes_other_than_64(monkeypatc
     for head in (64, 128, 256):
         settings.check_verified_on_gpu(default, head, on_cuda=True)
         settings.check_verified_on_gpu(PRESETS["tq-k4v4"], head, on_cuda=True)
+    # fp32 models take the generic table path, unverified with a window at head 128
+    with pytest.raises(TurboQuantConfigError, match=r"fp16/bf16 models only.*float32"):
+        settings.check_verified_on_gpu(default, 128, on_cuda=True, model_dtype=torch.float32)
+    settings.check_verified_on_gpu(default, 128, on_cuda=True, model_dtype=torch.bfloat16)
+    settings.check_verified_on_gpu(PRESETS["tq-k4v4"], 128, on_cuda=True,
+                                   model_dtype=torch.float32)
     monkeypatch.setenv("VLLM_TURBOQUANT_ALLOW_UNVERIFIED", "1")
     settings.check_verified_on_gpu(k3, 128, on_cuda=True)

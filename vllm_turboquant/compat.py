@@ -323,7 +323,8 @@ def validate_vllm_config(vllm_config):
                 "serve" + way_out)
         settings.check_head_size(model_config.get_head_size())
         settings.check_verified_on_gpu(config, model_config.get_head_size(),
-                                       _on_cuda(vllm_config))
+                                       _on_cuda(vllm_config),
+                                       getattr(model_config, "dtype", None))
     if getattr(cache_config, "kv_cache_dtype_skip_layers", None):
         raise TurboQuantConfigError(
             "--kv-cache-dtype-skip-layers is not supported with TurboQuant: every attention "

@@ -22,6 +22,8 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+import torch
+
 from vllm_turboquant.codec import DEFAULT_PRESET, KERNEL_HEAD_SIZES, PRESETS, TQConfig
 
 GENERIC_DTYPE = "turboquant"
@@ -149,10 +151,20 @@ GPU_ANY_BITS_HEAD_SIZES = (64,)
 GPU_VERIFIED_BITS = (4, 4)
 
 
-def check_verified_on_gpu(config: TQConfig, head_size: int, on_cuda: bool) -> None:
+def check_verified_on_gpu(config: TQConfig, head_size: int, on_cuda: bool,
+                          model_dtype=None) -> None:
     if (not on_cuda or head_size in GPU_ANY_BITS_HEAD_SIZES
-            or (config.key_bits, config.value_bits) == GPU_VERIFIED_BITS
             or os.environ.get("VLLM_TURBOQUANT_ALLOW_UNVERIFIED") == "1"):
+        return
+    if (config.key_bits, config.value_bits) == GPU_VERIFIED_BITS:
+        if config.window > 0 and model_dtype is not None and model_dtype not in (
+                torch.float16, torch.bfloat16):
+            # fp32 attention takes the kernels' generic table path (no register lookup)
+            raise TurboQuantConfigError(
+                f"TurboQuant preset {config.name!r} keeps a {config.window}-token window; on "
+                f"CUDA at head size {head_size} that is verified for fp16/bf16 models only, "
+                f"this one runs in {model_dtype}. Use --dtype bfloat16 (or float16), or "
+                "--kv-cache-dtype tq-k4v4 (no window)")
         return
     raise TurboQuantConfigError(
         f"TurboQuant preset {config.name!r} stores K{config.key_bits}/V{config.value_bits}-bit "
