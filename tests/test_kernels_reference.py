@@ -272,3 +272,19 @@ def test_prmt_dequant_asm_matches_codebook(d, dtype):
             assert halves[4 + k] == want[byte >> 4], (hex(w), k)
     # Not symmetric -> no asm (the launcher falls back to the pair table).
     assert prmt_dequant_asm(cent + 0.01, dtype) is None
+
+
+@pytest.mark.parametrize("name", ["turboquant", "tq-k4v4"])
+@pytest.mark.parametrize("d", [64, 128, 256])
+def test_4bit_presets_take_the_register_lookup(name, d):
+    """The plugin admits 4-bit window presets at heads 128/256 on CUDA because their prefill
+    runs the register (prmt) dequantization; tq_prefill refuses the table paths there. That
+    needs codebooks exactly symmetric in fp16 and bf16, else a server would fail at its first
+    prefill instead of at startup."""
+    pytest.importorskip("triton")
+    from vllm_turboquant.kernels.decode import lookup_tables
+
+    params = TQLayerParams.from_codec(TQLayerCodec(TQConfig.from_name(name), d, layer=1))
+    for dtype in (torch.float16, torch.bfloat16):
+        kmode, vmode, *_ = lookup_tables(params, dtype, lookup=3, allow_asm=True)
+        assert (kmode, vmode) == (3, 3), (name, d, dtype)
