@@ -132,7 +132,9 @@ def main() -> None:
             res["status"] = "ok" if res["rel_err"] < 1e-2 else "MISMATCH"
         else:
             err = [x for x in p.stderr.splitlines() if "Error" in x or "error" in x]
-            res = {"status": "FAULT", "error": (err[-1] if err else p.stderr[-300:])[:300]}
+            msg = (err[-1] if err else p.stderr[-300:])[:300]
+            # the launcher's own refusal of a known-miscompiled variant is not a fault
+            res = {"status": "REFUSED" if "miscompiled" in msg else "FAULT", "error": msg}
         print(f"{name:45s} {res['status']:9s} {res.get('rel_err', res.get('error'))}",
               flush=True)
         return name, res
