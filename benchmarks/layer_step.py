@@ -289,8 +289,12 @@ def main():
             print(f"  {op:16s} " + "  ".join(f"{k}={v:.1f}" if isinstance(v, float) else
                                              f"{k}={v}" for k, v in r.items()))
     if args.sweep and cuda:
+        # block_m is tokens per program: x the padded group (4 for both shapes) = rows.
+        # The 2026-12-02 run swept the first 9; 256-row programs (block_m 64) are new.
         grid = [dict(block_m=m, block_n=n, num_warps=w) for m in (16, 32) for n in (32, 64)
-                for w in (4, 8)] + [dict(block_m=8, block_n=64, num_warps=4)]
+                for w in (4, 8)] + [dict(block_m=8, block_n=64, num_warps=4),
+                                    dict(block_m=64, block_n=32, num_warps=4),
+                                    dict(block_m=64, block_n=32, num_warps=8)]
         result["sweep"] = {}
         for name, kw in (("smollm2 mixed 64 dec x 1K + 1984 @ 2K", dict(nd=64, dec_ctx=1024,
                                                                         chunk=1984, prefix=2048)),
