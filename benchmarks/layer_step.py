@@ -301,7 +301,11 @@ def main():
                          ("d128 32/8 heads, 2048 chunk @ 8K prefix",
                           dict(nd=0, dec_ctx=1, chunk=2048, prefix=8192, hq=32, hkv=8, d=128))):
             print(f"== sweep {name}", flush=True)
-            result["sweep"][name] = sweep_prefill(build_step(**kw, device=dev), grid, 20, sync)
+            try:   # a fault kills the CUDA context: keep what the earlier cases measured
+                result["sweep"][name] = sweep_prefill(build_step(**kw, device=dev), grid, 20,
+                                                      sync)
+            except Exception as e:  # noqa: BLE001
+                result["sweep"][name] = [{"error": f"{type(e).__name__}: {str(e)[:200]}"}]
     if result["cases"] and "profile_forward" in result["cases"][0]:
         print(result["cases"][0]["profile_forward"][:4000])
     if args.json:
