@@ -6,8 +6,10 @@ the step of `backend/impl.py` (store with rotated output, decode, prefill over p
 deferred window store) for the SmolLM2 shape (9 query / 3 KV heads, head 64, bf16, block 16)
 and times, per call:
 
-  host_us  wall time of the launch on the host (no sync inside the timed loop);
-  gpu_us   CUDA-event time of the same calls;
+  host_us  wall time of the launch on the host (median; the queue is drained between calls,
+           outside the timed region);
+  gpu_us   back-to-back execution of the same calls, bracketed by CUDA events while a sleep
+           kernel holds the stream (so launches are not in it);
 
 for each op alone, the whole forward, and vLLM's FlashAttention (varlen, paged bf16) plus
 its cache write for the same batch. A cProfile of the forward shows where host time goes.
@@ -65,22 +67,29 @@ def build_step(nd: int, dec_ctx: int, chunk: int, prefix: int, hq=9, hkv=3, d=64
     k = torch.randn(t, hkv, d, generator=g).to(dtype).to(device)
     v = torch.randn(t, hkv, d, generator=g).to(dtype).to(device)
     i32 = dict(dtype=torch.int32, device=device)
+    # qsl: the whole batch's query starts (decodes as one-token chunks, what impl.forward hands
+    # the prefill kernel); prefill_qsl: the chunk's alone, rebased to 0
     return dict(
         params=params, q=q, k=k, v=v, cache=cache, bt=bt, seq_lens=seq_lens,
         nd=nd, t=t, chunk=chunk, hkv=hkv, max_model_len=max_blocks * bs,
         slots=slots.to(device), rows=rows.to(**i32), pos=pos.to(**i32),
-        store_end=store_end.to(**i32), prefill_qsl=(qsl[nd:] - qsl[nd]).contiguous(),
+        store_end=store_end.to(**i32), qsl=qsl, prefill_qsl=(qsl[nd:] - qsl[nd]).contiguous(),
         side=TQSide.empty(128, window, hkv, d, dtype, device) if window else None,
         side_tok=side_tok.to(device), side_slots=slots[side_tok].to(device),
         side_rows=rows[side_tok].to(**i32), side_pos=pos[side_tok].to(**i32),
         side_end=send[side_tok].to(**i32), out=torch.empty_like(q), scale=d ** -0.5)
 
 
+def new_rot(s) -> torch.Tensor:
+    """The [2, T, Hkv, D] buffer impl.forward allocates per mixed step for the rotated K/V."""
+    return torch.empty((2, s["t"]) + s["k"].shape[1:], dtype=s["q"].dtype, device=s["q"].device)
+
+
 def ops(s):
     """name -> zero-argument callable, one per launch group of impl.forward, plus 'forward'."""
-    nd, t = s["nd"], s["t"]
+    nd = s["nd"]
     splits = default_num_splits(next_pow2(nd), s["hkv"], s["max_model_len"], s["q"].device)
-    rot = torch.empty((2, t) + s["k"].shape[1:], dtype=s["q"].dtype, device=s["q"].device)
+    rot = new_rot(s)
     side = s["side"]
     side_p = None if side is None else TQSide(*(x[nd:] for x in side))
 
@@ -102,22 +111,20 @@ def ops(s):
             tq_store(s["k"], s["v"], s["cache"], s["side_slots"], s["params"], side,
                      s["side_rows"], s["side_pos"], s["side_end"], token_index=s["side_tok"])
 
-    qsl = torch.cat([torch.arange(nd + 1, dtype=torch.int32, device=s["q"].device),
-                     s["prefill_qsl"][1:] + nd])
-
     def unified():
-        tq_prefill(s["q"], rot[0], rot[1], qsl, s["seq_lens"], s["cache"], s["bt"], s["params"],
-                   s["scale"], side, max_query_len=s["chunk"], out=s["out"], rotated=True)
+        tq_prefill(s["q"], rot[0], rot[1], s["qsl"], s["seq_lens"], s["cache"], s["bt"],
+                   s["params"], s["scale"], side, max_query_len=s["chunk"], out=s["out"],
+                   rotated=True)
 
     def forward_split():     # impl.forward before 2026-12-02: decodes through the split kernel
-        torch.empty((2, t) + s["k"].shape[1:], dtype=s["q"].dtype, device=s["q"].device)
+        new_rot(s)
         store()
         decode()
         prefill()
         side_store()
 
     def forward():           # impl.forward now: store, one prefill launch, window store
-        torch.empty((2, t) + s["k"].shape[1:], dtype=s["q"].dtype, device=s["q"].device)
+        new_rot(s)
         store()
         unified()
         side_store()
@@ -136,9 +143,6 @@ def fa_ops(s):
     kc = torch.zeros(nb, bs, k.shape[1], k.shape[2], dtype=q.dtype, device=q.device)
     vc = torch.zeros_like(kc)
     one = torch.ones((), dtype=torch.float32, device=q.device)
-    nd = s["nd"]
-    qsl = torch.cat([torch.arange(nd + 1, dtype=torch.int32, device=q.device),
-                     s["prefill_qsl"][1:] + nd])
     out = torch.empty_like(q)
 
     def cache_write():
@@ -146,7 +150,7 @@ def fa_ops(s):
 
     def attend(version):
         return lambda: flash_attn_varlen_func(
-            q, kc, vc, max_seqlen_q=s["chunk"], cu_seqlens_q=qsl,
+            q, kc, vc, max_seqlen_q=s["chunk"], cu_seqlens_q=s["qsl"],
             max_seqlen_k=int(s["seq_lens"].max()), seqused_k=s["seq_lens"],
             softmax_scale=s["scale"], causal=True, block_table=s["bt"], out=out,
             fa_version=version)
@@ -167,10 +171,7 @@ def sweep_prefill(s, configs, reps: int, sync) -> list[dict]:
     under each launch config: GPU/host time and the error against the torch reference."""
     from vllm_turboquant.kernels.reference import tq_prefill_ref
 
-    t, nd = s["t"], s["nd"]
-    qsl = torch.cat([torch.arange(nd + 1, dtype=torch.int32, device=s["q"].device),
-                     s["prefill_qsl"][1:] + nd])
-    rot = torch.empty((2, t) + s["k"].shape[1:], dtype=s["q"].dtype, device=s["q"].device)
+    qsl, rot = s["qsl"], new_rot(s)
     tq_store(s["k"], s["v"], s["cache"], s["slots"], s["params"], s["side"], s["rows"],
              s["pos"], s["store_end"], rot_out=(rot[0], rot[1]))
     want = tq_prefill_ref(s["q"], s["k"], s["v"], qsl, s["seq_lens"], s["cache"], s["bt"],

@@ -216,9 +216,12 @@ def launch_override() -> dict:
     raw = os.environ.get(_OVERRIDE_ENV, "").strip()
     if not raw:
         return {}
-    cfg = json.loads(raw)
-    bad = sorted(set(cfg) - {"block_m", "block_n", "num_warps"})
-    if bad or not all(isinstance(v, int) and v > 0 for v in cfg.values()):
+    try:
+        cfg = json.loads(raw)
+    except ValueError:
+        cfg = None
+    if (not isinstance(cfg, dict) or set(cfg) - {"block_m", "block_n", "num_warps"}
+            or not all(type(v) is int and v > 0 for v in cfg.values())):
         raise ValueError(f"{_OVERRIDE_ENV}: expected positive ints for block_m, block_n, "
                          f"num_warps, got {raw!r}")
     return cfg

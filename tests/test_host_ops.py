@@ -5,7 +5,8 @@ FULL CUDA graphs), so every launch and torch op there is paid on the host, per l
 step. The H100 profile of 2026-11-23 (benchmarks/results/profile-H100-20261123/) measured
 2.6 ms of host time per layer call in such steps (6 Triton launches and 20 small torch
 kernels: casts, four rotation matmuls, six index gathers, ...). This pins the
-leaner forward (3 launches and 1 GEMM per mixed layer step since 2026-12-02): counts are taken through the Triton launchers under the interpreter
+leaner forward (3 launches and 1 GEMM per mixed layer step since 2026-12-02): counts are
+taken through the Triton launchers under the interpreter
 (VLLM_TURBOQUANT_FORCE_TRITON=1, the CUDA code path) in a subprocess. To print them, for
 this checkout or another one (e.g. a `git worktree` of an older commit, with this file's
 harness):

@@ -331,10 +331,10 @@ def test_prefill_launch_override_is_used_and_validated(monkeypatch):
         want = tq_prefill_ref(q, chunks[0][0], chunks[0][1], cu, sl, cache, bt, params,
                               d ** -0.5)
         torch.testing.assert_close(got.float(), want.float(), atol=3e-2, rtol=3e-2)
-        monkeypatch.setenv(pf._OVERRIDE_ENV, '{"block_m": 4, "warps": 2}')
-        pf.launch_override.cache_clear()
-        with pytest.raises(ValueError, match="VLLM_TURBOQUANT_PREFILL_CONFIG"):
-            tq_prefill(q, chunks[0][0], chunks[0][1], cu, sl, cache, bt, params, d ** -0.5)
+        for bad in ('{"block_m": 4, "warps": 2}', '{"block_m": 4.0}', "block_m=4", "[4]"):
+            monkeypatch.setenv(pf._OVERRIDE_ENV, bad)
+            pf.launch_override.cache_clear()
+            with pytest.raises(ValueError, match="VLLM_TURBOQUANT_PREFILL_CONFIG"):
+                tq_prefill(q, chunks[0][0], chunks[0][1], cu, sl, cache, bt, params, d ** -0.5)
     finally:
-        monkeypatch.delenv(pf._OVERRIDE_ENV)
-        pf.launch_override.cache_clear()
+        pf.launch_override.cache_clear()   # monkeypatch restores the variable itself

@@ -90,7 +90,8 @@ def run_case(kernel, d, hq, hkv, window, kwargs, opts) -> dict:
     lens, qlens = [700, 129, 2000, 64], [300, 129, 17, 1]
     if opts.get("no_prefix"):
         lens = qlens
-    side = None if opts.get("no_side") or not window else TQSide.empty(len(lens), window, hkv, d, dtype, DEV)
+    side = (None if opts.get("no_side") or not window
+            else TQSide.empty(len(lens), window, hkv, d, dtype, DEV))
     cache, bt, chunks = _paged(lens, hkv, d, 16, params, dtype, side=side)
     if opts.get("empty_side") and side is not None:
         side.tag.fill_(-1)
