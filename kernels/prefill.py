@@ -7,7 +7,9 @@ reference.tq_prefill_ref): the query at position t reads key j exactly iff j > t
 One online softmax runs first over packed tiles (the cached prefix and the chunk's own tokens
 older than the window, dequantized in registers; prefix keys inside the window come from the
 side copy, tag-checked as in decode), then over the band of the chunk's own exact K/V inside
-the window (rotated once by the launcher). The accumulator lives in the rotated space and is
+the window (rotated once by the launcher). With `deq` (what the backend passes on CUDA) the
+chunk's own older tokens are not unpacked from their slots but read from the store's
+dequantized copy (centroids + scale words: the same operands), as contiguous pipelined tiles. The accumulator lives in the rotated space and is
 un-rotated at the end (acc @ R). The chunk must be stored in the cache before the call.
 """
 
@@ -39,6 +41,8 @@ def _tq_prefill_kernel(
     ktab_ptr, vtab_ptr,      # lookup tables for KMODE / VMODE (see dequant_halves)
     rot_ptr,            # [D, D] float32, R / rotation_scale
     side_k_ptr, side_v_ptr, side_tag_ptr, side_check_ptr,  # TQSide (contiguous)
+    deq_k_ptr, deq_v_ptr,    # [T, Hkv, D] dot dtype: the chunk's centroids C[code] (when DEQ)
+    deq_s_ptr,          # [T, Hkv] int32: the chunk's slot scale words (when DEQ)
     G, block_size, W, num_kv_heads, rot_scale,
     stride_qt, stride_qh, stride_ot, stride_oh, stride_bt,
     stride_cb, stride_ct, stride_ch,
@@ -47,9 +51,12 @@ def _tq_prefill_kernel(
     BLOCK_M: tl.constexpr, G_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_SIDE: tl.constexpr, F32: tl.constexpr, COLS: tl.constexpr, WIN: tl.constexpr,
     KMODE: tl.constexpr, VMODE: tl.constexpr, KASM: tl.constexpr = "", VASM: tl.constexpr = "",
+    DEQ: tl.constexpr = False, DEQ_STAGES: tl.constexpr = 1,
 ):
     b = tl.program_id(0)
-    mb = tl.program_id(1)
+    # Longest rows first: under causal masking the last blocks of a chunk do the most tiles,
+    # and the GPU starts programs in launch order.
+    mb = tl.num_programs(1) - 1 - tl.program_id(1)
     h = tl.program_id(2)
     q_start = tl.load(cu_q_ptr + b)
     q_len = tl.load(cu_q_ptr + b + 1) - q_start
@@ -90,9 +97,14 @@ def _tq_prefill_kernel(
     # (the backend stored the chunk before attending; prefix keys inside a row's window come
     # from the side copy when it holds them, tag- and scale-checked as in decode)
     packed_end = tl.maximum(prefix, tl.minimum(seq_len, last_pos - WIN + 1))
-    for n0 in range(0, packed_end, BLOCK_N):
+    # DEQ: the chunk's own packed tokens come from the store's dequantized copy (the loop
+    # after this one), so this loop covers the cached prefix only.
+    gather_end = packed_end
+    if DEQ:
+        gather_end = prefix
+    for n0 in range(0, gather_end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        nmask = offs_n < packed_end
+        nmask = offs_n < gather_end
         blk = tl.load(bt_row + offs_n // block_size, mask=nmask, other=0).to(tl.int64)
         in_blk = (offs_n % block_size).to(tl.int64)
         # Slots are 4-byte aligned (launcher checks): lets the compiler load 4 bytes at a time.
@@ -160,6 +172,38 @@ def _tq_prefill_kernel(
         acc_lo += mma(pv, v_lo, F32)
         acc_hi += mma(pv, v_hi, F32)
 
+    # -- DEQ: the chunk's own keys older than each row's window, from the store's copy -------
+    # Same operands as the packed loop (centroids in the dot dtype, fp16 scales), read as
+    # contiguous tiles: no block-table gather, no unpacking, pipelined loads.
+    if DEQ:
+        own_end = packed_end - prefix                      # chunk-local
+        for n0 in tl.range(0, own_end, BLOCK_N, num_stages=DEQ_STAGES):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            nmask = offs_n < own_end
+            row = (q_start + offs_n).to(tl.int64) * num_kv_heads + h
+            kv_lo = row[:, None] * D + offs_lo[None, :]
+            kv_hi = row[:, None] * D + offs_hi[None, :]
+            k_lo = tl.load(deq_k_ptr + kv_lo, mask=nmask[:, None], other=0.0)
+            k_hi = tl.load(deq_k_ptr + kv_hi, mask=nmask[:, None], other=0.0)
+            word = tl.load(deq_s_ptr + row, mask=nmask, other=0)
+            ks = (word & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True)
+            vs = ((word >> 16) & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True)
+            s = mma(q_lo, tl.trans(k_lo), F32) + mma(q_hi, tl.trans(k_hi), F32)
+            s = s * ks.to(tl.float32)[None, :]
+            keep = nmask[None, :] & (offs_n[None, :] <= tok[:, None] - WIN)
+            s = tl.where(keep, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_use)
+            p = tl.exp2(s - m_use[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            pv = (p * vs.to(tl.float32)[None, :]).to(dt)
+            v_lo = tl.load(deq_v_ptr + kv_lo, mask=nmask[:, None], other=0.0)
+            v_hi = tl.load(deq_v_ptr + kv_hi, mask=nmask[:, None], other=0.0)
+            acc_lo = acc_lo * alpha[:, None] + mma(pv, v_lo, F32)
+            acc_hi = acc_hi * alpha[:, None] + mma(pv, v_hi, F32)
+            m_i = m_new
+
     # -- the chunk's own keys inside each row's window, exact and causal ----------------------
     if WIN > 0:   # static: presets without a window read every key from its packed slot
         band = (tl.maximum(mb * BLOCK_M - WIN + 1, 0) // BLOCK_N) * BLOCK_N
@@ -211,8 +255,8 @@ _OVERRIDE_ENV = "VLLM_TURBOQUANT_PREFILL_CONFIG"
 @functools.lru_cache(maxsize=None)
 def launch_override() -> dict:
     """Launch-config defaults from $VLLM_TURBOQUANT_PREFILL_CONFIG, a JSON object with any of
-    block_m, block_n, num_warps (a tuning knob: benchmarks/layer_step.py --sweep measures the
-    candidates and --best prints the fastest correct one in this form). Read once."""
+    block_m, block_n, num_warps, deq_stages (a tuning knob: benchmarks/layer_step.py --sweep
+    measures the candidates and --best prints the fastest correct one in this form). Read once."""
     raw = os.environ.get(_OVERRIDE_ENV, "").strip()
     if not raw:
         return {}
@@ -220,10 +264,11 @@ def launch_override() -> dict:
         cfg = json.loads(raw)
     except ValueError:
         cfg = None
-    if (not isinstance(cfg, dict) or set(cfg) - {"block_m", "block_n", "num_warps"}
+    if (not isinstance(cfg, dict) or set(cfg) - {"block_m", "block_n", "num_warps",
+                                                 "deq_stages"}
             or not all(type(v) is int and v > 0 for v in cfg.values())):
         raise ValueError(f"{_OVERRIDE_ENV}: expected positive ints for block_m, block_n, "
-                         f"num_warps, got {raw!r}")
+                         f"num_warps, deq_stages, got {raw!r}")
     return cfg
 
 
@@ -233,7 +278,7 @@ def tq_prefill(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                max_query_len: int | None = None, out: torch.Tensor | None = None,
                rotated: bool = False, block_m: int | None = None, block_n: int | None = None,
                num_warps: int | None = None, num_stages: int = 1,
-               lookup: int = 3) -> torch.Tensor:
+               lookup: int = 3, deq=None, deq_stages: int | None = None) -> torch.Tensor:
     """Triton prefill over packed pages; same contract as `reference.tq_prefill_ref`.
 
     query [T, Hq, D]; key, value [T, Hkv, D] (the chunk's own K/V; rotated=True: already
@@ -241,6 +286,9 @@ def tq_prefill(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     seq_lens int32 [B] = prefix + chunk; kv_cache uint8 [num_blocks, block_size, Hkv,
     slot_bytes]; block_table int32 [B, max_blocks]. max_query_len: the longest chunk (pass it
     to avoid a device->host sync). Returns [T, Hq, D] in query.dtype.
+    deq: optional (dk, dv, scales), the store's deq_out for these T tokens (dk, dv in
+    query.dtype): the chunk's own tokens older than the window are then read from it instead
+    of their packed slots (same values, contiguous loads; deq_stages pipelines them).
     lookup 3 (register prmt lookups; was 2, the 16-entry table): lookup 2 with a window
     faulted at head 128 on the H100/H200 (tests/gpu/crash_matrix.py) and is refused there.
     Launch config (block_m rows of tokens x padded group = 128 rows, block_n 32, 4 warps): the
@@ -292,6 +340,19 @@ def tq_prefill(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     else:
         sk = sv = stag = schk = seq_lens
         w, win = 1, 0          # ring size (unused), precision window (none)
+    if deq is not None:
+        dk, dv, dsc = deq
+        assert dk.shape == dv.shape == (t, hkv, d) and dsc.shape == (t, hkv)
+        assert dk.dtype == dv.dtype == dot_dtype and dsc.dtype == torch.int32
+        assert all(x.is_contiguous() for x in deq)
+    else:
+        dk = dv = dsc = seq_lens
+    if deq_stages is None:
+        # Pipeline depth of the deq loop's loads (benchmarks/layer_step.py --sweep, H200,
+        # 2026-12-02, benchmarks/results/h200-20261202b/): head 64 fresh 7,700-token prompt
+        # 560 us at 3 stages vs 654 at 2 and 766 at 1 (1,067 without the deq copy); head 128,
+        # 32/8 heads, 2K chunk at 8K: 2,356 us at 1 vs 2,780 at 2 or 3.
+        deq_stages = tuned.get("deq_stages", 3 if d <= 64 else 1)
     lay = p.layout
     kmode, vmode, kpair, vpair, kasm, vasm = lookup_tables(
         p, dot_dtype, lookup, allow_asm=not interpreting(_tq_prefill_kernel))
@@ -307,13 +368,14 @@ def tq_prefill(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     _tq_prefill_kernel[grid](
         q, k, v, out, cu_seqlens_q, seq_lens, kv_cache, block_table,
         p.key_centroids, p.value_centroids, kpair, vpair, p.rotation_pm1,
-        sk, sv, stag, schk,
+        sk, sv, stag, schk, dk, dv, dsc,
         g, kv_cache.shape[1], w, hkv, p.rotation_scale,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_table.stride(0),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2),
         D=d, KBITS=p.key_bits, VBITS=p.value_bits, V_OFF=lay.v_codes_offset,
         KS_OFF=lay.k_scale_offset, BLOCK_M=block_m, G_PAD=g_pad, BLOCK_N=block_n,
         HAS_SIDE=has_side, F32=f32, COLS=min(d, 64), WIN=win, KMODE=kmode, VMODE=vmode,
-        KASM=kasm, VASM=vasm, num_warps=num_warps,
+        KASM=kasm, VASM=vasm, DEQ=deq is not None, DEQ_STAGES=deq_stages,
+        num_warps=num_warps,
         num_stages=num_stages)
     return out

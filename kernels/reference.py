@@ -83,7 +83,9 @@ def tq_store_ref(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
                  token_rows: torch.Tensor | None = None, token_pos: torch.Tensor | None = None,
                  token_seq_end: torch.Tensor | None = None,
                  token_index: torch.Tensor | None = None,
-                 rot_out: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+                 rot_out: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 deq_out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+                 ) -> None:
     """Quantize-on-write: encode each token's K/V and write its packed slot, in place.
 
     key, value     [N, Hkv, D] float16/bfloat16/float32 (any strides).
@@ -96,6 +98,9 @@ def tq_store_ref(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
                    padding tokens, slot < 0, may hold anything in range).
     rot_out        optional (rk, rv) [T, Hkv, D]: receive the rotated K/V (x @ R.T, zero for a
                    non-finite vector, as the side copy, and for padding tokens) of every token.
+    deq_out        optional (dk, dv [T, Hkv, D], scales int32 [T, Hkv]): the centroids C[code]
+                   of each token's packed K/V (in dk's dtype) and its slot's scale word
+                   (K fp16 | V fp16 << 16); zeros for padding tokens. tq_prefill's `deq`.
     """
     p = as_params(params, kv_cache.device)
     block_size = kv_cache.shape[1]
@@ -108,6 +113,16 @@ def tq_store_ref(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
     idx = sm[valid]
     kv_cache[idx // block_size, idx % block_size] = slots[valid]
     has_side = side is not None and side.window > 0
+    if deq_out is not None:
+        if token_index is not None:
+            raise ValueError("deq_out and token_index are not used together")
+        lay, d = p.layout, p.head_size
+        keep = valid[:, None, None]
+        kc = unpack_codes(slots[..., :lay.k_code_bytes], p.key_bits, d)
+        vc = unpack_codes(slots[..., lay.v_codes_offset:lay.k_scale_offset], p.value_bits, d)
+        deq_out[0].copy_(torch.where(keep, p.key_centroids[kc], 0))
+        deq_out[1].copy_(torch.where(keep, p.value_centroids[vc], 0))
+        deq_out[2].copy_(torch.where(valid[:, None], scale_check(p, slots), 0))
     if rot_out is None and not has_side:
         return
     # What attention sees of a non-finite vector: zeros, as the codec stores it.

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import TQSide, as_params, check_cache_alignment
+from ._common import TQSide, as_params, cached, check_cache_alignment
 from ._tl import interpreting, store_codes
 
 _FP16_MAX = 65504.0
@@ -114,14 +114,18 @@ def _store_rows(ptr, row_off, cols, y, mask):
 @triton.jit
 def _encode_half(src, dst, valid, rot_ptr, rot_scale, cent_ptr, bound_ptr,
                  side_ptr, side_off, sel, offs_d, offs_lo, offs_hi, rot_out_ptr, rot_off,
-                 in_range,
+                 in_range, deq_ptr, dcent_ptr,
                  BITS: tl.constexpr, D: tl.constexpr, LSQ: tl.constexpr,
                  ROT: tl.constexpr, DT16: tl.constexpr, HAS_SIDE: tl.constexpr,
-                 HALVES: tl.constexpr, ROT_OUT: tl.constexpr):
+                 HALVES: tl.constexpr, ROT_OUT: tl.constexpr, DEQ_OUT: tl.constexpr):
     """Encode one of K/V for N tokens: src [N, D] float32 rows -> packed codes at dst [N];
     returns the fp16 scale [N]. Writes the rotated vector to the side copy where sel, and to
     rot_out_ptr + rot_off [N] (in its dtype) for every row in_range when ROT_OUT (padding
-    rows, loaded as zeros, write zeros: the buffer holds no uninitialized memory)."""
+    rows, loaded as zeros, write zeros: the buffer holds no uninitialized memory); when
+    DEQ_OUT, the centroids C[code] (what attention dequantizes the packed slot to, before its
+    scale) to deq_ptr + rot_off, zeros for padding rows: looked up in dcent_ptr, the codebook
+    already in deq_ptr's dtype, so they are bit for bit the values the attention kernels'
+    lookups produce (the interpreter's fp32 -> bf16 cast does not round as CUDA's does)."""
     if BITS == 4 and HALVES:
         y_lo = _rotate(src, rot_ptr, offs_lo, offs_d, rot_scale, D, ROT, DT16)
         y_hi = _rotate(src, rot_ptr, offs_hi, offs_d, rot_scale, D, ROT, DT16)
@@ -133,6 +137,13 @@ def _encode_half(src, dst, valid, rot_ptr, rot_scale, cent_ptr, bound_ptr,
         if ROT_OUT:
             _store_rows(rot_out_ptr, rot_off, offs_lo, y_lo, in_range)
             _store_rows(rot_out_ptr, rot_off, offs_hi, y_hi, in_range)
+        if DEQ_OUT:
+            c_lo = tl.load(dcent_ptr + (packed & 15))
+            c_hi = tl.load(dcent_ptr + (packed >> 4))
+            _store_rows(deq_ptr, rot_off, offs_lo, tl.where(valid[:, None], c_lo, 0.0),
+                        in_range)
+            _store_rows(deq_ptr, rot_off, offs_hi, tl.where(valid[:, None], c_hi, 0.0),
+                        in_range)
     else:
         y = _rotate(src, rot_ptr, offs_d, offs_d, rot_scale, D, ROT, DT16)
         codes, scale, y = _quantize(y, cent_ptr, bound_ptr, 1 << BITS, LSQ)
@@ -141,6 +152,9 @@ def _encode_half(src, dst, valid, rot_ptr, rot_scale, cent_ptr, bound_ptr,
             _store_rows(side_ptr, side_off, offs_d, y, sel)
         if ROT_OUT:
             _store_rows(rot_out_ptr, rot_off, offs_d, y, in_range)
+        if DEQ_OUT:
+            c = tl.load(dcent_ptr + codes)
+            _store_rows(deq_ptr, rot_off, offs_d, tl.where(valid[:, None], c, 0.0), in_range)
     return scale.to(tl.float16)
 
 
@@ -159,13 +173,16 @@ def _tq_store_kernel(
     rows_ptr, pos_ptr, send_ptr,  # [T] int32/int64: batch row, position, request seq_len
     idx_ptr,            # [T] int32/int64: key/value row of each token (when IDX)
     rot_k_ptr, rot_v_ptr,    # [T, Hkv, D] contiguous: rotated K/V out (when ROT_OUT)
+    deq_k_ptr, deq_v_ptr,    # [T, Hkv, D] contiguous: centroids C[code] out (when DEQ_OUT)
+    deq_s_ptr,          # [T, Hkv] int32: the slot's scale word (K | V << 16) (when DEQ_OUT)
+    dkcent_ptr, dvcent_ptr,  # codebooks in deq_k's dtype (when DEQ_OUT)
     T, rot_scale, block_size, W, num_kv_heads,
     stride_kt, stride_kh, stride_vt, stride_vh,
     stride_cb, stride_ct, stride_ch,
     D: tl.constexpr, KBITS: tl.constexpr, VBITS: tl.constexpr, LSQ: tl.constexpr,
     V_OFF: tl.constexpr, KS_OFF: tl.constexpr, BLOCK_T: tl.constexpr,
     HAS_SIDE: tl.constexpr, ROT: tl.constexpr, HALVES: tl.constexpr = True,
-    IDX: tl.constexpr = False, ROT_OUT: tl.constexpr = False,
+    IDX: tl.constexpr = False, ROT_OUT: tl.constexpr = False, DEQ_OUT: tl.constexpr = False,
 ):
     pid_t = tl.program_id(0)
     h = tl.program_id(1)
@@ -206,18 +223,20 @@ def _tq_store_kernel(
                 mask=valid[:, None], other=0.0).to(tl.float32)
     ks16 = _encode_half(x, dst, valid, rot_ptr, rot_scale, kcent_ptr, kbound_ptr,
                         side_k_ptr, side_off, sel, offs_d, offs_lo, offs_hi, rot_k_ptr, rot_off,
-                        offs_t < T, KBITS, D, LSQ, ROT, key_ptr.dtype.element_ty, HAS_SIDE,
-                        HALVES, ROT_OUT)
+                        offs_t < T, deq_k_ptr, dkcent_ptr, KBITS, D, LSQ, ROT,
+                        key_ptr.dtype.element_ty, HAS_SIDE, HALVES, ROT_OUT, DEQ_OUT)
     x = tl.load(value_ptr + src[:, None] * stride_vt + h * stride_vh + offs_d[None, :],
                 mask=valid[:, None], other=0.0).to(tl.float32)
     vs16 = _encode_half(x, dst + V_OFF, valid, rot_ptr, rot_scale, vcent_ptr,
                         vbound_ptr, side_v_ptr, side_off, sel, offs_d, offs_lo, offs_hi,
-                        rot_v_ptr, rot_off, offs_t < T, VBITS, D, LSQ, ROT,
-                        key_ptr.dtype.element_ty, HAS_SIDE, HALVES, ROT_OUT)
+                        rot_v_ptr, rot_off, offs_t < T, deq_v_ptr, dvcent_ptr, VBITS, D, LSQ, ROT,
+                        key_ptr.dtype.element_ty, HAS_SIDE, HALVES, ROT_OUT, DEQ_OUT)
     kbits = ks16.to(tl.uint16, bitcast=True).to(tl.int32)
     vbits = vs16.to(tl.uint16, bitcast=True).to(tl.int32)
     both = kbits | (vbits << 16)                   # K scale | V scale, little endian
     tl.store((dst + KS_OFF).to(tl.pointer_type(tl.int32)), both, mask=valid)
+    if DEQ_OUT:
+        tl.store(deq_s_ptr + t64 * num_kv_heads + h, tl.where(valid, both, 0), mask=offs_t < T)
 
     if HAS_SIDE:
         tl.store(side_tag_ptr + entry, slot.to(tl.int32), mask=sel)
@@ -229,6 +248,7 @@ def tq_store(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
              token_rows: torch.Tensor | None = None, token_pos: torch.Tensor | None = None,
              token_seq_end: torch.Tensor | None = None, token_index: torch.Tensor | None = None,
              rot_out: tuple[torch.Tensor, torch.Tensor] | None = None,
+             deq_out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
              block_t: int | None = None, num_warps: int | None = None, rot: str | None = None,
              halves: bool = True, prescaled: bool = False) -> None:
     """Triton quantize-on-write; same contract as `reference.tq_store_ref`.
@@ -240,6 +260,10 @@ def tq_store(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
     token_index    optional int [T]: token i encodes key/value row token_index[i].
     rot_out        optional (rk, rv), each [T, Hkv, D] contiguous: receive the rotated K/V
                    (x @ R.T, in their dtype) of every written token.
+    deq_out        optional (dk, dv, scales): dk, dv [T, Hkv, D] contiguous receive the
+                   centroids C[code] of every token's K/V (in their dtype; zeros for padding),
+                   scales int32 [T, Hkv] its slot's scale word (K fp16 | V fp16 << 16; 0 for
+                   padding): the packed slot, dequantized once for tq_prefill's `deq`.
     rot: how the rotation's dot runs: "ieee" (exact fp32 FMA), "tf32" (tensor cores, exact
     products of fp16/bf16 inputs), "dot16" (tensor cores in the input dtype); default below.
     """
@@ -271,6 +295,15 @@ def tq_store(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
         assert rk.shape == (t, hkv, d) and rv.shape == (t, hkv, d)
     else:
         rk = rv = slot_mapping
+    if deq_out is not None:
+        dk, dv, dsc = deq_out
+        assert token_index is None and all(x.is_contiguous() for x in deq_out)
+        assert dk.shape == (t, hkv, d) and dv.shape == (t, hkv, d) and dk.dtype == dv.dtype
+        assert dsc.shape == (t, hkv) and dsc.dtype == torch.int32
+        dkc = cached(p, ("cent", "k", dk.dtype), lambda: p.key_centroids.to(dk.dtype))
+        dvc = cached(p, ("cent", "v", dk.dtype), lambda: p.value_centroids.to(dk.dtype))
+    else:
+        dk = dv = dsc = dkc = dvc = slot_mapping
     if block_t is None:
         # H100, 8K tokens x 8 heads x 128, bf16: 64 tokens / 8 warps = 153 us, 32 / 4 = 162,
         # 16 / 4 = 219. Head 256 stays at 16 (fp32 operand tiles must fit shared memory).
@@ -286,7 +319,7 @@ def tq_store(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
     _tq_store_kernel[grid](
         key, value, kv_cache, slot_mapping, rot_mat,
         p.key_centroids, p.key_bounds, p.value_centroids, p.value_bounds,
-        sk, sv, stag, schk, rows, pos, send, idx, rk, rv,
+        sk, sv, stag, schk, rows, pos, send, idx, rk, rv, dk, dv, dsc, dkc, dvc,
         t, rot_scale, kv_cache.shape[1], w, hkv,
         key.stride(0), key.stride(1), value.stride(0), value.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2),
@@ -294,4 +327,4 @@ def tq_store(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
         V_OFF=lay.v_codes_offset, KS_OFF=lay.k_scale_offset, BLOCK_T=block_t,
         HAS_SIDE=has_side,
         ROT=rot_code, HALVES=halves, IDX=token_index is not None, ROT_OUT=rot_out is not None,
-        num_warps=num_warps)
+        DEQ_OUT=deq_out is not None, num_warps=num_warps)

@@ -163,9 +163,20 @@ def _check(h, res, window):
         torch.testing.assert_close(out, want, atol=2e-4, rtol=2e-4)
 
 
-@pytest.mark.parametrize("window", [0, 4])
-def test_forward_matches_semantics_over_prefill_chunk_and_decode_steps(window):
+@pytest.mark.parametrize("window,split", [(0, False), (4, False), (4, True)])
+def test_forward_matches_semantics_over_prefill_chunk_and_decode_steps(window, split,
+                                                                        monkeypatch):
+    """split: mixed steps run their decodes through the split-KV decode kernel (what a step
+    with a sequence of >= split_decode_ctx tokens does), the chunks alone through prefill."""
     h = Harness(window)
+    decodes = []
+    if split:
+        from vllm_turboquant.backend import impl as impl_mod
+        h.impl.split_decode_ctx = 0
+        real = impl_mod.ops.decode
+        monkeypatch.setattr(impl_mod.ops, "decode",
+                            lambda out, q, *a, **k: (decodes.append(q.shape[0]),
+                                                     real(out, q, *a, **k)))
     # step 1: two fresh prefills (A row 0, B row 1)
     md, res = h.step([("A", 10), ("B", 4)])
     assert (md.num_decodes, md.num_prefills) == (0, 2)
@@ -187,6 +198,18 @@ def test_forward_matches_semantics_over_prefill_chunk_and_decode_steps(window):
     # entries are written after the chunk attended)
     md, res = h.step([("A", 1), ("B", 1)])
     _check(h, res, window)
+    if split:   # one call per layer: steps 2 and 4 (mixed, 1 decode), 3 and 5 (2 decodes)
+        assert set(decodes) == {1, 2} and decodes.count(1) == decodes.count(2), decodes
+
+
+def test_split_decode_ctx_setting():
+    from vllm_turboquant.backend.impl import SPLIT_DECODE_CTX, split_decode_ctx
+
+    assert split_decode_ctx({}) == SPLIT_DECODE_CTX
+    assert split_decode_ctx({"VLLM_TURBOQUANT_SPLIT_DECODE_CTX": "0"}) == 0
+    for bad in ("-1", "4k", "1.5"):
+        with pytest.raises(ValueError, match="VLLM_TURBOQUANT_SPLIT_DECODE_CTX"):
+            split_decode_ctx({"VLLM_TURBOQUANT_SPLIT_DECODE_CTX": bad})
 
 
 def test_prefix_hit_on_another_row_reads_the_cached_window_packed():

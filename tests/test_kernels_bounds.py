@@ -16,7 +16,7 @@ import torch
 pytest.importorskip("triton")
 
 from interp_sanitizer import check_bounds  # noqa: E402
-from test_kernels_triton import make_params, paged  # noqa: E402
+from test_kernels_triton import _chunk_deq, make_params, paged  # noqa: E402
 
 from vllm_turboquant.kernels import TQSide  # noqa: E402
 from vllm_turboquant.kernels.decode import tq_decode  # noqa: E402
@@ -42,8 +42,10 @@ def _setup(d, hq, hkv, w, lens, qlens, dtype=torch.bfloat16):
 def test_prefill_and_decode_in_bounds(d, hq, hkv, w):
     lens, qlens = [200, 129, 70, 64], [100, 129, 17, 1]
     params, side, cache, bt, k, v, q, cu, sl = _setup(d, hq, hkv, w, lens, qlens)
+    deq = _chunk_deq(k, v, cu, sl, bt, 16, params, torch.bfloat16, cache)
     with check_bounds():
         tq_prefill(q, k, v, cu, sl, cache, bt, params, d ** -0.5, side)
+        tq_prefill(q, k, v, cu, sl, cache, bt, params, d ** -0.5, side, deq=deq, deq_stages=2)
         tq_decode(q[:4], cache, bt, sl, params, d ** -0.5, side, num_splits=3)
 
 
@@ -62,6 +64,9 @@ def test_store_paths_in_bounds():
     idx = torch.tensor([39, 38, 0])
     with check_bounds():
         tq_store(k, v, cache, slots, params, side, rows, pos, end, rot_out=(rot[0], rot[1]))
+        tq_store(k, v, cache, slots, params, rot_out=(rot[0], rot[1]),
+                 deq_out=(torch.empty_like(rot[0]), torch.empty_like(rot[1]),
+                          torch.empty(t, hkv, dtype=torch.int32)))
         tq_store(k, v, cache, torch.tensor([39, 38, -1]), params, side, rows[:3], pos[:3],
                  end[:3], token_index=idx)
 

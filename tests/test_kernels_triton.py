@@ -159,13 +159,17 @@ def test_store_rot_out_and_token_index(name):
         cache = torch.zeros(3, bs, hkv, params.layout.slot_bytes, dtype=torch.uint8)
         side = TQSide.empty(1, w, hkv, d, torch.bfloat16)
         rot = torch.full((2, t, hkv, d), float("nan"), dtype=torch.bfloat16)
-        store(k, v, cache, slots, params, side, rows, pos, no_side, rot_out=(rot[0], rot[1]))
+        deq = (torch.full((t, hkv, d), float("nan"), dtype=torch.bfloat16),
+               torch.full((t, hkv, d), float("nan"), dtype=torch.bfloat16),
+               torch.full((t, hkv), 7, dtype=torch.int32))
+        store(k, v, cache, slots, params, side, rows, pos, no_side, rot_out=(rot[0], rot[1]),
+              deq_out=deq)
         assert (side.tag == -1).all(), "the first store wrote window entries"
         first = cache.clone()
         store(k, v, cache, idx_slots, params, side, rows[idx], pos[idx], end, token_index=idx)
         assert torch.equal(cache, first), "the second store changed packed bytes"
-        results.append((cache, side, rot))
-    (c1, s1, r1), (c2, s2, r2) = results
+        results.append((cache, side, rot, deq))
+    (c1, s1, r1, d1), (c2, s2, r2, d2) = results
     assert torch.equal(c1, c2)
     assert s1.tag[0].tolist() == [-1, 25, 26, 23]     # positions 5, 6, 3 -> ring 1, 2, 3
     assert torch.equal(s1.tag, s2.tag) and torch.equal(s1.check, s2.check)
@@ -173,6 +177,9 @@ def test_store_rot_out_and_token_index(name):
     want_k = (k.float() @ params.rotation.T)
     want_k[4] = 0
     assert_close(r1[0], want_k, torch.bfloat16, "rotated keys")
+    assert torch.equal(d1[2], d2[2]) and (d1[2][4] == 0).all() and (d1[2][:4] != 0).all()
+    assert torch.equal(d1[0], d2[0]) and torch.equal(d1[1], d2[1])
+    assert (d1[0][4] == 0).all() and (d1[1][4] == 0).all()
     assert_close(r1, r2, torch.bfloat16, "rot_out vs reference")
     assert_close(s1.k, s2.k, torch.bfloat16, "side copy")
 
@@ -270,6 +277,31 @@ def test_prefill_matches_reference(dtype, g, bs, window, name):
                             rotated=True)
     assert_close(got_r, want_r, dtype, "prefill, rotated K/V")
     assert_close(got_r, want, dtype, "prefill, rotated K/V vs unrotated")
+    # ... and the chunk's packed tokens from the store's dequantized copy (deq_out): the same
+    # operands as reading their packed slots, so the same output up to summation order.
+    deq = _chunk_deq(k, v, cu, sl, bt, bs, params, dtype, cache)
+    for stages in (1, 2):
+        got_d = tq_prefill(q, kr, vr, cu, sl, cache, bt, params, d ** -0.5, side, block_m=4,
+                           block_n=16, rotated=True, deq=deq, deq_stages=stages)
+        diff = (got_d.float() - got_r.float()).norm() / got_r.float().norm()
+        assert diff < 2e-3, f"deq copy vs packed slots: relative error {diff:.2e}"
+        assert_close(got_d, want_r, dtype, "prefill, deq copy")
+
+
+def _chunk_deq(k, v, cu, seq_lens, bt, bs, params, dtype, cache):
+    """The store's deq_out for the chunk tokens k, v (already in `cache`: same bytes again)."""
+    t, hkv, d = k.shape
+    slots = torch.empty(t, dtype=torch.long)
+    for b in range(len(seq_lens)):
+        s0, s1 = int(cu[b]), int(cu[b + 1])
+        pos = torch.arange(int(seq_lens[b]) - (s1 - s0), int(seq_lens[b]))
+        slots[s0:s1] = bt[b].long()[pos // bs] * bs + pos % bs
+    before = cache.clone()
+    deq = (torch.empty(t, hkv, d, dtype=dtype), torch.empty(t, hkv, d, dtype=dtype),
+           torch.empty(t, hkv, dtype=torch.int32))
+    tq_store_ref(k, v, cache, slots, params, deq_out=deq)
+    assert torch.equal(cache, before)
+    return deq
 
 
 # The step that crashed `vllm serve` on CUDA (head 128, GQA 2, window 64, a fresh 256-token

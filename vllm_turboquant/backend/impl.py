@@ -8,12 +8,14 @@ and window ring entry), then the split-KV decode kernel over the packed cache an
 Mixed and prefill-only steps (vLLM runs attention eagerly there, so every launch is host time
 paid per layer and step: 3 Triton launches and one small GEMM, the query rotation):
   1. store: quantize every token's K/V into its packed slot, in one launch; decodes also write
-     their window ring entry; every token's rotated K/V comes back (rot_out) for step 2;
+     their window ring entry; every token's rotated K/V comes back (rot_out) for step 2, and
+     on CUDA its packed slot dequantized once (deq_out: centroids and scale words);
   2. one prefill-kernel launch for the whole batch, a decode being a one-token chunk. The
      precision policy is the decode step's, token by token: the query at position t reads key
      j exactly iff j > t - W (the chunk's own K/V, or the previous chunk's newest tokens from
      the window ring), every older key from its packed slot (continuation chunks, prefix-cache
-     hits, and the chunk's own older tokens alike). So chunked, unchunked and token-by-token
+     hits, and the chunk's own older tokens alike; the latter read from deq_out as contiguous
+     tiles, the same values). So chunked, unchunked and token-by-token
      prefill agree, and the evaluator's numbers are what is served;
   3. prefill chunks write their window ring entries (after 2, so 2 still saw the previous
      chunk's): each chunk's last W tokens are stored a second time through an index list the
@@ -25,14 +27,41 @@ CUDA runs the Triton launchers, anything else the torch references (backend/ops.
 
 from __future__ import annotations
 
+import os
+
 import torch
 from vllm.v1.attention.backend import AttentionImpl, AttentionType
 
 from vllm_turboquant import compat, settings
 from vllm_turboquant.backend import ops
 from vllm_turboquant.backend.state import LayerState, get_layer_state, side_bytes
-from vllm_turboquant.kernels._common import default_num_splits, next_pow2
+from vllm_turboquant.kernels._common import TQSide, default_num_splits, next_pow2
 from vllm_turboquant.settings import TurboQuantConfigError
+
+_SPLIT_ENV = "VLLM_TURBOQUANT_SPLIT_DECODE_CTX"
+
+
+def split_decode_ctx(environ=os.environ) -> int:
+    """Mixed steps whose longest sequence has at least this many tokens run their decodes
+    through the split-KV decode kernel (2 more launches and a query rotation: host time)
+    instead of as one-token chunks of the prefill kernel, which reads a decode's whole context
+    in one program, one tile after another (GPU time grows with the context).
+    $VLLM_TURBOQUANT_SPLIT_DECODE_CTX overrides the default (0: always split)."""
+    raw = environ.get(_SPLIT_ENV, "").strip()
+    if not raw:
+        return SPLIT_DECODE_CTX
+    if not raw.isdigit():
+        raise TurboQuantConfigError(f"{_SPLIT_ENV}: expected a token count >= 0, got {raw!r}")
+    return int(raw)
+
+
+# Default of split_decode_ctx. benchmarks/layer_step.py on the H200 (2026-12-02,
+# benchmarks/results/h200-20261202b/), SmolLM2, one layer, GPU / host us, one launch
+# ("forward") vs split ("forward_split"): 64 decodes x 1K + a 1,984-token chunk: 335 / 473 vs
+# 314 / 783 (one launch wins: mixed steps are host-bound); 96 decodes x 8K + a 2,048-token
+# chunk: 1,379 / 275 vs 752 / 456 (split wins, FlashAttention-3 takes 408 GPU us). 4096 lies
+# between the two measured contexts; not swept finer.
+SPLIT_DECODE_CTX = 4096
 
 def decode_splits(num_decodes: int, num_kv_heads: int, max_model_len: int, device) -> int:
     """KV splits of the decode kernel for a batch of num_decodes requests.
@@ -87,6 +116,7 @@ class TurboQuantImpl(AttentionImpl):
         self.max_model_len = getattr(model_config, "max_model_len", None) or 8192
         # The model dtype: vLLM sets it as the default dtype while it builds the model.
         self.model_dtype = torch.get_default_dtype()
+        self.split_decode_ctx = split_decode_ctx()
         self._state: LayerState | None = None
 
     # -- memory ---------------------------------------------------------------------------------
@@ -137,16 +167,37 @@ class TurboQuantImpl(AttentionImpl):
         # 1. One store for every token, handing back the rotated K/V for step 2; prefill
         # tokens get no window entry yet (md.store_seq_end): the previous chunk's newest
         # tokens must still be in the ring when this chunk attends. Decodes get theirs.
-        rot = torch.empty((2, t, hkv, d), dtype=query.dtype, device=query.device)
+        # On CUDA the store also hands back the packed slots dequantized (centroids + scale
+        # words), so step 2 reads the chunk's own older tokens as contiguous tiles instead of
+        # gathering and unpacking their slots.
+        deq = None
+        if ops.wants_deq(query.device):
+            rot = torch.empty((4, t, hkv, d), dtype=query.dtype, device=query.device)
+            words = torch.empty((t, hkv), dtype=torch.int32, device=query.device)
+            deq = (rot[2], rot[3], words)
+        else:
+            rot = torch.empty((2, t, hkv, d), dtype=query.dtype, device=query.device)
         ops.store(k, v, cache, md.slot_mapping, params, side, md.token_rows, md.token_pos,
-                  md.store_seq_end, rot_out=(rot[0], rot[1]))
+                  md.store_seq_end, rot_out=(rot[0], rot[1]), deq_out=deq)
         # 2. One attention launch for the whole batch: a decode is a one-token chunk, and the
         # prefill kernel applies the same per-query precision policy to it (its own token
         # exact from rot, its window from the ring, the rest packed). Decodes no longer take
         # the split kernel here: 2 launches and a second query rotation fewer per layer.
-        ops.prefill(out, q, rot[0], rot[1], md.query_start_loc, md.seq_lens, cache,
-                    md.block_table, params, self.scale, side,
-                    max_query_len=md.max_query_len, rotated=True)
+        if nd and md.max_seq_len >= self.split_decode_ctx:
+            # Long contexts: the decodes through the split-KV kernel, the chunks alone
+            # through the prefill kernel (their batch rows from nd on, also in the ring).
+            splits = decode_splits(nd, hkv, self.max_model_len, query.device)
+            ops.decode(out[:nd], q[:nd], cache, md.block_table[:nd], md.seq_lens[:nd],
+                       params, self.scale, side, num_splits=splits)
+            ops.prefill(out[nd:], q[nd:], rot[0, nd:], rot[1, nd:], md.prefill_qsl,
+                        md.seq_lens[nd:], cache, md.block_table[nd:], params, self.scale,
+                        None if side is None else TQSide(*(x[nd:] for x in side)),
+                        max_query_len=md.max_query_len, rotated=True,
+                        deq=None if deq is None else tuple(x[nd:] for x in deq))
+        else:
+            ops.prefill(out, q, rot[0], rot[1], md.query_start_loc, md.seq_lens, cache,
+                        md.block_table, params, self.scale, side,
+                        max_query_len=md.max_query_len, rotated=True, deq=deq)
         # 3. The chunks' window entries: their last W tokens again (same packed bytes).
         if side is not None:
             ops.store(k, v, cache, md.side_slots, params, side, md.side_rows,

@@ -36,6 +36,8 @@ class TurboQuantMetadata(AttentionMetadata):
         chunk's last min(W, chunk) tokens (0 pads shorter chunks); side_slots int64 [P * W]
         (-1 for the pads), side_rows / side_pos / side_seq_end int32 [P * W]: theirs.
     Decode-only steps: store_seq_end is token_seq_end, side_* are None.
+    prefill_qsl  int32 [P + 1]: the chunks' query starts rebased to 0 (steps with decodes and
+        chunks; for impl.forward's split path, see SPLIT_DECODE_CTX there).
     """
 
     num_actual_tokens: int
@@ -58,6 +60,7 @@ class TurboQuantMetadata(AttentionMetadata):
     side_rows: torch.Tensor | None = None
     side_pos: torch.Tensor | None = None
     side_seq_end: torch.Tensor | None = None
+    prefill_qsl: torch.Tensor | None = None
 
 # store_seq_end of a prefill token in the step's first store: no position reaches
 # NO_SIDE - W, so that store writes it no window entry.
@@ -111,6 +114,8 @@ class TurboQuantMetadataBuilder(AttentionMetadataBuilder[TurboQuantMetadata]):
             max_query_len=cm.max_query_len, max_seq_len=cm.max_seq_len,
             query_start_loc=qsl, seq_lens=cm.seq_lens[:b],
             block_table=cm.block_table_tensor[:b], slot_mapping=cm.slot_mapping[:t])
+        if num_decodes and num_prefills:
+            md.prefill_qsl = qsl[num_decodes:] - num_decode_tokens
         if self.window > 0 and t > 0 and b > 0:
             md.token_rows, md.token_pos, md.token_seq_end = self._token_positions(
                 qsl, cm.seq_lens[:b], t)

@@ -24,16 +24,25 @@ def _use_triton(device: torch.device) -> bool:
 
 
 def store(key, value, kv_cache, slot_mapping, params, side=None, token_rows=None,
-          token_pos=None, token_seq_end=None, token_index=None, rot_out=None) -> None:
+          token_pos=None, token_seq_end=None, token_index=None, rot_out=None,
+          deq_out=None) -> None:
     """token_index: token i encodes key/value row token_index[i]; rot_out: (rk, rv) receive
-    the rotated K/V (see kernels/reference.py)."""
+    the rotated K/V; deq_out: (dk, dv, scales) the packed slots dequantized once, for
+    prefill's `deq` (see kernels/reference.py)."""
     if _use_triton(kv_cache.device):
         from vllm_turboquant.kernels import tq_store
         tq_store(key, value, kv_cache, slot_mapping, params, side, token_rows, token_pos,
-                 token_seq_end, token_index=token_index, rot_out=rot_out)
+                 token_seq_end, token_index=token_index, rot_out=rot_out, deq_out=deq_out)
     else:
         tq_store_ref(key, value, kv_cache, slot_mapping, params, side, token_rows, token_pos,
-                     token_seq_end, token_index=token_index, rot_out=rot_out)
+                     token_seq_end, token_index=token_index, rot_out=rot_out, deq_out=deq_out)
+
+
+def wants_deq(device: torch.device) -> bool:
+    """Whether prefill reads the chunk's packed tokens from the store's deq_out: the Triton
+    kernel does (contiguous tiles instead of gathering and unpacking slots); the reference
+    reads the packed slots (the same values), so the CPU path skips the copy."""
+    return _use_triton(device)
 
 
 def decode(out, query, kv_cache, block_table, seq_lens, params, scale, side=None,
@@ -49,13 +58,15 @@ def decode(out, query, kv_cache, block_table, seq_lens, params, scale, side=None
 
 
 def prefill(out, query, key, value, cu_seqlens_q, seq_lens, kv_cache, block_table, params,
-            scale, side=None, max_query_len: int | None = None, rotated: bool = False) -> None:
+            scale, side=None, max_query_len: int | None = None, rotated: bool = False,
+            deq=None) -> None:
     """max_query_len: an upper bound on the chunk lengths (sizes the Triton grid without a
-    device->host sync). rotated: key/value are already rotated (the store's rot_out)."""
+    device->host sync). rotated: key/value are already rotated (the store's rot_out).
+    deq: the store's deq_out for these tokens (Triton only, see wants_deq)."""
     if _use_triton(query.device):
         from vllm_turboquant.kernels import tq_prefill
         tq_prefill(query, key, value, cu_seqlens_q, seq_lens, kv_cache, block_table, params,
-                   scale, side, max_query_len=max_query_len, out=out, rotated=rotated)
+                   scale, side, max_query_len=max_query_len, out=out, rotated=rotated, deq=deq)
     else:
         out.copy_(tq_prefill_ref(query, key, value, cu_seqlens_q, seq_lens, kv_cache,
                                  block_table, params, scale, side, rotated=rotated))
