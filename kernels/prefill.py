@@ -29,6 +29,18 @@ from .decode import lookup_tables, rotate_query
 
 
 @triton.jit
+def _softmax_step(s, m_i, l_i):
+    """Base-2 online softmax step for masked scores s [ROWS, N] (-inf = masked) -> (p, alpha
+    to rescale the accumulators by, new running max, new running sum). A row with no key yet
+    (all -inf so far) keeps max -inf and gets p = alpha = 0 instead of nan."""
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_use)
+    p = tl.exp2(s - m_use[:, None])
+    return p, alpha, m_new, l_i * alpha + tl.sum(p, axis=1)
+
+
+@triton.jit
 def _tq_prefill_kernel(
     q_ptr,              # [T, Hq, D] dot dtype: rotated q * softmax_scale * log2(e)
     k_ptr, v_ptr,       # [T, Hkv, D] dot dtype: the chunk's rotated K/V (contiguous)
@@ -144,11 +156,7 @@ def _tq_prefill_kernel(
                 s = tl.where(exact, s_side, s)
 
         s = tl.where(valid, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)   # a row with no key yet
-        alpha = tl.exp2(m_i - m_use)
-        p = tl.exp2(s - m_use[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
+        p, alpha, m_new, l_i = _softmax_step(s, m_i, l_i)
         acc_lo = acc_lo * alpha[:, None]
         acc_hi = acc_hi * alpha[:, None]
         m_i = m_new
@@ -192,11 +200,7 @@ def _tq_prefill_kernel(
             s = s * ks.to(tl.float32)[None, :]
             keep = nmask[None, :] & (offs_n[None, :] <= tok[:, None] - WIN)
             s = tl.where(keep, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m_i - m_use)
-            p = tl.exp2(s - m_use[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
+            p, alpha, m_new, l_i = _softmax_step(s, m_i, l_i)
             pv = (p * vs.to(tl.float32)[None, :]).to(dt)
             v_lo = tl.load(deq_v_ptr + kv_lo, mask=nmask[:, None], other=0.0)
             v_hi = tl.load(deq_v_ptr + kv_hi, mask=nmask[:, None], other=0.0)
@@ -219,11 +223,7 @@ def _tq_prefill_kernel(
             keep = (nmask[None, :] & (offs_n[None, :] <= tok[:, None])
                     & (offs_n[None, :] > tok[:, None] - WIN))
             s = tl.where(keep, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m_i - m_use)
-            p = tl.exp2(s - m_use[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
+            p, alpha, m_new, l_i = _softmax_step(s, m_i, l_i)
             pd = p.to(dt)
             v_lo = tl.load(v_ptr + kv_lo, mask=nmask[:, None], other=0.0)
             v_hi = tl.load(v_ptr + kv_hi, mask=nmask[:, None], other=0.0)
