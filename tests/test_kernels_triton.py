@@ -286,6 +286,10 @@ def test_prefill_matches_reference(dtype, g, bs, window, name):
         diff = (got_d.float() - got_r.float()).norm() / got_r.float().norm()
         assert diff < 2e-3, f"deq copy vs packed slots: relative error {diff:.2e}"
         assert_close(got_d, want_r, dtype, "prefill, deq copy")
+    # The kernel really reads the copy: doubled key centroids there change the output.
+    bad = tq_prefill(q, kr, vr, cu, sl, cache, bt, params, d ** -0.5, side, block_m=4,
+                     block_n=16, rotated=True, deq=(deq[0] * 2, deq[1], deq[2]))
+    assert (bad.float() - got_r.float()).norm() > 1e-2 * got_r.float().norm()
 
 
 def _chunk_deq(k, v, cu, seq_lens, bt, bs, params, dtype, cache):
