@@ -9,8 +9,9 @@ older than the window, dequantized in registers; prefix keys inside the window c
 side copy, tag-checked as in decode), then over the band of the chunk's own exact K/V inside
 the window (rotated once by the launcher). With `deq` (what the backend passes on CUDA) the
 chunk's own older tokens are not unpacked from their slots but read from the store's
-dequantized copy (centroids + scale words: the same operands), as contiguous pipelined tiles. The accumulator lives in the rotated space and is
-un-rotated at the end (acc @ R). The chunk must be stored in the cache before the call.
+dequantized copy (centroids + scale words: the same operands), as contiguous pipelined
+tiles. The accumulator lives in the rotated space and is un-rotated at the end (acc @ R).
+The chunk must be stored in the cache before the call.
 """
 
 from __future__ import annotations

@@ -349,7 +349,8 @@ def test_prefill_launch_override_is_used_and_validated(monkeypatch):
     run = pf._tq_prefill_kernel.run
 
     def spy(*a, **k):
-        seen.update(block_m=k["BLOCK_M"], block_n=k["BLOCK_N"], num_warps=k.get("num_warps"))
+        seen.update(block_m=k["BLOCK_M"], block_n=k["BLOCK_N"], num_warps=k.get("num_warps"),
+                    deq_stages=k["DEQ_STAGES"])
         return run(*a, **k)
 
     monkeypatch.setattr(pf._tq_prefill_kernel, "run", spy)
@@ -360,10 +361,11 @@ def test_prefill_launch_override_is_used_and_validated(monkeypatch):
     q = torch.randn(9, hq, d).to(torch.bfloat16)
     cu, sl = torch.tensor([0, 9], dtype=torch.int32), torch.tensor(lens, dtype=torch.int32)
     try:
-        monkeypatch.setenv(pf._OVERRIDE_ENV, '{"block_m": 4, "block_n": 16, "num_warps": 2}')
+        monkeypatch.setenv(pf._OVERRIDE_ENV,
+                           '{"block_m": 4, "block_n": 16, "num_warps": 2, "deq_stages": 2}')
         pf.launch_override.cache_clear()
         got = tq_prefill(q, chunks[0][0], chunks[0][1], cu, sl, cache, bt, params, d ** -0.5)
-        assert seen == {"block_m": 4, "block_n": 16, "num_warps": 2}
+        assert seen == {"block_m": 4, "block_n": 16, "num_warps": 2, "deq_stages": 2}
         want = tq_prefill_ref(q, chunks[0][0], chunks[0][1], cu, sl, cache, bt, params,
                               d ** -0.5)
         torch.testing.assert_close(got.float(), want.float(), atol=3e-2, rtol=3e-2)

@@ -16,7 +16,10 @@ paid per layer and step: 3 Triton launches and one small GEMM, the query rotatio
      the window ring), every older key from its packed slot (continuation chunks, prefix-cache
      hits, and the chunk's own older tokens alike; the latter read from deq_out as contiguous
      tiles, the same values). So chunked, unchunked and token-by-token
-     prefill agree, and the evaluator's numbers are what is served;
+     prefill agree, and the evaluator's numbers are what is served. A step whose longest
+     sequence has >= split_decode_ctx() tokens (default 4096) sends its decodes to the
+     split-KV decode kernel instead (2 launches and a query rotation more, but a decode's
+     context spread over many programs), the chunks alone to the prefill kernel;
   3. prefill chunks write their window ring entries (after 2, so 2 still saw the previous
      chunk's): each chunk's last W tokens are stored a second time through an index list the
      metadata builder made once for the step (md.side_*), no gathered copies.
@@ -62,6 +65,7 @@ def split_decode_ctx(environ=os.environ) -> int:
 # chunk: 1,379 / 275 vs 752 / 456 (split wins, FlashAttention-3 takes 408 GPU us). 4096 lies
 # between the two measured contexts; not swept finer.
 SPLIT_DECODE_CTX = 4096
+
 
 def decode_splits(num_decodes: int, num_kv_heads: int, max_model_len: int, device) -> int:
     """KV splits of the decode kernel for a batch of num_decodes requests.
@@ -181,8 +185,8 @@ class TurboQuantImpl(AttentionImpl):
                   md.store_seq_end, rot_out=(rot[0], rot[1]), deq_out=deq)
         # 2. One attention launch for the whole batch: a decode is a one-token chunk, and the
         # prefill kernel applies the same per-query precision policy to it (its own token
-        # exact from rot, its window from the ring, the rest packed). Decodes no longer take
-        # the split kernel here: 2 launches and a second query rotation fewer per layer.
+        # exact from rot, its window from the ring, the rest packed): 2 launches and a second
+        # query rotation fewer per layer than the split path below, which long contexts take.
         if nd and md.max_seq_len >= self.split_decode_ctx:
             # Long contexts: the decodes through the split-KV kernel, the chunks alone
             # through the prefill kernel (their batch rows from nd on, also in the ring).
