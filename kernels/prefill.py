@@ -26,7 +26,7 @@ import triton.language as tl
 
 from ._common import TQSide, as_params, check_cache_alignment, next_pow2
 from ._tl import dequant_halves, interpreting, mma
-from .decode import lookup_tables, rotate_query
+from .decode import _LOG2E, lookup_tables, rotate_query
 
 
 @triton.jit
@@ -42,8 +42,110 @@ def _softmax_step(s, m_i, l_i):
 
 
 @triton.jit
+def _rotate_rows(x, rot_ptr, cols, offs_d, D: tl.constexpr, F32: tl.constexpr):
+    """(x @ P^T)[:, cols] for x [N, D] in the dot dtype and P = R / rotation_scale, the +-1
+    matrix (exact in fp16/bf16): exact products, fp32 sums, as the launcher's GEMM."""
+    pt = tl.load(rot_ptr + cols[None, :] * D + offs_d[:, None])
+    return mma(x, pt.to(x.dtype), F32)
+
+
+@triton.jit
+def _invariant_tiles(q_lo, q_hi, k_ptr, v_ptr, cache_ptr, bt_row, head_off, kcent_ptr,
+                     vcent_ptr, ktab_ptr, vtab_ptr, side_k_ptr, side_v_ptr, side_tag_ptr,
+                     side_check_ptr, m_i, l_i, acc_lo, acc_hi, b, h, q_start, prefix, pos_r,
+                     first_pos, last_pos, block_size, W, num_kv_heads, stride_cb, stride_ct,
+                     offs_lo, offs_hi, D: tl.constexpr, KBITS: tl.constexpr,
+                     VBITS: tl.constexpr, V_OFF: tl.constexpr, KS_OFF: tl.constexpr,
+                     BLOCK_N: tl.constexpr, HAS_SIDE: tl.constexpr, F32: tl.constexpr,
+                     WIN: tl.constexpr, KMODE: tl.constexpr, VMODE: tl.constexpr,
+                     KASM: tl.constexpr, VASM: tl.constexpr):
+    """The batch-invariant order (VLLM_BATCH_INVARIANT=1): one online softmax over key tiles
+    at absolute positions [0, BLOCK_N), [BLOCK_N, 2 BLOCK_N), ... up to the program's last
+    row, each key read from the one source the precision policy names for its row: exact (the
+    chunk's own rotated K/V, or a prefix key's held side copy) inside the row's window, else
+    its packed slot, the chunk's own older tokens included. A row's arithmetic then depends on
+    its position and the cache contents only, not on where its chunk starts, how long it is,
+    or which rows share its program (tiles past a row's position are masked out: p = 0 and
+    alpha = 1 leave its accumulators bit for bit unchanged), so chunked, unchunked and
+    prefix-hit prefills of the same tokens give the same bits. The default loops' split of a
+    tile between a packed and an exact pass (and the deq copy's contiguous tiles) do not."""
+    dt = q_lo.dtype
+    for n0 in range(0, last_pos + 1, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        nmask = offs_n <= last_pos
+        blk = tl.load(bt_row + offs_n // block_size, mask=nmask, other=0).to(tl.int64)
+        in_blk = (offs_n % block_size).to(tl.int64)
+        base = cache_ptr + tl.multiple_of(blk * stride_cb + in_blk * stride_ct + head_off, 4)
+        k_lo, k_hi = dequant_halves(base, nmask, offs_lo, offs_hi, kcent_ptr, ktab_ptr,
+                                    KBITS, D, dt, KMODE, KASM)
+        ks = tl.load((base + KS_OFF).to(tl.pointer_type(tl.float16)), mask=nmask, other=0.0)
+        s = mma(q_lo, tl.trans(k_lo), F32) + mma(q_hi, tl.trans(k_hi), F32)
+        s = s * ks.to(tl.float32)[None, :]
+        # Exact keys of this tile: the chunk's own (rotated K/V) and prefix keys whose side
+        # copy is held, inside each row's window. Only tiles reaching the first row's window
+        # have any; for the others `exact` stays all false (the same bits as computing it).
+        exact = (offs_n[None, :] < 0) & (pos_r[:, None] < 0)
+        own = offs_n < 0
+        held = offs_n < 0
+        own_off = ((q_start + offs_n - prefix).to(tl.int64) * num_kv_heads + h) * D
+        side_off = ((b.to(tl.int64) * W + offs_n % W) * num_kv_heads + h) * D
+        in_window = n0 + BLOCK_N > first_pos - WIN + 1
+        if HAS_SIDE:
+            if in_window:
+                own = nmask & (offs_n >= prefix)
+                entry = b.to(tl.int64) * W + offs_n % W
+                cand = nmask & (offs_n < prefix) & (offs_n > first_pos - WIN)
+                tag = tl.load(side_tag_ptr + entry, mask=cand, other=-1)
+                chk = tl.load(side_check_ptr + entry * num_kv_heads + h, mask=cand, other=0)
+                packed_chk = tl.load((base + KS_OFF).to(tl.pointer_type(tl.int32)),
+                                     mask=cand, other=1)
+                held = cand & (tag.to(tl.int64) == blk * block_size + in_blk) & (
+                    chk == packed_chk)
+                exact = (own | held)[None, :] & (offs_n[None, :] > pos_r[:, None] - WIN)
+                ek_lo = tl.where(own[:, None],
+                                 tl.load(k_ptr + own_off[:, None] + offs_lo[None, :],
+                                         mask=own[:, None], other=0.0),
+                                 tl.load(side_k_ptr + side_off[:, None] + offs_lo[None, :],
+                                         mask=held[:, None], other=0.0).to(dt))
+                ek_hi = tl.where(own[:, None],
+                                 tl.load(k_ptr + own_off[:, None] + offs_hi[None, :],
+                                         mask=own[:, None], other=0.0),
+                                 tl.load(side_k_ptr + side_off[:, None] + offs_hi[None, :],
+                                         mask=held[:, None], other=0.0).to(dt))
+                s_exact = mma(q_lo, tl.trans(ek_lo), F32) + mma(q_hi, tl.trans(ek_hi), F32)
+                s = tl.where(exact, s_exact, s)
+        s = tl.where(nmask[None, :] & (offs_n[None, :] <= pos_r[:, None]), s, float("-inf"))
+        p, alpha, m_new, l_i = _softmax_step(s, m_i, l_i)
+        m_i = m_new
+        v_lo, v_hi = dequant_halves(base + V_OFF, nmask, offs_lo, offs_hi, vcent_ptr, vtab_ptr,
+                                    VBITS, D, dt, VMODE, VASM)
+        vs = tl.load((base + KS_OFF + 2).to(tl.pointer_type(tl.float16)), mask=nmask,
+                     other=0.0)
+        pv = tl.where(exact, 0.0, p * vs.to(tl.float32)[None, :]).to(dt)
+        acc_lo = acc_lo * alpha[:, None] + mma(pv, v_lo, F32)
+        acc_hi = acc_hi * alpha[:, None] + mma(pv, v_hi, F32)
+        if HAS_SIDE:
+            if in_window:
+                ev_lo = tl.where(own[:, None],
+                                 tl.load(v_ptr + own_off[:, None] + offs_lo[None, :],
+                                         mask=own[:, None], other=0.0),
+                                 tl.load(side_v_ptr + side_off[:, None] + offs_lo[None, :],
+                                         mask=held[:, None], other=0.0).to(dt))
+                ev_hi = tl.where(own[:, None],
+                                 tl.load(v_ptr + own_off[:, None] + offs_hi[None, :],
+                                         mask=own[:, None], other=0.0),
+                                 tl.load(side_v_ptr + side_off[:, None] + offs_hi[None, :],
+                                         mask=held[:, None], other=0.0).to(dt))
+                p_exact = tl.where(exact, p, 0.0).to(dt)
+                acc_lo += mma(p_exact, ev_lo, F32)
+                acc_hi += mma(p_exact, ev_hi, F32)
+    return m_i, l_i, acc_lo, acc_hi
+
+
+@triton.jit
 def _tq_prefill_kernel(
     q_ptr,              # [T, Hq, D] dot dtype: rotated q * softmax_scale * log2(e)
+                        # (INVARIANT: the query as given, rotated and scaled by q_scale here)
     k_ptr, v_ptr,       # [T, Hkv, D] dot dtype: the chunk's rotated K/V (contiguous)
     out_ptr,            # [T, Hq, D] output dtype
     cu_q_ptr,           # [B + 1] int32
@@ -56,7 +158,7 @@ def _tq_prefill_kernel(
     side_k_ptr, side_v_ptr, side_tag_ptr, side_check_ptr,  # TQSide (contiguous)
     deq_k_ptr, deq_v_ptr,    # [T, Hkv, D] dot dtype: the chunk's centroids C[code] (when DEQ)
     deq_s_ptr,          # [T, Hkv] int32: the chunk's slot scale words (when DEQ)
-    G, block_size, W, num_kv_heads, rot_scale,
+    G, block_size, W, num_kv_heads, rot_scale, q_scale,
     stride_qt, stride_qh, stride_ot, stride_oh, stride_bt,
     stride_cb, stride_ct, stride_ch,
     D: tl.constexpr, KBITS: tl.constexpr, VBITS: tl.constexpr,
@@ -65,6 +167,7 @@ def _tq_prefill_kernel(
     HAS_SIDE: tl.constexpr, F32: tl.constexpr, COLS: tl.constexpr, WIN: tl.constexpr,
     KMODE: tl.constexpr, VMODE: tl.constexpr, KASM: tl.constexpr = "", VASM: tl.constexpr = "",
     DEQ: tl.constexpr = False, DEQ_STAGES: tl.constexpr = 1,
+    INVARIANT: tl.constexpr = False,
 ):
     b = tl.program_id(0)
     # Longest rows first: under causal masking the last blocks of a chunk do the most tiles,
@@ -89,8 +192,17 @@ def _tq_prefill_kernel(
     offs_hi = HALF + offs_lo
     t64 = (q_start + tok).to(tl.int64)
     q_row = q_ptr + t64[:, None] * stride_qt + qh[:, None] * stride_qh
-    q_lo = tl.load(q_row + offs_lo[None, :], mask=rmask[:, None], other=0.0)
-    q_hi = tl.load(q_row + offs_hi[None, :], mask=rmask[:, None], other=0.0)
+    if INVARIANT:
+        # q arrives unrotated: rotated here, row by row the same whatever the chunk (the
+        # launcher's GEMM over all T rows may round a row differently for another T: seen
+        # with CPU BLAS at one token).
+        offs_d = tl.arange(0, D)
+        qx = tl.load(q_row + offs_d[None, :], mask=rmask[:, None], other=0.0)
+        q_lo = (_rotate_rows(qx, rot_ptr, offs_lo, offs_d, D, F32) * q_scale).to(qx.dtype)
+        q_hi = (_rotate_rows(qx, rot_ptr, offs_hi, offs_d, D, F32) * q_scale).to(qx.dtype)
+    else:
+        q_lo = tl.load(q_row + offs_lo[None, :], mask=rmask[:, None], other=0.0)
+        q_hi = tl.load(q_row + offs_hi[None, :], mask=rmask[:, None], other=0.0)
     dt = q_lo.dtype
 
     m_i = tl.full([ROWS], float("-inf"), dtype=tl.float32)
@@ -106,131 +218,140 @@ def _tq_prefill_kernel(
     first_pos = prefix + mb * BLOCK_M
     last_pos = prefix + chunk_end - 1
 
-    # -- packed slots: the cached prefix, and the chunk's own tokens older than the window ----
-    # (the backend stored the chunk before attending; prefix keys inside a row's window come
-    # from the side copy when it holds them, tag- and scale-checked as in decode)
-    packed_end = tl.maximum(prefix, tl.minimum(seq_len, last_pos - WIN + 1))
-    # DEQ: the chunk's own packed tokens come from the store's dequantized copy (the loop
-    # after this one), so this loop covers the cached prefix only.
-    gather_end = packed_end
-    if DEQ:
-        gather_end = prefix
-    for n0 in range(0, gather_end, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        nmask = offs_n < gather_end
-        blk = tl.load(bt_row + offs_n // block_size, mask=nmask, other=0).to(tl.int64)
-        in_blk = (offs_n % block_size).to(tl.int64)
-        # Slots are 4-byte aligned (launcher checks): lets the compiler load 4 bytes at a time.
-        base = cache_ptr + tl.multiple_of(blk * stride_cb + in_blk * stride_ct + head_off, 4)
-
-        k_lo, k_hi = dequant_halves(base, nmask, offs_lo, offs_hi, kcent_ptr, ktab_ptr,
-                                    KBITS, D, dt, KMODE, KASM)
-        ks = tl.load((base + KS_OFF).to(tl.pointer_type(tl.float16)), mask=nmask, other=0.0)
-        s = mma(q_lo, tl.trans(k_lo), F32) + mma(q_hi, tl.trans(k_hi), F32)
-        s = s * ks.to(tl.float32)[None, :]
-        # prefix keys: every row; chunk keys: only rows whose window they have left
-        valid = nmask[None, :] & ((offs_n[None, :] < prefix)
-                                  | (offs_n[None, :] <= pos_r[:, None] - WIN))
-
-        # [ROWS, BLOCK_N] "read exactly"; defined outside the runtime `if` (Triton scopes
-        # names bound inside it).
-        exact = (offs_n[None, :] < 0) & (pos_r[:, None] < 0)
-        held = offs_n < 0
-        if HAS_SIDE:
-            entry = b.to(tl.int64) * W + offs_n % W
-            side_off = (entry * num_kv_heads + h) * D
-            if (n0 + BLOCK_N > first_pos - WIN + 1) & (n0 < prefix):
-                cand = nmask & (offs_n < prefix) & (offs_n > first_pos - WIN)
-                tag = tl.load(side_tag_ptr + entry, mask=cand, other=-1)
-                chk = tl.load(side_check_ptr + entry * num_kv_heads + h, mask=cand, other=0)
-                packed_chk = tl.load((base + KS_OFF).to(tl.pointer_type(tl.int32)),
-                                     mask=cand, other=1)
-                held = cand & (tag.to(tl.int64) == blk * block_size + in_blk) & (
-                    chk == packed_chk)
-                exact = held[None, :] & (offs_n[None, :] > pos_r[:, None] - WIN)
-                sk_lo = tl.load(side_k_ptr + side_off[:, None] + offs_lo[None, :],
-                                mask=held[:, None], other=0.0)
-                sk_hi = tl.load(side_k_ptr + side_off[:, None] + offs_hi[None, :],
-                                mask=held[:, None], other=0.0)
-                s_side = (mma(q_lo, tl.trans(sk_lo.to(dt)), F32)
-                          + mma(q_hi, tl.trans(sk_hi.to(dt)), F32))
-                s = tl.where(exact, s_side, s)
-
-        s = tl.where(valid, s, float("-inf"))
-        p, alpha, m_new, l_i = _softmax_step(s, m_i, l_i)
-        acc_lo = acc_lo * alpha[:, None]
-        acc_hi = acc_hi * alpha[:, None]
-        m_i = m_new
-
-        v_lo, v_hi = dequant_halves(base + V_OFF, nmask, offs_lo, offs_hi, vcent_ptr, vtab_ptr,
-                                    VBITS, D, dt, VMODE, VASM)
-        vs = tl.load((base + KS_OFF + 2).to(tl.pointer_type(tl.float16)), mask=nmask,
-                     other=0.0)
-        pv = p * vs.to(tl.float32)[None, :]
-        if HAS_SIDE:
-            if (n0 + BLOCK_N > first_pos - WIN + 1) & (n0 < prefix):
-                pv = tl.where(exact, 0.0, pv)
-                sv_lo = tl.load(side_v_ptr + side_off[:, None] + offs_lo[None, :],
-                                mask=held[:, None], other=0.0)
-                sv_hi = tl.load(side_v_ptr + side_off[:, None] + offs_hi[None, :],
-                                mask=held[:, None], other=0.0)
-                p_side = tl.where(exact, p, 0.0).to(dt)
-                acc_lo += mma(p_side, sv_lo.to(dt), F32)
-                acc_hi += mma(p_side, sv_hi.to(dt), F32)
-        pv = pv.to(dt)
-        acc_lo += mma(pv, v_lo, F32)
-        acc_hi += mma(pv, v_hi, F32)
-
-    # -- DEQ: the chunk's own keys older than each row's window, from the store's copy -------
-    # Same operands as the packed loop (centroids in the dot dtype, fp16 scales), read as
-    # contiguous tiles: no block-table gather, no unpacking, pipelined loads.
-    if DEQ:
-        own_end = packed_end - prefix                      # chunk-local
-        for n0 in tl.range(0, own_end, BLOCK_N, num_stages=DEQ_STAGES):
+    if INVARIANT:
+        m_i, l_i, acc_lo, acc_hi = _invariant_tiles(
+            q_lo, q_hi, k_ptr, v_ptr, cache_ptr, bt_row, head_off, kcent_ptr, vcent_ptr,
+            ktab_ptr, vtab_ptr, side_k_ptr, side_v_ptr, side_tag_ptr, side_check_ptr,
+            m_i, l_i, acc_lo, acc_hi, b, h, q_start, prefix, pos_r, first_pos, last_pos,
+            block_size, W, num_kv_heads, stride_cb, stride_ct, offs_lo, offs_hi,
+            D, KBITS, VBITS, V_OFF, KS_OFF, BLOCK_N, HAS_SIDE, F32, WIN, KMODE, VMODE,
+            KASM, VASM)
+    else:
+        # -- packed slots: the cached prefix, and the chunk's own tokens older than the window ----
+        # (the backend stored the chunk before attending; prefix keys inside a row's window come
+        # from the side copy when it holds them, tag- and scale-checked as in decode)
+        packed_end = tl.maximum(prefix, tl.minimum(seq_len, last_pos - WIN + 1))
+        # DEQ: the chunk's own packed tokens come from the store's dequantized copy (the loop
+        # after this one), so this loop covers the cached prefix only.
+        gather_end = packed_end
+        if DEQ:
+            gather_end = prefix
+        for n0 in range(0, gather_end, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
-            nmask = offs_n < own_end
-            row = (q_start + offs_n).to(tl.int64) * num_kv_heads + h
-            kv_lo = row[:, None] * D + offs_lo[None, :]
-            kv_hi = row[:, None] * D + offs_hi[None, :]
-            k_lo = tl.load(deq_k_ptr + kv_lo, mask=nmask[:, None], other=0.0)
-            k_hi = tl.load(deq_k_ptr + kv_hi, mask=nmask[:, None], other=0.0)
-            word = tl.load(deq_s_ptr + row, mask=nmask, other=0)
-            ks = (word & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True)
-            vs = ((word >> 16) & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True)
+            nmask = offs_n < gather_end
+            blk = tl.load(bt_row + offs_n // block_size, mask=nmask, other=0).to(tl.int64)
+            in_blk = (offs_n % block_size).to(tl.int64)
+            # Slots are 4-byte aligned (launcher checks): lets the compiler load 4 bytes at a time.
+            base = cache_ptr + tl.multiple_of(blk * stride_cb + in_blk * stride_ct + head_off, 4)
+
+            k_lo, k_hi = dequant_halves(base, nmask, offs_lo, offs_hi, kcent_ptr, ktab_ptr,
+                                        KBITS, D, dt, KMODE, KASM)
+            ks = tl.load((base + KS_OFF).to(tl.pointer_type(tl.float16)), mask=nmask, other=0.0)
             s = mma(q_lo, tl.trans(k_lo), F32) + mma(q_hi, tl.trans(k_hi), F32)
             s = s * ks.to(tl.float32)[None, :]
-            keep = nmask[None, :] & (offs_n[None, :] <= tok[:, None] - WIN)
-            s = tl.where(keep, s, float("-inf"))
+            # prefix keys: every row; chunk keys: only rows whose window they have left
+            valid = nmask[None, :] & ((offs_n[None, :] < prefix)
+                                      | (offs_n[None, :] <= pos_r[:, None] - WIN))
+
+            # [ROWS, BLOCK_N] "read exactly"; defined outside the runtime `if` (Triton scopes
+            # names bound inside it).
+            exact = (offs_n[None, :] < 0) & (pos_r[:, None] < 0)
+            held = offs_n < 0
+            if HAS_SIDE:
+                entry = b.to(tl.int64) * W + offs_n % W
+                side_off = (entry * num_kv_heads + h) * D
+                if (n0 + BLOCK_N > first_pos - WIN + 1) & (n0 < prefix):
+                    cand = nmask & (offs_n < prefix) & (offs_n > first_pos - WIN)
+                    tag = tl.load(side_tag_ptr + entry, mask=cand, other=-1)
+                    chk = tl.load(side_check_ptr + entry * num_kv_heads + h, mask=cand, other=0)
+                    packed_chk = tl.load((base + KS_OFF).to(tl.pointer_type(tl.int32)),
+                                         mask=cand, other=1)
+                    held = cand & (tag.to(tl.int64) == blk * block_size + in_blk) & (
+                        chk == packed_chk)
+                    exact = held[None, :] & (offs_n[None, :] > pos_r[:, None] - WIN)
+                    sk_lo = tl.load(side_k_ptr + side_off[:, None] + offs_lo[None, :],
+                                    mask=held[:, None], other=0.0)
+                    sk_hi = tl.load(side_k_ptr + side_off[:, None] + offs_hi[None, :],
+                                    mask=held[:, None], other=0.0)
+                    s_side = (mma(q_lo, tl.trans(sk_lo.to(dt)), F32)
+                              + mma(q_hi, tl.trans(sk_hi.to(dt)), F32))
+                    s = tl.where(exact, s_side, s)
+
+            s = tl.where(valid, s, float("-inf"))
             p, alpha, m_new, l_i = _softmax_step(s, m_i, l_i)
-            pv = (p * vs.to(tl.float32)[None, :]).to(dt)
-            v_lo = tl.load(deq_v_ptr + kv_lo, mask=nmask[:, None], other=0.0)
-            v_hi = tl.load(deq_v_ptr + kv_hi, mask=nmask[:, None], other=0.0)
-            acc_lo = acc_lo * alpha[:, None] + mma(pv, v_lo, F32)
-            acc_hi = acc_hi * alpha[:, None] + mma(pv, v_hi, F32)
+            acc_lo = acc_lo * alpha[:, None]
+            acc_hi = acc_hi * alpha[:, None]
             m_i = m_new
 
-    # -- the chunk's own keys inside each row's window, exact and causal ----------------------
-    if WIN > 0:   # static: presets without a window read every key from its packed slot
-        band = (tl.maximum(mb * BLOCK_M - WIN + 1, 0) // BLOCK_N) * BLOCK_N
-        for n0 in range(band, chunk_end, BLOCK_N):
-            offs_n = n0 + tl.arange(0, BLOCK_N)
-            nmask = offs_n < chunk_end
-            kv_off = ((q_start + offs_n).to(tl.int64) * num_kv_heads + h) * D
-            kv_lo = kv_off[:, None] + offs_lo[None, :]
-            kv_hi = kv_off[:, None] + offs_hi[None, :]
-            k_lo = tl.load(k_ptr + kv_lo, mask=nmask[:, None], other=0.0)
-            k_hi = tl.load(k_ptr + kv_hi, mask=nmask[:, None], other=0.0)
-            s = mma(q_lo, tl.trans(k_lo), F32) + mma(q_hi, tl.trans(k_hi), F32)
-            keep = (nmask[None, :] & (offs_n[None, :] <= tok[:, None])
-                    & (offs_n[None, :] > tok[:, None] - WIN))
-            s = tl.where(keep, s, float("-inf"))
-            p, alpha, m_new, l_i = _softmax_step(s, m_i, l_i)
-            pd = p.to(dt)
-            v_lo = tl.load(v_ptr + kv_lo, mask=nmask[:, None], other=0.0)
-            v_hi = tl.load(v_ptr + kv_hi, mask=nmask[:, None], other=0.0)
-            acc_lo = acc_lo * alpha[:, None] + mma(pd, v_lo, F32)
-            acc_hi = acc_hi * alpha[:, None] + mma(pd, v_hi, F32)
-            m_i = m_new
+            v_lo, v_hi = dequant_halves(base + V_OFF, nmask, offs_lo, offs_hi, vcent_ptr, vtab_ptr,
+                                        VBITS, D, dt, VMODE, VASM)
+            vs = tl.load((base + KS_OFF + 2).to(tl.pointer_type(tl.float16)), mask=nmask,
+                         other=0.0)
+            pv = p * vs.to(tl.float32)[None, :]
+            if HAS_SIDE:
+                if (n0 + BLOCK_N > first_pos - WIN + 1) & (n0 < prefix):
+                    pv = tl.where(exact, 0.0, pv)
+                    sv_lo = tl.load(side_v_ptr + side_off[:, None] + offs_lo[None, :],
+                                    mask=held[:, None], other=0.0)
+                    sv_hi = tl.load(side_v_ptr + side_off[:, None] + offs_hi[None, :],
+                                    mask=held[:, None], other=0.0)
+                    p_side = tl.where(exact, p, 0.0).to(dt)
+                    acc_lo += mma(p_side, sv_lo.to(dt), F32)
+                    acc_hi += mma(p_side, sv_hi.to(dt), F32)
+            pv = pv.to(dt)
+            acc_lo += mma(pv, v_lo, F32)
+            acc_hi += mma(pv, v_hi, F32)
+
+        # -- DEQ: the chunk's own keys older than each row's window, from the store's copy -------
+        # Same operands as the packed loop (centroids in the dot dtype, fp16 scales), read as
+        # contiguous tiles: no block-table gather, no unpacking, pipelined loads.
+        if DEQ:
+            own_end = packed_end - prefix                      # chunk-local
+            for n0 in tl.range(0, own_end, BLOCK_N, num_stages=DEQ_STAGES):
+                offs_n = n0 + tl.arange(0, BLOCK_N)
+                nmask = offs_n < own_end
+                row = (q_start + offs_n).to(tl.int64) * num_kv_heads + h
+                kv_lo = row[:, None] * D + offs_lo[None, :]
+                kv_hi = row[:, None] * D + offs_hi[None, :]
+                k_lo = tl.load(deq_k_ptr + kv_lo, mask=nmask[:, None], other=0.0)
+                k_hi = tl.load(deq_k_ptr + kv_hi, mask=nmask[:, None], other=0.0)
+                word = tl.load(deq_s_ptr + row, mask=nmask, other=0)
+                ks = (word & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True)
+                vs = ((word >> 16) & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True)
+                s = mma(q_lo, tl.trans(k_lo), F32) + mma(q_hi, tl.trans(k_hi), F32)
+                s = s * ks.to(tl.float32)[None, :]
+                keep = nmask[None, :] & (offs_n[None, :] <= tok[:, None] - WIN)
+                s = tl.where(keep, s, float("-inf"))
+                p, alpha, m_new, l_i = _softmax_step(s, m_i, l_i)
+                pv = (p * vs.to(tl.float32)[None, :]).to(dt)
+                v_lo = tl.load(deq_v_ptr + kv_lo, mask=nmask[:, None], other=0.0)
+                v_hi = tl.load(deq_v_ptr + kv_hi, mask=nmask[:, None], other=0.0)
+                acc_lo = acc_lo * alpha[:, None] + mma(pv, v_lo, F32)
+                acc_hi = acc_hi * alpha[:, None] + mma(pv, v_hi, F32)
+                m_i = m_new
+
+        # -- the chunk's own keys inside each row's window, exact and causal ----------------------
+        if WIN > 0:   # static: presets without a window read every key from its packed slot
+            band = (tl.maximum(mb * BLOCK_M - WIN + 1, 0) // BLOCK_N) * BLOCK_N
+            for n0 in range(band, chunk_end, BLOCK_N):
+                offs_n = n0 + tl.arange(0, BLOCK_N)
+                nmask = offs_n < chunk_end
+                kv_off = ((q_start + offs_n).to(tl.int64) * num_kv_heads + h) * D
+                kv_lo = kv_off[:, None] + offs_lo[None, :]
+                kv_hi = kv_off[:, None] + offs_hi[None, :]
+                k_lo = tl.load(k_ptr + kv_lo, mask=nmask[:, None], other=0.0)
+                k_hi = tl.load(k_ptr + kv_hi, mask=nmask[:, None], other=0.0)
+                s = mma(q_lo, tl.trans(k_lo), F32) + mma(q_hi, tl.trans(k_hi), F32)
+                keep = (nmask[None, :] & (offs_n[None, :] <= tok[:, None])
+                        & (offs_n[None, :] > tok[:, None] - WIN))
+                s = tl.where(keep, s, float("-inf"))
+                p, alpha, m_new, l_i = _softmax_step(s, m_i, l_i)
+                pd = p.to(dt)
+                v_lo = tl.load(v_ptr + kv_lo, mask=nmask[:, None], other=0.0)
+                v_hi = tl.load(v_ptr + kv_hi, mask=nmask[:, None], other=0.0)
+                acc_lo = acc_lo * alpha[:, None] + mma(pd, v_lo, F32)
+                acc_hi = acc_hi * alpha[:, None] + mma(pd, v_hi, F32)
+                m_i = m_new
 
     inv_l = 1.0 / tl.maximum(l_i, 1e-30)
     acc_lo = acc_lo * inv_l[:, None]
@@ -279,7 +400,8 @@ def tq_prefill(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                max_query_len: int | None = None, out: torch.Tensor | None = None,
                rotated: bool = False, block_m: int | None = None, block_n: int | None = None,
                num_warps: int | None = None, num_stages: int = 1,
-               lookup: int = 3, deq=None, deq_stages: int | None = None) -> torch.Tensor:
+               lookup: int = 3, deq=None, deq_stages: int | None = None,
+               invariant: bool = False) -> torch.Tensor:
     """Triton prefill over packed pages; same contract as `reference.tq_prefill_ref`.
 
     query [T, Hq, D]; key, value [T, Hkv, D] (the chunk's own K/V; rotated=True: already
@@ -290,6 +412,9 @@ def tq_prefill(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     deq: optional (dk, dv, scales), the store's deq_out for these T tokens (dk, dv in
     query.dtype): the chunk's own tokens older than the window are then read from it instead
     of their packed slots (same values, contiguous loads; deq_stages pipelines them).
+    invariant: batch-invariant order (vLLM's VLLM_BATCH_INVARIANT; see _invariant_tiles):
+    a row's output is bit for bit the same however its prompt was chunked; takes no deq
+    (the chunk's own older tokens are unpacked from their slots like the prefix's).
     lookup 3 (register prmt lookups; was 2, the 16-entry table): lookup 2 with a window
     faulted at head 128 on the H100/H200 (tests/gpu/crash_matrix.py) and is refused there.
     Launch config (block_m rows of tokens x padded group = 128 rows, block_n 32, 4 warps): the
@@ -315,7 +440,10 @@ def tq_prefill(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
         max_query_len = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max())
     f32 = query.dtype == torch.float32 or interpreting(_tq_prefill_kernel)
     dot_dtype = query.dtype
-    q = rotate_query(query, p, scale)
+    # invariant: the kernel rotates q itself (q_scale folds the rotation scale, the softmax
+    # scale and log2(e), as rotate_query does)
+    q = query if invariant else rotate_query(query, p, scale)
+    q_scale = p.rotation_scale * scale * _LOG2E
     if rotated:   # the store already wrote them rotated (the backend's path: no extra ops)
         assert key.dtype == value.dtype == dot_dtype
         assert key.is_contiguous() and value.is_contiguous()
@@ -341,6 +469,11 @@ def tq_prefill(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     else:
         sk = sv = stag = schk = seq_lens
         w, win = 1, 0          # ring size (unused), precision window (none)
+    if invariant:
+        assert query.stride(-1) == 1, "tq_prefill(invariant=True): query's last dim contiguous"
+    if invariant and deq is not None:
+        raise ValueError("tq_prefill: invariant=True reads every packed key from its slot; "
+                         "pass deq=None")
     if deq is not None:
         dk, dv, dsc = deq
         assert dk.shape == dv.shape == (t, hkv, d) and dsc.shape == (t, hkv)
@@ -370,13 +503,14 @@ def tq_prefill(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
         q, k, v, out, cu_seqlens_q, seq_lens, kv_cache, block_table,
         p.key_centroids, p.value_centroids, kpair, vpair, p.rotation_pm1,
         sk, sv, stag, schk, dk, dv, dsc,
-        g, kv_cache.shape[1], w, hkv, p.rotation_scale,
+        g, kv_cache.shape[1], w, hkv, p.rotation_scale, q_scale,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_table.stride(0),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2),
         D=d, KBITS=p.key_bits, VBITS=p.value_bits, V_OFF=lay.v_codes_offset,
         KS_OFF=lay.k_scale_offset, BLOCK_M=block_m, G_PAD=g_pad, BLOCK_N=block_n,
         HAS_SIDE=has_side, F32=f32, COLS=min(d, 64), WIN=win, KMODE=kmode, VMODE=vmode,
         KASM=kasm, VASM=vasm, DEQ=deq is not None, DEQ_STAGES=deq_stages,
+        INVARIANT=invariant,
         num_warps=num_warps,
         num_stages=num_stages)
     return out

@@ -80,8 +80,9 @@ class Harness:
             table.append(self.perm.pop())
         return table
 
-    def step(self, batch: list[tuple[str, int]]):
-        """batch: [(request, new tokens)], decodes (1 token) first. Returns per request the
+    def step(self, batch: list[tuple[str, int]], inputs: dict | None = None):
+        """batch: [(request, new tokens)], decodes (1 token) first; inputs: optional
+        {request: (q, k, v)} for its n new tokens (else random). Returns per request the
         (query [n, HQ, D], output [n, HQ, D], first position)."""
         from vllm.v1.attention.backend import CommonAttentionMetadata
 
@@ -92,9 +93,12 @@ class Harness:
             table = self._blocks_for(req, start + n)
             for p in range(start, start + n):
                 slots.append(table[p // BLOCK] * BLOCK + p % BLOCK)
-            q = torch.randn(n, HQ, D, generator=self.gen)
-            k = torch.randn(n, HKV, D, generator=self.gen)
-            v = torch.randn(n, HKV, D, generator=self.gen)
+            if inputs and req in inputs:
+                q, k, v = inputs[req]
+            else:
+                q = torch.randn(n, HQ, D, generator=self.gen)
+                k = torch.randn(n, HKV, D, generator=self.gen)
+                v = torch.randn(n, HKV, D, generator=self.gen)
             keys.extend(k)
             vals.extend(v)
             qs.append(q), ks.append(k), vs.append(v), starts.append(start)
@@ -341,3 +345,67 @@ def test_same_semantics_through_the_triton_launchers_interpreted():
         env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     assert " passed" in proc.stdout
+
+
+def _prompt_then_decodes(invariant: bool, chunked: bool) -> torch.Tensor:
+    """Request A (14 prompt tokens, then 2 decodes, fixed inputs) -> its 16 outputs. Unchunked:
+    A alone, one prefill then decode-only steps of batch 1. Chunked: A's prompt in chunks of 6
+    and 8 beside another request B's chunks (B row 1), then A's decodes in a mixed step (B's
+    chunk beside it) and in a batch of 2: other chunk starts, batch sizes and step kinds."""
+    gen = torch.Generator().manual_seed(7)
+    a = [torch.randn(16, n, D, generator=gen) for n in (HQ, HKV, HKV)]
+    part = lambda lo, hi: tuple(x[lo:hi] for x in a)  # noqa: E731
+    h = Harness(4, num_blocks=24, seed=3)
+    h.impl.batch_invariant = invariant
+    outs = []
+    if chunked:
+        plan = [([("A", 6), ("B", 5)], (0, 6)), ([("A", 8), ("B", 3)], (6, 14)),
+                ([("A", 1), ("B", 7)], (14, 15)), ([("A", 1), ("B", 1)], (15, 16))]
+    else:
+        plan = [([("A", 14)], (0, 14)), ([("A", 1)], (14, 15)), ([("A", 1)], (15, 16))]
+    for batch, (lo, hi) in plan:
+        _, res = h.step(batch, {"A": part(lo, hi)})
+        q, out, start = res["A"]
+        assert start == lo
+        outs.append(out)
+    return torch.cat(outs)
+
+
+def test_batch_invariant_mode_fixes_the_decode_split_count():
+    """A decode's split count sets its reduction order: batch-invariant mode must not let it
+    follow the batch size (the default mode does, e.g. 8 splits at batch 1, 1 at batch 128
+    with the interpreter's 4 SMs)."""
+    h = Harness(4)
+    cpu = torch.device("cpu")
+    assert len({h.impl.splits(n, cpu) for n in (1, 2, 16, 128)}) > 1
+    h.impl.batch_invariant = True
+    assert len({h.impl.splits(n, cpu) for n in (1, 2, 16, 128)}) == 1
+
+
+@pytest.mark.skipif(os.environ.get("VLLM_TURBOQUANT_FORCE_TRITON") != "1",
+                    reason="the Triton kernels' property; run by the test below")
+def test_batch_invariant_mode_gives_the_same_bits_however_the_prompt_is_batched():
+    """VLLM_BATCH_INVARIANT=1 (impl.batch_invariant): request A's outputs, prompt and decodes,
+    are bit for bit the same when its prompt is chunked differently and it shares steps with
+    another request; the default mode differs in the last bits (the control: this test can
+    fail), and both match the semantics."""
+    same = _prompt_then_decodes(True, chunked=False)
+    assert torch.equal(same, _prompt_then_decodes(True, chunked=True))
+    default = _prompt_then_decodes(False, chunked=False), _prompt_then_decodes(False, chunked=True)
+    assert not torch.equal(*default)
+    torch.testing.assert_close(default[1], same, atol=2e-4, rtol=2e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("VLLM_TURBOQUANT_FORCE_TRITON") == "1",
+                    reason="already running through the Triton launchers")
+def test_batch_invariance_through_the_triton_launchers_interpreted():
+    """The test above under TRITON_INTERPRET=1, with 4-token key tiles and 2-token row blocks
+    so a 16-token request spans several tiles and programs."""
+    env = dict(os.environ, VLLM_TURBOQUANT_FORCE_TRITON="1", TRITON_INTERPRET="1",
+               VLLM_TURBOQUANT_PREFILL_CONFIG='{"block_m": 2, "block_n": 4}')
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__,
+         "-k", "same_bits"], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert "\n1 passed" in proc.stdout

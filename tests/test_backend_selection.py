@@ -159,3 +159,21 @@ def test_validation_refuses_unverified_bits_at_head_128_on_cuda(monkeypatch):
     cpu = _fake_config(model=FakeModel(head_size=128))
     cpu.device_config = types.SimpleNamespace(device_type="cpu")
     assert compat.validate_vllm_config(cpu) == PRESETS["tq-k3v3"]
+
+
+def test_batch_invariant_mode_needs_cuda(monkeypatch):
+    """VLLM_BATCH_INVARIANT=1: served on CUDA (the kernels' invariant order), refused with the
+    way out on CPU, whose torch references have no such order."""
+    import vllm.envs as envs
+    monkeypatch.delenv(settings.ENV_PRESET, raising=False)
+    monkeypatch.setattr(envs, "VLLM_BATCH_INVARIANT", True, raising=False)
+    cuda, cpu = _fake_config(), _fake_config()
+    cuda.device_config = types.SimpleNamespace(device_type="cuda")
+    cpu.device_config = types.SimpleNamespace(device_type="cpu")
+    assert compat.validate_vllm_config(cuda) == PRESETS["turboquant"]
+    with pytest.raises(TurboQuantConfigError, match="VLLM_BATCH_INVARIANT.*Unset"):
+        compat.validate_vllm_config(cpu)
+    monkeypatch.setattr(envs, "VLLM_BATCH_INVARIANT", False, raising=False)
+    assert compat.validate_vllm_config(cpu) == PRESETS["turboquant"]
+    from vllm_turboquant.backend.attention import TurboQuantBackend
+    assert TurboQuantBackend.supports_batch_invariance()

@@ -58,6 +58,13 @@ def is_v025() -> bool:
     return version_series() == (0, 25)
 
 
+def batch_invariant() -> bool:
+    """vLLM's batch-invariant mode (VLLM_BATCH_INVARIANT=1; both 0.25 and 0.32 read it through
+    vllm.envs): the backend then runs its kernels in an order independent of the batch."""
+    import vllm.envs as envs
+    return bool(getattr(envs, "VLLM_BATCH_INVARIANT", False))
+
+
 def cache_view(kv_cache):
     """This layer's packed cache as the kernels' logical [blocks, block_size, heads, slot]
     view (the kernels take the strides, so no copy).
@@ -325,6 +332,11 @@ def validate_vllm_config(vllm_config):
         settings.check_verified_on_gpu(config, model_config.get_head_size(),
                                        _on_cuda(vllm_config),
                                        getattr(model_config, "dtype", None))
+    if batch_invariant() and not _on_cuda(vllm_config):
+        raise TurboQuantConfigError(
+            "VLLM_BATCH_INVARIANT=1: the TurboQuant backend is batch-invariant on CUDA (its "
+            "Triton kernels); its CPU path (the torch references) is not. Unset "
+            "VLLM_BATCH_INVARIANT or use --kv-cache-dtype auto on CPU")
     if getattr(cache_config, "kv_cache_dtype_skip_layers", None):
         raise TurboQuantConfigError(
             "--kv-cache-dtype-skip-layers is not supported with TurboQuant: every attention "

@@ -331,3 +331,57 @@ def test_backend_step_order_fresh_prompt_with_window(d, hq, hkv):
     torch.cuda.synchronize()
     assert torch.equal(cache, packed), "re-encoding changed packed bytes"
     assert (side.tag[0] >= 0).all()
+
+
+def _prompt_in_chunks(q, k, v, bounds, params, side_rows, bs, w, invariant, seed=0):
+    """One request's prompt run as the backend runs it, chunk by chunk (bounds: chunk edges):
+    store (packed slots, rotated K/V back), prefill over the packed prefix, then the chunk's
+    last W tokens into the window ring. Returns the prefill outputs [n, Hq, D]."""
+    n, hkv, d = k.shape
+    gen = torch.Generator(device=DEV).manual_seed(seed)
+    nb = -(-n // bs) + 3
+    bt = torch.randperm(nb, device=DEV, generator=gen)[None].int()
+    pos = torch.arange(n, device=DEV)
+    slots = bt[0].long()[pos // bs] * bs + pos % bs
+    cache = torch.zeros(nb, bs, hkv, params.layout.slot_bytes, dtype=torch.uint8, device=DEV)
+    side = TQSide.empty(side_rows, w, hkv, d, q.dtype, DEV)
+    rows = torch.zeros(n, dtype=torch.int32, device=DEV)
+    outs = []
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        c = slice(lo, hi)
+        rot = torch.empty(2, hi - lo, hkv, d, dtype=q.dtype, device=DEV)
+        tq_store(k[c], v[c], cache, slots[c], params, side, rows[c], pos[c].int(),
+                 torch.full_like(rows[c], 1 << 30), rot_out=(rot[0], rot[1]))
+        cu = torch.tensor([0, hi - lo], dtype=torch.int32, device=DEV)
+        sl = torch.tensor([hi], dtype=torch.int32, device=DEV)
+        outs.append(tq_prefill(q[c], rot[0], rot[1], cu, sl, cache, bt, params, d ** -0.5,
+                               side, max_query_len=hi - lo, rotated=True,
+                               invariant=invariant))
+        idx = torch.arange(max(lo, hi - w), hi, device=DEV)
+        tq_store(k, v, cache, slots[idx], params, side, rows[idx], pos.int()[idx],
+                 torch.full_like(rows[idx], hi), token_index=idx)
+    torch.cuda.synchronize()
+    return torch.cat(outs), cache, bt
+
+
+@pytest.mark.parametrize("d,hq,hkv", [(64, 9, 3), (128, 32, 8)])
+def test_prefill_batch_invariant_same_bits_however_chunked(d, hq, hkv):
+    """invariant=True (VLLM_BATCH_INVARIANT): a 1,000-token prompt prefilled whole, in 128-token
+    chunks and in uneven chunks gives the same bits at every position (tensor-core dots and
+    reductions over the same absolute tiles), and matches the reference."""
+    dtype, w, bs, n = torch.bfloat16, 64, 16, 1000
+    _, params = _params("turboquant", d, w)
+    gen = torch.Generator(device=DEV).manual_seed(1)
+    k, v = (torch.randn(n, hkv, d, device=DEV, generator=gen).to(dtype) for _ in range(2))
+    q = torch.randn(n, hq, d, device=DEV, generator=gen).to(dtype)
+    whole, cache, bt = _prompt_in_chunks(q, k, v, [0, n], params, 4, bs, w, True)
+    by_128 = list(range(0, n, 128)) + [n]
+    for bounds in (by_128, [0, 1, 77, 500, 501, 999, n]):
+        got, _, _ = _prompt_in_chunks(q, k, v, bounds, params, 4, bs, w, True, seed=2)
+        bad = (got != whole).any(-1).any(-1).nonzero().flatten()
+        assert bad.numel() == 0, f"chunks {bounds}: positions {bad[:10].tolist()} differ"
+    # one chunk: the reference reads every window key from the chunk itself (empty side)
+    want = tq_prefill_ref(q, k, v, torch.tensor([0, n], dtype=torch.int32, device=DEV),
+                          torch.tensor([n], dtype=torch.int32, device=DEV), cache, bt, params,
+                          d ** -0.5, TQSide.empty(1, w, hkv, d, dtype, DEV))
+    assert _rel_err(whole, want) < 2e-2

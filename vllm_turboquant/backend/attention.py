@@ -70,6 +70,13 @@ class TurboQuantBackend(AttentionBackend):
     def supports_attn_type(cls, attn_type: str) -> bool:
         return attn_type == AttentionType.DECODER
 
+    @classmethod
+    def supports_batch_invariance(cls) -> bool:
+        # VLLM_BATCH_INVARIANT=1 on CUDA: fixed decode splits, decodes never in the prefill
+        # kernel, the prefill kernel's invariant tile order (backend/impl.py). The CPU path
+        # has none; compat.validate_vllm_config refuses it at startup.
+        return True
+
     # -- vLLM 0.32: the backend adjusts the layer's spec -------------------------------------
     @classmethod
     def customize_spec(cls, spec):

@@ -85,6 +85,14 @@ def decode_splits(num_decodes: int, num_kv_heads: int, max_model_len: int, devic
                               device)
 
 
+# Batch-invariant mode (VLLM_BATCH_INVARIANT=1): every decode batch uses the split count of a
+# batch of this many requests, so a request's decode reduces in the same order whatever it
+# shares a step with (the count above changes with the batch size). 16: between the counts
+# of small batches (more splits, more merge work at large batches) and large ones (fewer
+# programs for one long request); a fixed choice, not a measured optimum.
+INVARIANT_SPLIT_BATCH = 16
+
+
 class TurboQuantImpl(AttentionImpl):
     def __init__(self, num_heads: int, head_size: int, scale: float,
                  num_kv_heads: int | None = None, alibi_slopes=None,
@@ -121,6 +129,10 @@ class TurboQuantImpl(AttentionImpl):
         # The model dtype: vLLM sets it as the default dtype while it builds the model.
         self.model_dtype = torch.get_default_dtype()
         self.split_decode_ctx = split_decode_ctx()
+        # vLLM's batch-invariant mode: decodes always through the split-KV kernel with one
+        # fixed split count, prefill chunks in the prefill kernel's invariant order
+        # (kernels/prefill.py, _invariant_tiles); CUDA only (checked at startup, compat).
+        self.batch_invariant = compat.batch_invariant()
         self._state: LayerState | None = None
 
     # -- memory ---------------------------------------------------------------------------------
@@ -135,6 +147,11 @@ class TurboQuantImpl(AttentionImpl):
                 layer_name, self.config, self.head_size, self.num_kv_heads, self.rows,
                 self.model_dtype, device)
         return state
+
+    def splits(self, num_decodes: int, device) -> int:
+        """KV splits of the decode kernel for this step (see decode_splits)."""
+        batch = INVARIANT_SPLIT_BATCH if self.batch_invariant else num_decodes
+        return decode_splits(batch, self.num_kv_heads, self.max_model_len, device)
 
     # -- forward --------------------------------------------------------------------------------
     def forward(self, layer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -163,9 +180,8 @@ class TurboQuantImpl(AttentionImpl):
             # token's packed slot and window entry, the split-KV decode kernel reads them.
             ops.store(k, v, cache, md.slot_mapping, params, side, md.token_rows, md.token_pos,
                       md.store_seq_end)
-            splits = decode_splits(nd, hkv, self.max_model_len, query.device)
             ops.decode(out[:nd], q[:nd], cache, md.block_table[:nd], md.seq_lens[:nd],
-                       params, self.scale, side, num_splits=splits)
+                       params, self.scale, side, num_splits=self.splits(nd, query.device))
             return output
         # Mixed or prefill-only step (eager: every launch is host time per layer and step).
         # 1. One store for every token, handing back the rotated K/V for step 2; prefill
@@ -175,7 +191,8 @@ class TurboQuantImpl(AttentionImpl):
         # words), so step 2 reads the chunk's own older tokens as contiguous tiles instead of
         # gathering and unpacking their slots.
         deq = None
-        if ops.wants_deq(query.device):
+        invariant = self.batch_invariant
+        if ops.wants_deq(query.device) and not invariant:
             rot = torch.empty((4, t, hkv, d), dtype=query.dtype, device=query.device)
             words = torch.empty((t, hkv), dtype=torch.int32, device=query.device)
             deq = (rot[2], rot[3], words)
@@ -187,21 +204,23 @@ class TurboQuantImpl(AttentionImpl):
         # prefill kernel applies the same per-query precision policy to it (its own token
         # exact from rot, its window from the ring, the rest packed): 2 launches and a second
         # query rotation fewer per layer than the split path below, which long contexts take.
-        if nd and md.max_seq_len >= self.split_decode_ctx:
-            # Long contexts: the decodes through the split-KV kernel, the chunks alone
+        if nd and (invariant or md.max_seq_len >= self.split_decode_ctx):
+            # Long contexts (and batch-invariant mode, where a decode must take the kernel of
+            # decode-only steps): the decodes through the split-KV kernel, the chunks alone
             # through the prefill kernel (their batch rows from nd on, also in the ring).
-            splits = decode_splits(nd, hkv, self.max_model_len, query.device)
             ops.decode(out[:nd], q[:nd], cache, md.block_table[:nd], md.seq_lens[:nd],
-                       params, self.scale, side, num_splits=splits)
+                       params, self.scale, side, num_splits=self.splits(nd, query.device))
             ops.prefill(out[nd:], q[nd:], rot[0, nd:], rot[1, nd:], md.prefill_qsl,
                         md.seq_lens[nd:], cache, md.block_table[nd:], params, self.scale,
                         None if side is None else TQSide(*(x[nd:] for x in side)),
                         max_query_len=md.max_query_len, rotated=True,
-                        deq=None if deq is None else tuple(x[nd:] for x in deq))
+                        deq=None if deq is None else tuple(x[nd:] for x in deq),
+                        invariant=invariant)
         else:
             ops.prefill(out, q, rot[0], rot[1], md.query_start_loc, md.seq_lens, cache,
                         md.block_table, params, self.scale, side,
-                        max_query_len=md.max_query_len, rotated=True, deq=deq)
+                        max_query_len=md.max_query_len, rotated=True, deq=deq,
+                        invariant=invariant)
         # 3. The chunks' window entries: their last W tokens again (same packed bytes).
         if side is not None:
             ops.store(k, v, cache, md.side_slots, params, side, md.side_rows,

@@ -59,14 +59,17 @@ def decode(out, query, kv_cache, block_table, seq_lens, params, scale, side=None
 
 def prefill(out, query, key, value, cu_seqlens_q, seq_lens, kv_cache, block_table, params,
             scale, side=None, max_query_len: int | None = None, rotated: bool = False,
-            deq=None) -> None:
+            deq=None, invariant: bool = False) -> None:
     """max_query_len: an upper bound on the chunk lengths (sizes the Triton grid without a
     device->host sync). rotated: key/value are already rotated (the store's rot_out).
-    deq: the store's deq_out for these tokens (Triton only, see wants_deq)."""
+    deq: the store's deq_out for these tokens (Triton only, see wants_deq). invariant: the
+    Triton kernel's batch-invariant order (VLLM_BATCH_INVARIANT; the reference, which serves
+    the CPU build, has none: compat refuses that combination at startup)."""
     if _use_triton(query.device):
         from vllm_turboquant.kernels import tq_prefill
         tq_prefill(query, key, value, cu_seqlens_q, seq_lens, kv_cache, block_table, params,
-                   scale, side, max_query_len=max_query_len, out=out, rotated=rotated, deq=deq)
+                   scale, side, max_query_len=max_query_len, out=out, rotated=rotated, deq=deq,
+                   invariant=invariant)
     else:
         out.copy_(tq_prefill_ref(query, key, value, cu_seqlens_q, seq_lens, kv_cache,
                                  block_table, params, scale, side, rotated=rotated))
