@@ -46,6 +46,7 @@ def test_prefill_and_decode_in_bounds(d, hq, hkv, w):
     with check_bounds():
         tq_prefill(q, k, v, cu, sl, cache, bt, params, d ** -0.5, side)
         tq_prefill(q, k, v, cu, sl, cache, bt, params, d ** -0.5, side, deq=deq, deq_stages=2)
+        tq_prefill(q, k, v, cu, sl, cache, bt, params, d ** -0.5, side, invariant=True)
         tq_decode(q[:4], cache, bt, sl, params, d ** -0.5, side, num_splits=3)
 
 

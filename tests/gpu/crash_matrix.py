@@ -51,6 +51,61 @@ CASES = {
     "decode d128 g2 w64 k3v3": ("decode", 128, 8, 4, 64, {}, {"preset": "tq-k3v3"}),
     "decode d64 g3 w64": ("decode", 64, 9, 3, 64, {}, {}),
 }
+# Batch-invariant prefill (invariant=True), 2026-12-02 evening: faulted on the H200 in the GPU
+# suite (head 64 and 128, window 64); "patch" cases load kernels/prefill.py with a text edit
+# (PATCHES) to find the part that faults.
+INV = {"invariant": True}
+CASES.update({
+    "inv d64 g3 w64": ("prefill", 64, 9, 3, 64, INV, {}),
+    "inv d64 g3 w64 no prefix": ("prefill", 64, 9, 3, 64, INV, {"no_prefix": True}),
+    "inv d64 g3 w0": ("prefill", 64, 9, 3, 0, INV, {}),
+    "inv d64 g3 w64 empty side": ("prefill", 64, 9, 3, 64, INV, {"empty_side": True}),
+    "inv d64 g3 w64 lookup2": ("prefill", 64, 9, 3, 64, dict(INV, lookup=2), {}),
+    "inv d64 g3 w64 warps8": ("prefill", 64, 9, 3, 64, dict(INV, num_warps=8), {}),
+    "inv d64 g3 w64 block_m16": ("prefill", 64, 9, 3, 64, dict(INV, block_m=16), {}),
+    "inv d64 g3 w64 block_n16": ("prefill", 64, 9, 3, 64, dict(INV, block_n=16), {}),
+    "inv d64 g3 w64 block_n64": ("prefill", 64, 9, 3, 64, dict(INV, block_n=64), {}),
+    "inv d128 g4 w64": ("prefill", 128, 32, 8, 64, INV, {}),
+    "inv d64 g3 w64 fp16": ("prefill", 64, 9, 3, 64, INV, {"dtype": "float16"}),
+    "inv d64 g3 w64 patch norot": ("prefill", 64, 9, 3, 64, INV, {"patch": "norot"}),
+    "inv d64 g3 w64 patch noown": ("prefill", 64, 9, 3, 64, INV, {"patch": "noown"}),
+    "inv d64 g3 w64 patch noheld": ("prefill", 64, 9, 3, 64, INV, {"patch": "noheld"}),
+    "inv d64 g3 w64 patch nowin": ("prefill", 64, 9, 3, 64, INV, {"patch": "nowin"}),
+    "inv d64 g3 w64 patch nowin norot": ("prefill", 64, 9, 3, 64, INV,
+                                         {"patch": "nowin+norot"}),
+    "inv d64 g3 w64 patch noexactv": ("prefill", 64, 9, 3, 64, INV, {"patch": "noexactv"}),
+})
+# text edits of kernels/prefill.py: (old, new) pairs, applied in order
+PATCHES = {
+    "norot": [("    return mma(x, pt.to(x.dtype), F32)\n",
+               "    return tl.zeros([x.shape[0], cols.shape[0]], dtype=tl.float32)\n")],
+    "noown": [("                own = nmask & (offs_n >= prefix)\n",
+               "                own = offs_n < 0\n")],
+    "noheld": [("                held = cand & (tag.to(tl.int64) == blk * block_size + in_blk) & (\n"
+                "                    chk == packed_chk)\n",
+                "                held = offs_n < 0\n")],
+    "nowin": [("        in_window = n0 + BLOCK_N > first_pos - WIN + 1\n",
+               "        in_window = n0 < -1\n")],
+    "noexactv": [("                acc_lo += mma(p_exact, ev_lo, F32)\n"
+                  "                acc_hi += mma(p_exact, ev_hi, F32)\n", "")],
+}
+
+
+def _patched_prefill(name: str):
+    """kernels/prefill.py with the PATCHES edits `name` ('a+b' = both), as a sibling module."""
+    import importlib
+
+    import vllm_turboquant.kernels.prefill as pf
+    src = open(pf.__file__).read()
+    for part in name.split("+"):
+        for old, new in PATCHES[part]:
+            assert old in src, (part, old)
+            src = src.replace(old, new)
+    mod = f"_probe_{name.replace('+', '_')}"
+    path = os.path.join(os.path.dirname(pf.__file__), mod + ".py")
+    with open(path, "w") as f:   # left in place: Triton reads the source on import
+        f.write(src)
+    return importlib.import_module(f"vllm_turboquant.kernels.{mod}").tq_prefill
 
 
 def run_case(kernel, d, hq, hkv, window, kwargs, opts) -> dict:
@@ -107,6 +162,8 @@ def run_case(kernel, d, hq, hkv, window, kwargs, opts) -> dict:
     q = torch.randn(sum(qlens), hq, d, device=DEV).to(dtype)
     cu = torch.tensor([0] + torch.tensor(qlens).cumsum(0).tolist(), dtype=torch.int32,
                       device=DEV)
+    if opts.get("patch"):
+        tq_prefill = _patched_prefill(opts["patch"])
     got = tq_prefill(q, k, v, cu, sl, cache, bt, params, d ** -0.5, side, **kwargs)
     torch.cuda.synchronize()
     want = tq_prefill_ref(q, k, v, cu, sl, cache, bt, params, d ** -0.5, side)
@@ -118,6 +175,7 @@ def main() -> None:
     ap.add_argument("--json")
     ap.add_argument("--case", help=argparse.SUPPRESS)   # child mode
     ap.add_argument("--jobs", type=int, default=4, help="cases run at once")
+    ap.add_argument("--only", default="", help="run the cases whose name contains this")
     args = ap.parse_args()
     if args.case:
         print("RESULT " + json.dumps(run_case(*CASES[args.case])))
@@ -143,7 +201,7 @@ def main() -> None:
     # Each case has its own process and CUDA context, so a fault stays in its case; --jobs
     # of them share the GPU at once (correctness only, nothing here is timed).
     with ThreadPoolExecutor(args.jobs) as pool:
-        results = dict(pool.map(one, CASES))
+        results = dict(pool.map(one, [c for c in CASES if args.only in c]))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
