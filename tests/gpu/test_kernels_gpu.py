@@ -251,7 +251,8 @@ def test_prefill_matches_reference(dtype, d, hq, hkv, bs, window, lookup):
         for stages in (1, 2, 3):
             got_d = tq_prefill(q, k, v, cu, sl, cache, bt, params, d ** -0.5, side, deq=deq,
                                deq_stages=stages)
-            torch.testing.assert_close(got_d, want, atol=atol, rtol=rtol)
+            torch.testing.assert_close(got_d, want, atol=atol, rtol=rtol,
+                                       msg=lambda m: f"deq_stages {stages}: {m}")
             assert _rel_err(got_d, packed) < ulp, (stages, _rel_err(got_d, packed))
 
 
