@@ -26,7 +26,7 @@ import triton.language as tl
 
 from ._common import TQSide, as_params, check_cache_alignment, next_pow2
 from ._tl import dequant_halves, interpreting, mma
-from .decode import _LOG2E, lookup_tables, rotate_query
+from .decode import lookup_tables, rotate_query
 
 
 @triton.jit
@@ -39,14 +39,6 @@ def _softmax_step(s, m_i, l_i):
     alpha = tl.exp2(m_i - m_use)
     p = tl.exp2(s - m_use[:, None])
     return p, alpha, m_new, l_i * alpha + tl.sum(p, axis=1)
-
-
-@triton.jit
-def _rotate_rows(x, rot_ptr, cols, offs_d, D: tl.constexpr, F32: tl.constexpr):
-    """(x @ P^T)[:, cols] for x [N, D] in the dot dtype and P = R / rotation_scale, the +-1
-    matrix (exact in fp16/bf16): exact products, fp32 sums, as the launcher's GEMM."""
-    pt = tl.load(rot_ptr + cols[None, :] * D + offs_d[:, None])
-    return mma(x, pt.to(x.dtype), F32)
 
 
 @triton.jit
@@ -145,7 +137,6 @@ def _invariant_tiles(q_lo, q_hi, k_ptr, v_ptr, cache_ptr, bt_row, head_off, kcen
 @triton.jit
 def _tq_prefill_kernel(
     q_ptr,              # [T, Hq, D] dot dtype: rotated q * softmax_scale * log2(e)
-                        # (INVARIANT: the query as given, rotated and scaled by q_scale here)
     k_ptr, v_ptr,       # [T, Hkv, D] dot dtype: the chunk's rotated K/V (contiguous)
     out_ptr,            # [T, Hq, D] output dtype
     cu_q_ptr,           # [B + 1] int32
@@ -158,7 +149,7 @@ def _tq_prefill_kernel(
     side_k_ptr, side_v_ptr, side_tag_ptr, side_check_ptr,  # TQSide (contiguous)
     deq_k_ptr, deq_v_ptr,    # [T, Hkv, D] dot dtype: the chunk's centroids C[code] (when DEQ)
     deq_s_ptr,          # [T, Hkv] int32: the chunk's slot scale words (when DEQ)
-    G, block_size, W, num_kv_heads, rot_scale, q_scale,
+    G, block_size, W, num_kv_heads, rot_scale,
     stride_qt, stride_qh, stride_ot, stride_oh, stride_bt,
     stride_cb, stride_ct, stride_ch,
     D: tl.constexpr, KBITS: tl.constexpr, VBITS: tl.constexpr,
@@ -192,17 +183,8 @@ def _tq_prefill_kernel(
     offs_hi = HALF + offs_lo
     t64 = (q_start + tok).to(tl.int64)
     q_row = q_ptr + t64[:, None] * stride_qt + qh[:, None] * stride_qh
-    if INVARIANT:
-        # q arrives unrotated: rotated here, row by row the same whatever the chunk (the
-        # launcher's GEMM over all T rows may round a row differently for another T: seen
-        # with CPU BLAS at one token).
-        offs_d = tl.arange(0, D)
-        qx = tl.load(q_row + offs_d[None, :], mask=rmask[:, None], other=0.0)
-        q_lo = (_rotate_rows(qx, rot_ptr, offs_lo, offs_d, D, F32) * q_scale).to(qx.dtype)
-        q_hi = (_rotate_rows(qx, rot_ptr, offs_hi, offs_d, D, F32) * q_scale).to(qx.dtype)
-    else:
-        q_lo = tl.load(q_row + offs_lo[None, :], mask=rmask[:, None], other=0.0)
-        q_hi = tl.load(q_row + offs_hi[None, :], mask=rmask[:, None], other=0.0)
+    q_lo = tl.load(q_row + offs_lo[None, :], mask=rmask[:, None], other=0.0)
+    q_hi = tl.load(q_row + offs_hi[None, :], mask=rmask[:, None], other=0.0)
     dt = q_lo.dtype
 
     m_i = tl.full([ROWS], float("-inf"), dtype=tl.float32)
@@ -440,10 +422,13 @@ def tq_prefill(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
         max_query_len = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max())
     f32 = query.dtype == torch.float32 or interpreting(_tq_prefill_kernel)
     dot_dtype = query.dtype
-    # invariant: the kernel rotates q itself (q_scale folds the rotation scale, the softmax
-    # scale and log2(e), as rotate_query does)
-    q = query if invariant else rotate_query(query, p, scale)
-    q_scale = p.rotation_scale * scale * _LOG2E
+    # One GEMM over all T rows. Invariance needs it to round each row the same for any T: so
+    # does vLLM's own projections' invariance (cuBLAS without split-K on Hopper, its
+    # VLLM_BATCH_INVARIANT settings). CPU BLAS does not at one token (T x Hq = Hq rows), seen
+    # in the interpreter; one-token chunks are decodes in the backend. Rotating q inside the
+    # kernel (a tl.dot feeding the score dots) gave wrong output on the H200 (triton 3.6,
+    # 2026-12-02, tests/gpu/crash_matrix.py "inv" cases): not used.
+    q = rotate_query(query, p, scale)
     if rotated:   # the store already wrote them rotated (the backend's path: no extra ops)
         assert key.dtype == value.dtype == dot_dtype
         assert key.is_contiguous() and value.is_contiguous()
@@ -469,8 +454,6 @@ def tq_prefill(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     else:
         sk = sv = stag = schk = seq_lens
         w, win = 1, 0          # ring size (unused), precision window (none)
-    if invariant:
-        assert query.stride(-1) == 1, "tq_prefill(invariant=True): query's last dim contiguous"
     if invariant and deq is not None:
         raise ValueError("tq_prefill: invariant=True reads every packed key from its slot; "
                          "pass deq=None")
@@ -503,7 +486,7 @@ def tq_prefill(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
         q, k, v, out, cu_seqlens_q, seq_lens, kv_cache, block_table,
         p.key_centroids, p.value_centroids, kpair, vpair, p.rotation_pm1,
         sk, sv, stag, schk, dk, dv, dsc,
-        g, kv_cache.shape[1], w, hkv, p.rotation_scale, q_scale,
+        g, kv_cache.shape[1], w, hkv, p.rotation_scale,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_table.stride(0),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2),
         D=d, KBITS=p.key_bits, VBITS=p.value_bits, V_OFF=lay.v_codes_offset,

@@ -247,6 +247,10 @@ def test_prefill_matches_reference(dtype, d, hq, hkv, bs, window, lookup):
         # when it compared against the output before the re-store with 2e-3; which assert
         # failed was not recorded.)
         packed = tq_prefill(q, k, v, cu, sl, cache, bt, params, d ** -0.5, side)
+        # The reference over the re-stored bytes too: with `want` from before the re-store,
+        # seeded, the fp16 head-128 case failed at every run on the H200 (2026-12-02 evening:
+        # 373 of 1.8M elements, abs 0.036, deq_stages 1), a flipped tie moving a few outputs.
+        want = tq_prefill_ref(q, k, v, cu, sl, cache, bt, params, d ** -0.5, side)
         ulp = 2.0 ** -8 if dtype == torch.bfloat16 else 2.0 ** -11
         for stages in (1, 2, 3):
             got_d = tq_prefill(q, k, v, cu, sl, cache, bt, params, d ** -0.5, side, deq=deq,
@@ -377,7 +381,8 @@ def test_prefill_batch_invariant_same_bits_however_chunked(d, hq, hkv):
     q = torch.randn(n, hq, d, device=DEV, generator=gen).to(dtype)
     whole, cache, bt = _prompt_in_chunks(q, k, v, [0, n], params, 4, bs, w, True)
     by_128 = list(range(0, n, 128)) + [n]
-    for bounds in (by_128, [0, 1, 77, 500, 501, 999, n]):
+    # chunks of >= 2 tokens: one token is a decode in the backend (tests/test_kernels_triton)
+    for bounds in (by_128, [0, 2, 77, 500, 502, 998, n]):
         got, _, _ = _prompt_in_chunks(q, k, v, bounds, params, 4, bs, w, True, seed=2)
         bad = (got != whole).any(-1).any(-1).nonzero().flatten()
         assert bad.numel() == 0, f"chunks {bounds}: positions {bad[:10].tolist()} differ"
