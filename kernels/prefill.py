@@ -58,9 +58,10 @@ def _invariant_tiles(q_lo, q_hi, k_ptr, v_ptr, cache_ptr, bt_row, head_off, kcen
     its packed slot, the chunk's own older tokens included. A row's arithmetic then depends on
     its position and the cache contents only, not on where its chunk starts, how long it is,
     or which rows share its program (tiles past a row's position are masked out: p = 0 and
-    alpha = 1 leave its accumulators bit for bit unchanged), so chunked, unchunked and
-    prefix-hit prefills of the same tokens give the same bits. The default loops' split of a
-    tile between a packed and an exact pass (and the deq copy's contiguous tiles) do not."""
+    alpha = 1 leave its accumulators bit for bit unchanged), so chunked and unchunked
+    prefills of the same tokens give the same bits (a prefix-cache hit too, where the side copy
+    still holds the prefix's newest tokens). The default loops' split of a tile between a
+    packed and an exact pass (and the deq copy's contiguous tiles) do not."""
     dt = q_lo.dtype
     for n0 in range(0, last_pos + 1, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
