@@ -26,7 +26,7 @@ import triton.language as tl
 
 from ._common import TQSide, as_params, check_cache_alignment, next_pow2
 from ._tl import dequant_halves, interpreting, mma
-from .decode import lookup_tables, rotate_query
+from .decode import _tile_base, lookup_tables, rotate_query
 
 
 @triton.jit
@@ -39,6 +39,52 @@ def _softmax_step(s, m_i, l_i):
     alpha = tl.exp2(m_i - m_use)
     p = tl.exp2(s - m_use[:, None])
     return p, alpha, m_new, l_i * alpha + tl.sum(p, axis=1)
+
+
+@triton.jit
+def _packed_scores(q_lo, q_hi, cache_ptr, bt_row, offs_n, nmask, block_size, stride_cb,
+                   stride_ct, head_off, kcent_ptr, ktab_ptr, offs_lo, offs_hi,
+                   KBITS: tl.constexpr, D: tl.constexpr, KS_OFF: tl.constexpr,
+                   F32: tl.constexpr, KMODE: tl.constexpr, KASM: tl.constexpr):
+    """Scores of the rows' queries against the packed keys at positions offs_n [N] (through
+    the block table) -> (block id, row in block, slot pointers [N], scores [ROWS, N] float32
+    = q . C[codes] * key scale)."""
+    blk, in_blk, base = _tile_base(cache_ptr, bt_row, offs_n, nmask, block_size, stride_cb,
+                                   stride_ct, head_off)
+    k_lo, k_hi = dequant_halves(base, nmask, offs_lo, offs_hi, kcent_ptr, ktab_ptr, KBITS, D,
+                                q_lo.dtype, KMODE, KASM)
+    ks = tl.load((base + KS_OFF).to(tl.pointer_type(tl.float16)), mask=nmask, other=0.0)
+    s = mma(q_lo, tl.trans(k_lo), F32) + mma(q_hi, tl.trans(k_hi), F32)
+    return blk, in_blk, base, s * ks.to(tl.float32)[None, :]
+
+
+@triton.jit
+def _side_held(side_tag_ptr, side_check_ptr, base, entry, cand, blk, in_blk, block_size,
+               num_kv_heads, h, KS_OFF: tl.constexpr):
+    """Which candidate side entries hold an exact copy of these slots: the entry's tag is the
+    slot's global index and its check word equals the packed slot's scale word (so an entry a
+    later token overwrote, or another request's, reads packed)."""
+    tag = tl.load(side_tag_ptr + entry, mask=cand, other=-1)
+    chk = tl.load(side_check_ptr + entry * num_kv_heads + h, mask=cand, other=0)
+    packed_chk = tl.load((base + KS_OFF).to(tl.pointer_type(tl.int32)), mask=cand, other=1)
+    return cand & (tag.to(tl.int64) == blk * block_size + in_blk) & (chk == packed_chk)
+
+
+@triton.jit
+def _exact_halves(own_ptr, side_ptr, own_off, side_off, own, held, offs_lo, offs_hi, dt):
+    """Exact K (or V) rows of one tile as halves [N, D/2] in dt: the chunk's own rotated row
+    (own_ptr + own_off) where `own`, the side copy (side_ptr + side_off) where `held`, else 0."""
+    lo = tl.where(own[:, None],
+                  tl.load(own_ptr + own_off[:, None] + offs_lo[None, :], mask=own[:, None],
+                          other=0.0),
+                  tl.load(side_ptr + side_off[:, None] + offs_lo[None, :], mask=held[:, None],
+                          other=0.0).to(dt))
+    hi = tl.where(own[:, None],
+                  tl.load(own_ptr + own_off[:, None] + offs_hi[None, :], mask=own[:, None],
+                          other=0.0),
+                  tl.load(side_ptr + side_off[:, None] + offs_hi[None, :], mask=held[:, None],
+                          other=0.0).to(dt))
+    return lo, hi
 
 
 @triton.jit
@@ -66,14 +112,10 @@ def _invariant_tiles(q_lo, q_hi, k_ptr, v_ptr, cache_ptr, bt_row, head_off, kcen
     for n0 in range(0, last_pos + 1, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         nmask = offs_n <= last_pos
-        blk = tl.load(bt_row + offs_n // block_size, mask=nmask, other=0).to(tl.int64)
-        in_blk = (offs_n % block_size).to(tl.int64)
-        base = cache_ptr + tl.multiple_of(blk * stride_cb + in_blk * stride_ct + head_off, 4)
-        k_lo, k_hi = dequant_halves(base, nmask, offs_lo, offs_hi, kcent_ptr, ktab_ptr,
-                                    KBITS, D, dt, KMODE, KASM)
-        ks = tl.load((base + KS_OFF).to(tl.pointer_type(tl.float16)), mask=nmask, other=0.0)
-        s = mma(q_lo, tl.trans(k_lo), F32) + mma(q_hi, tl.trans(k_hi), F32)
-        s = s * ks.to(tl.float32)[None, :]
+        blk, in_blk, base, s = _packed_scores(
+            q_lo, q_hi, cache_ptr, bt_row, offs_n, nmask, block_size, stride_cb, stride_ct,
+            head_off, kcent_ptr, ktab_ptr, offs_lo, offs_hi, KBITS, D, KS_OFF, F32, KMODE,
+            KASM)
         # Exact keys of this tile: the chunk's own (rotated K/V) and prefix keys whose side
         # copy is held, inside each row's window. Only tiles reaching the first row's window
         # have any; for the others `exact` stays all false (the same bits as computing it).
@@ -88,23 +130,11 @@ def _invariant_tiles(q_lo, q_hi, k_ptr, v_ptr, cache_ptr, bt_row, head_off, kcen
                 own = nmask & (offs_n >= prefix)
                 entry = b.to(tl.int64) * W + offs_n % W
                 cand = nmask & (offs_n < prefix) & (offs_n > first_pos - WIN)
-                tag = tl.load(side_tag_ptr + entry, mask=cand, other=-1)
-                chk = tl.load(side_check_ptr + entry * num_kv_heads + h, mask=cand, other=0)
-                packed_chk = tl.load((base + KS_OFF).to(tl.pointer_type(tl.int32)),
-                                     mask=cand, other=1)
-                held = cand & (tag.to(tl.int64) == blk * block_size + in_blk) & (
-                    chk == packed_chk)
+                held = _side_held(side_tag_ptr, side_check_ptr, base, entry, cand, blk, in_blk,
+                                  block_size, num_kv_heads, h, KS_OFF)
                 exact = (own | held)[None, :] & (offs_n[None, :] > pos_r[:, None] - WIN)
-                ek_lo = tl.where(own[:, None],
-                                 tl.load(k_ptr + own_off[:, None] + offs_lo[None, :],
-                                         mask=own[:, None], other=0.0),
-                                 tl.load(side_k_ptr + side_off[:, None] + offs_lo[None, :],
-                                         mask=held[:, None], other=0.0).to(dt))
-                ek_hi = tl.where(own[:, None],
-                                 tl.load(k_ptr + own_off[:, None] + offs_hi[None, :],
-                                         mask=own[:, None], other=0.0),
-                                 tl.load(side_k_ptr + side_off[:, None] + offs_hi[None, :],
-                                         mask=held[:, None], other=0.0).to(dt))
+                ek_lo, ek_hi = _exact_halves(k_ptr, side_k_ptr, own_off, side_off, own, held,
+                                             offs_lo, offs_hi, dt)
                 s_exact = mma(q_lo, tl.trans(ek_lo), F32) + mma(q_hi, tl.trans(ek_hi), F32)
                 s = tl.where(exact, s_exact, s)
         s = tl.where(nmask[None, :] & (offs_n[None, :] <= pos_r[:, None]), s, float("-inf"))
@@ -119,16 +149,8 @@ def _invariant_tiles(q_lo, q_hi, k_ptr, v_ptr, cache_ptr, bt_row, head_off, kcen
         acc_hi = acc_hi * alpha[:, None] + mma(pv, v_hi, F32)
         if HAS_SIDE:
             if in_window:
-                ev_lo = tl.where(own[:, None],
-                                 tl.load(v_ptr + own_off[:, None] + offs_lo[None, :],
-                                         mask=own[:, None], other=0.0),
-                                 tl.load(side_v_ptr + side_off[:, None] + offs_lo[None, :],
-                                         mask=held[:, None], other=0.0).to(dt))
-                ev_hi = tl.where(own[:, None],
-                                 tl.load(v_ptr + own_off[:, None] + offs_hi[None, :],
-                                         mask=own[:, None], other=0.0),
-                                 tl.load(side_v_ptr + side_off[:, None] + offs_hi[None, :],
-                                         mask=held[:, None], other=0.0).to(dt))
+                ev_lo, ev_hi = _exact_halves(v_ptr, side_v_ptr, own_off, side_off, own, held,
+                                             offs_lo, offs_hi, dt)
                 p_exact = tl.where(exact, p, 0.0).to(dt)
                 acc_lo += mma(p_exact, ev_lo, F32)
                 acc_hi += mma(p_exact, ev_hi, F32)
@@ -222,16 +244,10 @@ def _tq_prefill_kernel(
         for n0 in range(0, gather_end, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             nmask = offs_n < gather_end
-            blk = tl.load(bt_row + offs_n // block_size, mask=nmask, other=0).to(tl.int64)
-            in_blk = (offs_n % block_size).to(tl.int64)
-            # Slots are 4-byte aligned (launcher checks): lets the compiler load 4 bytes at a time.
-            base = cache_ptr + tl.multiple_of(blk * stride_cb + in_blk * stride_ct + head_off, 4)
-
-            k_lo, k_hi = dequant_halves(base, nmask, offs_lo, offs_hi, kcent_ptr, ktab_ptr,
-                                        KBITS, D, dt, KMODE, KASM)
-            ks = tl.load((base + KS_OFF).to(tl.pointer_type(tl.float16)), mask=nmask, other=0.0)
-            s = mma(q_lo, tl.trans(k_lo), F32) + mma(q_hi, tl.trans(k_hi), F32)
-            s = s * ks.to(tl.float32)[None, :]
+            blk, in_blk, base, s = _packed_scores(
+                q_lo, q_hi, cache_ptr, bt_row, offs_n, nmask, block_size, stride_cb, stride_ct,
+                head_off, kcent_ptr, ktab_ptr, offs_lo, offs_hi, KBITS, D, KS_OFF, F32, KMODE,
+                KASM)
             # prefix keys: every row; chunk keys: only rows whose window they have left
             valid = nmask[None, :] & ((offs_n[None, :] < prefix)
                                       | (offs_n[None, :] <= pos_r[:, None] - WIN))
@@ -245,12 +261,8 @@ def _tq_prefill_kernel(
                 side_off = (entry * num_kv_heads + h) * D
                 if (n0 + BLOCK_N > first_pos - WIN + 1) & (n0 < prefix):
                     cand = nmask & (offs_n < prefix) & (offs_n > first_pos - WIN)
-                    tag = tl.load(side_tag_ptr + entry, mask=cand, other=-1)
-                    chk = tl.load(side_check_ptr + entry * num_kv_heads + h, mask=cand, other=0)
-                    packed_chk = tl.load((base + KS_OFF).to(tl.pointer_type(tl.int32)),
-                                         mask=cand, other=1)
-                    held = cand & (tag.to(tl.int64) == blk * block_size + in_blk) & (
-                        chk == packed_chk)
+                    held = _side_held(side_tag_ptr, side_check_ptr, base, entry, cand, blk,
+                                      in_blk, block_size, num_kv_heads, h, KS_OFF)
                     exact = held[None, :] & (offs_n[None, :] > pos_r[:, None] - WIN)
                     sk_lo = tl.load(side_k_ptr + side_off[:, None] + offs_lo[None, :],
                                     mask=held[:, None], other=0.0)
