@@ -177,3 +177,12 @@ def test_batch_invariant_mode_needs_cuda(monkeypatch):
     assert compat.validate_vllm_config(cpu) == PRESETS["turboquant"]
     from vllm_turboquant.backend.attention import TurboQuantBackend
     assert TurboQuantBackend.supports_batch_invariance()
+
+
+def test_vllm_config_refuses_batch_invariance_on_cpu(monkeypatch):
+    """The CPU refusal reached the way vLLM reaches it (VllmConfig -> the platform hook)."""
+    from vllm.config import CacheConfig, VllmConfig
+    monkeypatch.delenv(settings.ENV_PRESET, raising=False)
+    monkeypatch.setenv("VLLM_BATCH_INVARIANT", "1")
+    with pytest.raises(ValueError, match="VLLM_BATCH_INVARIANT=1: the TurboQuant backend"):
+        VllmConfig(cache_config=CacheConfig(cache_dtype="turboquant"))
