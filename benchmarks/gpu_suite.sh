@@ -27,8 +27,8 @@ mkdir -p "$out"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
 case $stage in
   gputests)
-    timeout ${TESTS_TIMEOUT:-300} python3 -m pytest -m gpu -q -p no:cacheprovider tests/gpu/test_kernels_gpu.py \
-      2>&1 | tee "$out/gpu-tests.log" ;;
+    timeout "${TESTS_TIMEOUT:-300}" python3 -m pytest -m gpu -q -p no:cacheprovider \
+      tests/gpu/test_kernels_gpu.py 2>&1 | tee "$out/gpu-tests.log" ;;
   crashmatrix)
     # Which launch faults (head-128 window prefill, 2026-11-23): each case in its own process.
     timeout 400 python3 tests/gpu/crash_matrix.py --jobs 6 --json "$out/crash_matrix.json" 2>&1 |

@@ -351,7 +351,9 @@ def validate_vllm_config(vllm_config):
             "decode context parallelism is not supported with the TurboQuant KV cache")
     settings.activate(config)
     if model_config is not None:
-        logger.info("vllm-turboquant: %s", settings.describe(config, model_config.get_head_size()))
+        mode = "; batch-invariant mode (VLLM_BATCH_INVARIANT=1)" if batch_invariant() else ""
+        logger.info("vllm-turboquant: %s%s",
+                    settings.describe(config, model_config.get_head_size()), mode)
     return config
 
 

@@ -80,9 +80,9 @@ CASES.update({
 PATCHES = {
     "noown": [("                own = nmask & (offs_n >= prefix)\n",
                "                own = offs_n < 0\n")],
-    "noheld": [("                held = cand & (tag.to(tl.int64) == blk * block_size + in_blk) & (\n"
-                "                    chk == packed_chk)\n",
-                "                held = offs_n < 0\n")],
+    "noheld": [("                held = _side_held(side_tag_ptr, side_check_ptr, base, entry, "
+                "cand, blk, in_blk,\n                                  block_size, "
+                "num_kv_heads, h, KS_OFF)\n", "                held = offs_n < 0\n")],
     "nowin": [("        in_window = n0 + BLOCK_N > first_pos - WIN + 1\n",
                "        in_window = n0 < -1\n")],
     "noexactv": [("                acc_lo += mma(p_exact, ev_lo, F32)\n"

@@ -26,6 +26,10 @@ paid per layer and step: 3 Triton launches and one small GEMM, the query rotatio
 Before 2026-12-02 mixed steps ran decodes through the split kernel too (5 launches, 2 GEMMs):
 on the H200, benchmarks/layer_step.py measured that forward at 440 us of host time per layer.
 CUDA runs the Triton launchers, anything else the torch references (backend/ops.py).
+
+Under vLLM's batch-invariant mode (VLLM_BATCH_INVARIANT=1, CUDA only) mixed steps always take
+the split path, every decode uses one fixed split count, and the prefill kernel runs its
+invariant tile order without the dequantized copy (docs/serving-vllm.md).
 """
 
 from __future__ import annotations
