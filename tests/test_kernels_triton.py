@@ -13,6 +13,8 @@ import torch
 
 pytest.importorskip("triton")
 
+from chunked_prompt import prompt_in_chunks  # noqa: E402
+
 from vllm_turboquant.codec import TQConfig, TQLayerCodec  # noqa: E402
 from vllm_turboquant.kernels import TQLayerParams, TQSide  # noqa: E402
 from vllm_turboquant.kernels import decode as _decode  # noqa: E402
@@ -378,32 +380,7 @@ def test_prefill_launch_override_is_used_and_validated(monkeypatch):
         pf.launch_override.cache_clear()   # monkeypatch restores the variable itself
 
 
-def _prompt_in_chunks(q, k, v, bounds, params, bs, w, invariant, seed):
-    """One request's prompt run chunk by chunk as the backend runs it (store with rot_out,
-    prefill over the packed prefix, then the chunk's last W tokens into the window ring)."""
-    n, hkv, d = k.shape
-    gen = torch.Generator().manual_seed(seed)
-    nb = -(-n // bs) + 3
-    bt = torch.randperm(nb, generator=gen)[None].int()
-    pos = torch.arange(n)
-    slots = bt[0].long()[pos // bs] * bs + pos % bs
-    cache = torch.zeros(nb, bs, hkv, params.layout.slot_bytes, dtype=torch.uint8)
-    side = TQSide.empty(2, w, hkv, d, q.dtype)
-    rows = torch.zeros(n, dtype=torch.int32)
-    outs = []
-    for lo, hi in zip(bounds[:-1], bounds[1:]):
-        c = slice(lo, hi)
-        rot = torch.empty(2, hi - lo, hkv, d, dtype=q.dtype)
-        tq_store(k[c], v[c], cache, slots[c], params, side, rows[c], pos[c].int(),
-                 torch.full_like(rows[c], 1 << 30), rot_out=(rot[0], rot[1]))
-        outs.append(tq_prefill(q[c], rot[0], rot[1], torch.tensor([0, hi - lo]).int(),
-                               torch.tensor([hi]).int(), cache, bt, params, d ** -0.5, side,
-                               max_query_len=hi - lo, rotated=True, block_m=4, block_n=16,
-                               invariant=invariant))
-        idx = torch.arange(max(lo, hi - w), hi)
-        tq_store(k, v, cache, slots[idx], params, side, rows[idx], pos.int()[idx],
-                 torch.full_like(rows[idx], hi), token_index=idx)
-    return torch.cat(outs), cache, bt
+TILES = dict(block_m=4, block_n=16)   # several tiles and programs at 150 tokens
 
 
 def test_prefill_invariant_same_bits_however_chunked():
@@ -417,15 +394,15 @@ def test_prefill_invariant_same_bits_however_chunked():
     gen = torch.Generator().manual_seed(1)
     k, v = (torch.randn(n, hkv, d, generator=gen) for _ in range(2))
     q = torch.randn(n, hq, d, generator=gen)
-    whole, cache, bt = _prompt_in_chunks(q, k, v, [0, n], params, bs, w, True, 0)
+    whole, cache, bt = prompt_in_chunks(q, k, v, [0, n], params, bs, w, True, 0, **TILES)
     uneven = [0, 2, 37, 90, 92, 148, n]
     for bounds in (list(range(0, n, 32)) + [n], uneven):
-        got, _, _ = _prompt_in_chunks(q, k, v, bounds, params, bs, w, True, 2)
+        got, _, _ = prompt_in_chunks(q, k, v, bounds, params, bs, w, True, 2, **TILES)
         bad = (got != whole).any(-1).any(-1).nonzero().flatten()
         assert bad.numel() == 0, f"chunks {bounds}: positions {bad[:10].tolist()} differ"
     want = tq_prefill_ref(q, k, v, torch.tensor([0, n]).int(), torch.tensor([n]).int(), cache,
                           bt, params, d ** -0.5, TQSide.empty(1, w, hkv, d, q.dtype))
     assert_close(whole, want, torch.float32, "invariant prefill")
-    default = [_prompt_in_chunks(q, k, v, b, params, bs, w, False, 0)[0]
+    default = [prompt_in_chunks(q, k, v, b, params, bs, w, False, 0, **TILES)[0]
                for b in ([0, n], uneven)]
     assert not torch.equal(*default)

@@ -5,6 +5,9 @@ Run on the device machine: `pytest -m gpu tests/gpu/test_kernels_gpu.py`.
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -12,6 +15,9 @@ pytestmark = pytest.mark.gpu
 
 if not torch.cuda.is_available():  # collected in CI, never run there
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/: helpers
+from chunked_prompt import prompt_in_chunks  # noqa: E402
 
 from vllm_turboquant.codec import TQConfig, TQLayerCodec  # noqa: E402
 from vllm_turboquant.kernels import TQLayerParams, TQSide  # noqa: E402
@@ -338,37 +344,6 @@ def test_backend_step_order_fresh_prompt_with_window(d, hq, hkv):
     assert (side.tag[0] >= 0).all()
 
 
-def _prompt_in_chunks(q, k, v, bounds, params, side_rows, bs, w, invariant, seed=0):
-    """One request's prompt run as the backend runs it, chunk by chunk (bounds: chunk edges):
-    store (packed slots, rotated K/V back), prefill over the packed prefix, then the chunk's
-    last W tokens into the window ring. Returns the prefill outputs [n, Hq, D]."""
-    n, hkv, d = k.shape
-    gen = torch.Generator(device=DEV).manual_seed(seed)
-    nb = -(-n // bs) + 3
-    bt = torch.randperm(nb, device=DEV, generator=gen)[None].int()
-    pos = torch.arange(n, device=DEV)
-    slots = bt[0].long()[pos // bs] * bs + pos % bs
-    cache = torch.zeros(nb, bs, hkv, params.layout.slot_bytes, dtype=torch.uint8, device=DEV)
-    side = TQSide.empty(side_rows, w, hkv, d, q.dtype, DEV)
-    rows = torch.zeros(n, dtype=torch.int32, device=DEV)
-    outs = []
-    for lo, hi in zip(bounds[:-1], bounds[1:]):
-        c = slice(lo, hi)
-        rot = torch.empty(2, hi - lo, hkv, d, dtype=q.dtype, device=DEV)
-        tq_store(k[c], v[c], cache, slots[c], params, side, rows[c], pos[c].int(),
-                 torch.full_like(rows[c], 1 << 30), rot_out=(rot[0], rot[1]))
-        cu = torch.tensor([0, hi - lo], dtype=torch.int32, device=DEV)
-        sl = torch.tensor([hi], dtype=torch.int32, device=DEV)
-        outs.append(tq_prefill(q[c], rot[0], rot[1], cu, sl, cache, bt, params, d ** -0.5,
-                               side, max_query_len=hi - lo, rotated=True,
-                               invariant=invariant))
-        idx = torch.arange(max(lo, hi - w), hi, device=DEV)
-        tq_store(k, v, cache, slots[idx], params, side, rows[idx], pos.int()[idx],
-                 torch.full_like(rows[idx], hi), token_index=idx)
-    torch.cuda.synchronize()
-    return torch.cat(outs), cache, bt
-
-
 @pytest.mark.parametrize("d,hq,hkv", [(64, 9, 3), (128, 32, 8)])
 def test_prefill_batch_invariant_same_bits_however_chunked(d, hq, hkv):
     """invariant=True (VLLM_BATCH_INVARIANT): a 1,000-token prompt prefilled whole, in 128-token
@@ -379,11 +354,11 @@ def test_prefill_batch_invariant_same_bits_however_chunked(d, hq, hkv):
     gen = torch.Generator(device=DEV).manual_seed(1)
     k, v = (torch.randn(n, hkv, d, device=DEV, generator=gen).to(dtype) for _ in range(2))
     q = torch.randn(n, hq, d, device=DEV, generator=gen).to(dtype)
-    whole, cache, bt = _prompt_in_chunks(q, k, v, [0, n], params, 4, bs, w, True)
+    whole, cache, bt = prompt_in_chunks(q, k, v, [0, n], params, bs, w, True, 0, side_rows=4)
     by_128 = list(range(0, n, 128)) + [n]
     # chunks of >= 2 tokens: one token is a decode in the backend (tests/test_kernels_triton)
     for bounds in (by_128, [0, 2, 77, 500, 502, 998, n]):
-        got, _, _ = _prompt_in_chunks(q, k, v, bounds, params, 4, bs, w, True, seed=2)
+        got, _, _ = prompt_in_chunks(q, k, v, bounds, params, bs, w, True, 2, side_rows=4)
         bad = (got != whole).any(-1).any(-1).nonzero().flatten()
         assert bad.numel() == 0, f"chunks {bounds}: positions {bad[:10].tolist()} differ"
     # one chunk: the reference reads every window key from the chunk itself (empty side)
