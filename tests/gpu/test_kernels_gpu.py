@@ -366,3 +366,42 @@ def test_prefill_batch_invariant_same_bits_however_chunked(d, hq, hkv):
                           torch.tensor([n], dtype=torch.int32, device=DEV), cache, bt, params,
                           d ** -0.5, TQSide.empty(1, w, hkv, d, dtype, DEV))
     assert _rel_err(whole, want) < 2e-2
+
+
+_ROW_CHECK = r"""
+import json, sys, torch
+sys.path.insert(0, sys.argv[1])
+from vllm_turboquant.codec import TQConfig, TQLayerCodec
+from vllm_turboquant.kernels import TQLayerParams
+from vllm_turboquant.kernels.decode import rotate_query
+torch.manual_seed(0)
+res = {}
+for d, hq in ((64, 9), (128, 32)):
+    codec = TQLayerCodec(TQConfig.from_name("turboquant"), d, layer=5)
+    p = TQLayerParams.from_codec(codec, "cuda")
+    q = torch.randn(1000, hq, d, device="cuda").to(torch.bfloat16)
+    full = rotate_query(q, p, d ** -0.5)
+    bad = [t for t in (2, 17, 104, 128, 999)
+           if not torch.equal(rotate_query(q[-t:].contiguous(), p, d ** -0.5), full[-t:])]
+    res[str(d)] = bad
+print("RESULT " + json.dumps(res))
+"""
+
+
+def test_query_rotation_rounds_each_row_alike_for_any_row_count():
+    """The invariant prefill relies on it (the launcher rotates a chunk's T x Hq query rows in
+    one GEMM): the rows of a T-token chunk must get the bits they get in a longer one, under
+    the cuBLAS settings vLLM's batch-invariant mode sets (in a fresh process: they apply when
+    cuBLAS starts). Added 2026-12-02 evening, after chunked vs unchunked differed end to end
+    under the mode; not yet run on a GPU."""
+    import json
+    import os
+    import subprocess
+    env = dict(os.environ, CUBLAS_WORKSPACE_CONFIG=":16:8", CUBLASLT_WORKSPACE_SIZE="1")
+    root = str(Path(__file__).resolve().parent.parent.parent)
+    proc = subprocess.run([sys.executable, "-c", _ROW_CHECK, root], env=env,
+                          capture_output=True, text=True, timeout=300)
+    line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+    assert proc.returncode == 0 and line, proc.stderr[-2000:]
+    bad = json.loads(line[0][7:])
+    assert bad == {"64": [], "128": []}, f"chunk lengths whose rows round differently: {bad}"
