@@ -16,7 +16,9 @@ Consistency (``--check-dtype``, default ``turboquant``; greedy, 128-token chunks
   graphs    CUDA graphs on vs --enforce-eager: the same tokens for every prompt;
   prefix    prefix caching on, a second request sharing a long prefix (a cache hit) vs the
             same request on an engine with prefix caching off: the same tokens;
-  chunked   a prompt longer than the chunk: 128-token chunked prefill vs chunked prefill off.
+  chunked   a prompt longer than the chunk: 128-token chunked prefill vs chunked prefill off;
+            also compares the prompt's logprobs and the generated tokens' bit for bit, so a
+            difference is placed in the prefill (at which position) or in the decodes.
 Each engine runs in its own subprocess (clean GPU memory); all at ``--kv-bytes`` of KV cache;
 only the "graphs" engine compiles and captures graphs, the other comparisons are eager.
 With ``--batch-invariant`` every engine runs under vLLM's batch-invariant mode
@@ -137,8 +139,28 @@ def child(args: dict) -> dict:
                 out["prefix_second"], out["prefix_second_cached"] = toks[0], cached[0]
             elif name == "prefix_alone":
                 out["prefix_second"] = gen([p["prefix_second"]])[0][0]
+            elif name == "long":
+                # With the prompt's own logprobs (a float per position, compared bit for bit)
+                # and each generated token's: they say whether a difference starts in the
+                # prefill (and at which position) or in the decodes, and how close the tie was.
+                sp = SamplingParams(max_tokens=args.get("gen_tokens", GEN_TOKENS),
+                                    temperature=0, ignore_eos=True, prompt_logprobs=0,
+                                    logprobs=0)
+                ids = p["long"]
+                if args.get("trace"):   # our backend's per-layer checksums (backend/trace.py)
+                    from vllm_turboquant.backend import trace
+                    trace.start(args["trace"])
+                r = llm.generate([TokensPrompt(prompt_token_ids=ids)], sp, use_tqdm=False)[0]
+                if args.get("trace"):
+                    trace.start(None)
+                toks = list(r.outputs[0].token_ids)
+                out["long"] = [toks]
+                out["long_prompt_logprobs"] = [r.prompt_logprobs[i][ids[i]].logprob
+                                               for i in range(1, len(ids))]
+                out["long_logprobs"] = [lp[t].logprob for lp, t in zip(r.outputs[0].logprobs,
+                                                                       toks)]
             else:
-                out[name] = gen([p["long"]] if name == "long" else p[name])[0]
+                out[name] = gen(p[name])[0]
     out["run_s"] = round(time.perf_counter() - t0, 1)
     del llm
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
@@ -186,6 +208,24 @@ def compare(a: list[list[int]], b: list[list[int]]) -> dict:
             "identical": sum(d is None for d in firsts), "first_difference": firsts}
 
 
+def logprob_differences(a: dict, b: dict) -> dict:
+    """Where two runs of the long prompt first differ in their logprobs (bit for bit): the
+    prompt's (position of the predicted token, from 1) and the generated tokens' (index), with
+    the largest absolute difference over the prompt."""
+    out = {}
+    for key, name in (("long_prompt_logprobs", "prompt"), ("long_logprobs", "generated")):
+        x, y = a.get(key), b.get(key)
+        if x is None or y is None:
+            continue
+        diffs = [i for i, (u, v) in enumerate(zip(x, y)) if u != v]
+        out[f"{name}_logprobs_first_difference"] = (
+            None if not diffs else diffs[0] + (1 if name == "prompt" else 0))
+        out[f"{name}_logprobs_differing"] = len(diffs)
+        out[f"{name}_logprobs_max_abs_diff"] = max((abs(u - v) for u, v in zip(x, y)),
+                                                   default=0.0)
+    return out
+
+
 def run_checks(dtype: str, base: dict, prompts: dict, a, t_start: float,
                log_dir: Path) -> dict:
     """The three greedy-token comparisons for one kv-cache dtype (see the module doc)."""
@@ -210,6 +250,10 @@ def run_checks(dtype: str, base: dict, prompts: dict, a, t_start: float,
         if left < 30:
             res[name] = {"label": name, "error": f"skipped: {a.budget_s:.0f}s budget spent"}
             continue
+        over = dict(over)
+        if a.trace and "long" in over["sets"]:
+            over["trace"] = str(log_dir / f"trace-{dtype}-{name}.jsonl")
+            Path(over["trace"]).unlink(missing_ok=True)
         res[name] = run_child(dict(cbase, label=f"check-{dtype}-{name}", **over),
                               min(a.timeout_s, left), log_dir)
         print(f"[{time.perf_counter() - t_start:6.0f}s] check engine {dtype} {name}: "
@@ -222,8 +266,13 @@ def run_checks(dtype: str, base: dict, prompts: dict, a, t_start: float,
         c["cached_tokens"] = res["eager"]["prefix_second_cached"]
         checks["prefix_cache_hit_vs_off"] = c
     if ok("eager", "unchunked"):
-        checks["chunked_vs_unchunked_long_prompt"] = compare(res["eager"]["long"],
-                                                             res["unchunked"]["long"])
+        c = compare(res["eager"]["long"], res["unchunked"]["long"])
+        c.update(logprob_differences(res["eager"], res["unchunked"]))
+        traces = [log_dir / f"trace-{dtype}-{n}.jsonl" for n in ("eager", "unchunked")]
+        if a.trace and all(t.exists() for t in traces):
+            from vllm_turboquant.backend.trace import first_divergence
+            c["trace"] = first_divergence(*map(str, traces))
+        checks["chunked_vs_unchunked_long_prompt"] = c
     for name, r in res.items():
         if "error" in r:
             checks[f"engine_{name}"] = {"error": r["error"]}
@@ -258,6 +307,10 @@ def main() -> None:
     ap.add_argument("--batch-invariant", action="store_true",
                     help="run every engine with VLLM_BATCH_INVARIANT=1 (graphs engine at -O0, "
                          "FULL decode graphs; see the module doc)")
+    ap.add_argument("--trace", action="store_true",
+                    help="chunked check: checksum q, k, v and the output of every layer and "
+                         "position of the long prompt (our backend only; backend/trace.py) and "
+                         "report where chunked and unchunked first differ")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
@@ -336,6 +389,15 @@ def main() -> None:
                 print(f"{name} ({cd}): ERROR {c['error'][:300]}")
             else:
                 extra_txt = f", cached tokens {c['cached_tokens']}" if "cached_tokens" in c else ""
+                if "trace" in c:
+                    extra_txt += f"; trace: {json.dumps(c['trace'])}"
+                if "prompt_logprobs_first_difference" in c:
+                    extra_txt += (f"; prompt logprobs: first difference at position "
+                                  f"{c['prompt_logprobs_first_difference']}, "
+                                  f"{c['prompt_logprobs_differing']} differ, max |diff| "
+                                  f"{c['prompt_logprobs_max_abs_diff']:.3g}; generated "
+                                  f"logprobs first difference at "
+                                  f"{c.get('generated_logprobs_first_difference')}")
                 print(f"{name} ({cd}): {'SAME' if c['same'] else 'DIFFERENT'} "
                       f"({c['identical']}/{c['prompts']} identical, first differences "
                       f"{c['first_difference']}{extra_txt})")
