@@ -33,7 +33,8 @@ import time
 import torch
 
 from vllm_turboquant.codec import TQConfig, TQLayerCodec
-from vllm_turboquant.kernels import TQLayerParams, TQSide, tq_decode, tq_prefill, tq_store
+from vllm_turboquant.kernels import (TQLayerParams, TQSide, _launch, tq_decode, tq_prefill,
+                                     tq_store)
 from vllm_turboquant.kernels._common import default_num_splits, next_pow2
 
 
@@ -256,6 +257,8 @@ def main():
     ap.add_argument("--smoke", action="store_true", help="tiny shapes (CPU interpreter)")
     ap.add_argument("--reps", type=int, default=50)
     ap.add_argument("--sweep", action="store_true", help="prefill launch configs (GPU)")
+    ap.add_argument("--ab-launch", action="store_true",
+                    help="time every op also with Triton's plain launch (kernels/_launch.py off)")
     ap.add_argument("--best", metavar="JSON", help="print the fastest correct SmolLM2 prefill "
                     "config of a --sweep run, as $VLLM_TURBOQUANT_PREFILL_CONFIG takes it")
     args = ap.parse_args()
@@ -283,10 +286,17 @@ def main():
             fns = {"store": fns["store"], "decode": fns["decode"]}
         row = {"case": name, "ops": {}}
         for op, fn in fns.items():
-            try:
-                row["ops"][op] = timeit(fn, reps, sync)
-            except Exception as e:  # noqa: BLE001 - a failing op is a result, go on
-                row["ops"][op] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+            # --ab-launch: each op also through Triton's plain launch path ("<op>_plain"),
+            # to measure what kernels/_launch.py's direct launch saves on the host
+            for plain in (False, True) if args.ab_launch else (False,):
+                _launch._PLAIN = plain
+                label = op + ("_plain" if plain else "")
+                try:
+                    row["ops"][label] = timeit(fn, reps, sync)
+                except Exception as e:  # noqa: BLE001 - a failing op is a result, go on
+                    row["ops"][label] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+                finally:
+                    _launch._PLAIN = False
         if cuda and chunk:
             try:
                 for op, fn in fa_ops(s).items():

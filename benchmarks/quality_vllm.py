@@ -147,8 +147,9 @@ def child(args: dict) -> dict:
                                     temperature=0, ignore_eos=True, prompt_logprobs=0,
                                     logprobs=0)
                 ids = p["long"]
-                if args.get("trace"):   # our backend's per-layer checksums (backend/trace.py)
-                    from vllm_turboquant.backend import trace
+                if args.get("trace"):   # per-module row checksums (vllm_turboquant/trace.py)
+                    from vllm_turboquant import trace
+                    llm.apply_model(trace.install)
                     trace.start(args["trace"])
                 r = llm.generate([TokensPrompt(prompt_token_ids=ids)], sp, use_tqdm=False)[0]
                 if args.get("trace"):
@@ -270,7 +271,7 @@ def run_checks(dtype: str, base: dict, prompts: dict, a, t_start: float,
         c.update(logprob_differences(res["eager"], res["unchunked"]))
         traces = [log_dir / f"trace-{dtype}-{n}.jsonl" for n in ("eager", "unchunked")]
         if a.trace and all(t.exists() for t in traces):
-            from vllm_turboquant.backend.trace import first_divergence
+            from vllm_turboquant.trace import first_divergence
             c["trace"] = first_divergence(*map(str, traces))
         checks["chunked_vs_unchunked_long_prompt"] = c
     for name, r in res.items():
@@ -308,9 +309,10 @@ def main() -> None:
                     help="run every engine with VLLM_BATCH_INVARIANT=1 (graphs engine at -O0, "
                          "FULL decode graphs; see the module doc)")
     ap.add_argument("--trace", action="store_true",
-                    help="chunked check: checksum q, k, v and the output of every layer and "
-                         "position of the long prompt (our backend only; backend/trace.py) and "
-                         "report where chunked and unchunked first differ")
+                    help="chunked check: checksum every attention layer's q, k, v and output, "
+                         "the final norm's output and the logits at every position of the long "
+                         "prompt (vllm_turboquant/trace.py, any backend) and report where "
+                         "chunked and unchunked first differ")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:

@@ -22,6 +22,7 @@ import triton.language as tl
 
 from ._common import (TQSide, as_params, cached, check_cache_alignment, default_num_splits,
                       next_pow2, pair_table, prmt_dequant_asm)
+from ._launch import launch
 from ._tl import decode_bytes, dequant_halves, interpreting, mma
 
 _LOG2E = 1.4426950408889634
@@ -383,7 +384,7 @@ def tq_decode(query: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Te
     kmode, vmode, kpair, vpair, kasm, vasm = lookup_tables(
         p, dot_dtype, lookup, allow_asm=not interpreting(_tq_decode_split_kernel))
     prefetch = bool(prefetch) and kmode != 0 and vmode != 0
-    _tq_decode_split_kernel[(bsz, hkv, num_splits)](
+    launch(_tq_decode_split_kernel, (bsz, hkv, num_splits),
         q, kv_cache, block_table, seq_lens, p.key_centroids, p.value_centroids,
         kpair, vpair, sk, sv, stag, schk, part_o, part_lse,
         num_splits, g, block_size, w, hkv,
@@ -393,7 +394,7 @@ def tq_decode(query: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Te
         KS_OFF=lay.k_scale_offset, BLOCK_N=block_n, BLOCK_G=block_g, HAS_SIDE=has_side,
         F32=f32, KMODE=kmode, VMODE=vmode, KASM=kasm, VASM=vasm, KT=bool(kt),
         PREFETCH=prefetch, num_warps=num_warps, num_stages=num_stages)
-    _tq_decode_merge_kernel[(bsz, hkv)](
+    launch(_tq_decode_merge_kernel, (bsz, hkv),
         part_o, part_lse, p.rotation_pm1, out,
         num_splits, g, hkv, p.rotation_scale, out.stride(0), out.stride(1),
         D=d, BLOCK_G=block_g, BLOCK_S=max(2, next_pow2(num_splits)), COLS=min(d, 64),

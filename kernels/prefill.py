@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from ._common import TQSide, as_params, check_cache_alignment, next_pow2
+from ._launch import launch
 from ._tl import dequant_halves, interpreting, mma
 from .decode import _tile_base, lookup_tables, rotate_query
 
@@ -495,7 +496,7 @@ def tq_prefill(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                          "other than 4 bits) with a window at head size >= 128 is miscompiled "
                          "on CUDA (triton 3.6); use 4-bit codes with lookup=3 (the default)")
     grid = (bsz, triton.cdiv(max_query_len, block_m), hkv)
-    _tq_prefill_kernel[grid](
+    launch(_tq_prefill_kernel, grid,
         q, k, v, out, cu_seqlens_q, seq_lens, kv_cache, block_table,
         p.key_centroids, p.value_centroids, kpair, vpair, p.rotation_pm1,
         sk, sv, stag, schk, dk, dv, dsc,

@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from ._common import TQSide, as_params, cached, check_cache_alignment
+from ._launch import launch
 from ._tl import interpreting, store_codes
 
 _FP16_MAX = 65504.0
@@ -316,7 +317,7 @@ def tq_store(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
         rot_mat, rot_scale, rot = p.rotation, 1.0, "ieee"
     rot_code = {"tf32": 0, "ieee": 1, "dot16": 2}[rot or "tf32"]
     grid = (triton.cdiv(t, block_t), hkv)
-    _tq_store_kernel[grid](
+    launch(_tq_store_kernel, grid,
         key, value, kv_cache, slot_mapping, rot_mat,
         p.key_centroids, p.key_bounds, p.value_centroids, p.value_bounds,
         sk, sv, stag, schk, rows, pos, send, idx, rk, rv, dk, dv, dsc, dkc, dvc,

@@ -405,3 +405,56 @@ def test_query_rotation_rounds_each_row_alike_for_any_row_count():
     assert proc.returncode == 0 and line, proc.stderr[-2000:]
     bad = json.loads(line[0][7:])
     assert bad == {"64": [], "128": []}, f"chunk lengths whose rows round differently: {bad}"
+
+
+# kernels/_launch.py: after a launcher's first call, later calls with the same specialization
+# key hand their arguments straight to the cached CompiledKernel. Here every launcher runs
+# aligned, then on views 2 elements off (not 16-byte aligned: Triton must not reuse the aligned
+# variant, which may use vector loads), then aligned again, and must give the plain launch's
+# bits each time.
+@pytest.mark.parametrize("d,hq,hkv", [(64, 9, 3), (128, 32, 8)])
+def test_direct_launch_gives_the_plain_launch_bits_misaligned_views_too(d, hq, hkv):
+    from vllm_turboquant.kernels import _launch
+
+    torch.manual_seed(3)
+    dtype, bs, window = torch.bfloat16, 16, 16
+    codec, params = _params("turboquant", d, window)
+    lens, qlens = [300, 77], [120, 77]
+
+    def run_all(offset):
+        # inputs at `offset` elements into a buffer (0: aligned)
+        side = TQSide.empty(len(lens), window, hkv, d, dtype, DEV)
+        cache, bt, chunks = _paged(lens, hkv, d, bs, params, dtype, side=side)
+        t = sum(qlens)
+        kbuf = torch.randn(t * hkv * d + offset, device=DEV).to(dtype)
+        k = kbuf[offset:].view(t, hkv, d)
+        v = torch.randn(t, hkv, d, device=DEV).to(dtype)
+        qbuf = torch.randn(t * hq * d + offset, device=DEV).to(dtype)
+        q = qbuf[offset:].view(t, hq, d)
+        cu = torch.tensor([0, qlens[0], t], dtype=torch.int32, device=DEV)
+        sl = torch.tensor(lens, dtype=torch.int32, device=DEV)
+        slots = torch.cat([bt[b].long()[torch.arange(n - m, n, device=DEV) // bs] * bs
+                           + torch.arange(n - m, n, device=DEV) % bs
+                           for b, (n, m) in enumerate(zip(lens, qlens))])
+        tq_store(k, v, cache, slots, params)
+        pre = tq_prefill(q, k, v, cu, sl, cache, bt, params, d ** -0.5, side)
+        dec = tq_decode(q[:len(lens)], cache, bt, sl, params, d ** -0.5, side)
+        return cache, pre, dec
+
+    results = {}
+    for plain in (True, False):
+        _launch._PLAIN = plain
+        _launch.clear()
+        try:
+            runs = []
+            for offset in (0, 2, 0):
+                torch.manual_seed(11 + offset)
+                runs.append(run_all(offset))
+            results[plain] = runs
+        finally:
+            _launch._PLAIN = False
+    for i, (a, b) in enumerate(zip(results[True], results[False])):
+        for name, x, y in zip(("cache", "prefill", "decode"), a, b):
+            assert torch.equal(x, y), (i, name)
+    # and the direct path was taken: the second aligned run found its kernels cached
+    assert any(site.compiled for site in _launch._SITES.values())

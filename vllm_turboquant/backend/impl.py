@@ -40,7 +40,7 @@ import torch
 from vllm.v1.attention.backend import AttentionImpl, AttentionType
 
 from vllm_turboquant import compat, settings
-from vllm_turboquant.backend import ops, trace
+from vllm_turboquant.backend import ops
 from vllm_turboquant.backend.state import LayerState, get_layer_state, side_bytes
 from vllm_turboquant.kernels._common import TQSide, default_num_splits, next_pow2
 from vllm_turboquant.settings import TurboQuantConfigError
@@ -186,7 +186,6 @@ class TurboQuantImpl(AttentionImpl):
                       md.store_seq_end)
             ops.decode(out[:nd], q[:nd], cache, md.block_table[:nd], md.seq_lens[:nd],
                        params, self.scale, side, num_splits=self.splits(nd, query.device))
-            _trace(layer, md, q, k, v, out)
             return output
         # Mixed or prefill-only step (eager: every launch is host time per layer and step).
         # 1. One store for every token, handing back the rotated K/V for step 2; prefill
@@ -230,14 +229,7 @@ class TurboQuantImpl(AttentionImpl):
         if side is not None:
             ops.store(k, v, cache, md.side_slots, params, side, md.side_rows,
                       md.side_pos, md.side_seq_end, token_index=md.side_tokens)
-        _trace(layer, md, q, k, v, out)
         return output
-
-
-def _trace(layer, md, q, k, v, out) -> None:
-    """The debug trace (backend/trace.py; off unless asked for, never while capturing)."""
-    if trace.active() and not (q.is_cuda and torch.cuda.is_current_stream_capturing()):
-        trace.record(layer.layer_name, md, q, k, v, out)
 
 
 def _refuse(cond: bool, what: str) -> None:
