@@ -56,10 +56,18 @@ class _Site:
     """What one kernel needs for direct launches: its parameters in signature order."""
 
     def __init__(self, kernel):
-        self.names = [p.name for p in kernel.params]
-        self.defaults = {p.name: p.param.default for p in kernel.params
-                         if p.param.default is not p.param.empty}
+        params = kernel.signature.parameters          # inspect.Signature of the jit function
+        self.names = list(params)
+        self.defaults = {n: p.default for n, p in params.items() if p.default is not p.empty}
         self.compiled: dict = {}
+
+    def full_args(self, args: tuple, kw: dict) -> list:
+        """Every parameter's value in signature order (the leading positional ones, then the
+        rest by name or default): what JITFunction.run hands the launcher."""
+        full = list(args)
+        for name in self.names[len(args):]:
+            full.append(kw[name] if name in kw else self.defaults[name])
+        return full
 
 
 _SITES: dict = {}
@@ -98,9 +106,7 @@ def launch(kernel, grid: tuple, *args, **kw) -> None:
         if compiled is not None:
             site.compiled[key] = compiled
         return
-    full = list(args)
-    for name in site.names[len(args):]:
-        full.append(kw[name] if name in kw else site.defaults[name])
+    full = site.full_args(args, kw)
     g1 = grid[1] if len(grid) > 1 else 1
     g2 = grid[2] if len(grid) > 2 else 1
     stream = _current_stream(args[0].device.index)

@@ -5,7 +5,6 @@ output (misaligned views included) is tests/gpu/test_kernels_gpu.py::test_direct
 from __future__ import annotations
 
 import inspect
-import types
 
 import pytest
 import torch
@@ -44,8 +43,7 @@ class FakeKernel:
     """Stands in for a JITFunction(a, n, BLOCK: constexpr = 4, FLAG: constexpr = False)."""
 
     def __init__(self):
-        sig = inspect.signature(lambda a, n, BLOCK=4, FLAG=False: None)
-        self.params = [types.SimpleNamespace(name=k, param=v) for k, v in sig.parameters.items()]
+        self.signature = inspect.signature(lambda a, n, BLOCK=4, FLAG=False: None)
         self.plain = []
         self.compiled = []
 
@@ -88,3 +86,54 @@ def test_cpu_tensors_take_the_plain_path():
     for _ in range(2):
         _launch.launch(k, (1,), torch.zeros(4), 3)
     assert len(k.plain) == 2 and not k.compiled[0].calls
+
+
+_ORDER_CHECK = r'''
+import os, sys
+import torch
+from triton.backends.compiler import BaseBackend
+from triton.runtime.jit import create_function_from_signature
+from vllm_turboquant.kernels import _launch
+import vllm_turboquant.kernels.decode as dc, vllm_turboquant.kernels.prefill as pf
+import vllm_turboquant.kernels.store as st
+sys.path.insert(0, sys.argv[1])
+import layer_step as ls
+seen = []
+def capture(kernel, grid, *args, **kw):
+    seen.append((kernel, args, kw))
+for m in (st, pf, dc):
+    m.launch = capture
+s = ls.build_step(2, 40, 20, 16, device="cpu")
+for fn in ls.ops(s).values():
+    fn()
+kernels = set()
+for kernel, args, kw in seen:
+    binder = create_function_from_signature(kernel.signature, kernel.params, BaseBackend)
+    options = {k: kw[k] for k in ("num_warps", "num_stages") if k in kw}
+    params, _, _ = binder(*args, **{k: v for k, v in kw.items() if k not in options}, **options)
+    ours = _launch._Site(kernel).full_args(args, kw)
+    assert len(ours) == len(params), (kernel, len(ours), len(params))
+    for (name, want), got in zip(params.items(), ours):
+        assert got is want or got == want, (kernel, name)
+    kernels.add(kernel.__name__ if hasattr(kernel, "__name__") else str(kernel))
+print("OK", len(seen), len(kernels))
+'''
+
+
+def test_direct_launch_passes_the_arguments_in_tritons_order(tmp_path):
+    """The list handed to the CompiledKernel's launcher equals the one JITFunction.run builds
+    (its generated binder), for every launch of a mixed layer step: all four kernels. Compiled
+    (not interpreted) kernels, so in a subprocess without TRITON_INTERPRET."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = tmp_path / "order.py"
+    script.write_text(_ORDER_CHECK)
+    proc = subprocess.run([sys.executable, str(script), os.path.join(root, "benchmarks")],
+                          env=env, capture_output=True, text=True, timeout=300, cwd=root)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "OK" in proc.stdout
+    assert proc.stdout.split()[-1] == "4", proc.stdout   # store, prefill, decode split, merge
