@@ -5,7 +5,10 @@ our launches costs host time per layer and step. `JITFunction.run` spends most o
 deciding which compiled variant the arguments need (a specialization per argument, a cache
 key over all of them, hooks, global-value checks) before the C launcher runs: in the H200
 profile of a mixed SmolLM2 layer step (benchmarks/results/h200-20261202b/layer_step.json) it
-took 67 us of ~112 us per store call under cProfile.
+took 67 us of ~112 us per store call under cProfile. Measured without the profiler, this
+shortcut saves 4-10 us per launch, 6-12% of a mixed layer step's host time
+(`benchmarks/layer_step.py --ab-launch`, benchmarks/results/h200-20261202d/): cProfile had
+inflated Triton's share.
 
 How: `launch(kernel, grid, *args, **constexprs_and_options)` keys the call by what Triton's
 specialization can depend on, computed more cheaply, and at least as finely:

@@ -18,12 +18,12 @@ import json
 
 import torch
 
-_state = {"path": None, "md": None, "rows": None}
+_state = {"path": None, "ctx": None, "rows": None}
 
 
 def start(path: str | None) -> None:
     """Append records to `path` from now on (None: stop)."""
-    _state.update(path=path, md=None, rows=None)
+    _state.update(path=path, ctx=None, rows=None)
 
 
 def row_sums(x: torch.Tensor) -> list[int]:
@@ -42,19 +42,20 @@ def _positions():
     forward context's attention metadata (any backend's: query_start_loc and seq_lens)."""
     from vllm.forward_context import get_forward_context
 
-    mds = get_forward_context().attn_metadata
+    ctx = get_forward_context()        # a new one per model forward
+    if _state["ctx"] is ctx:
+        return _state["rows"]
+    mds = ctx.attn_metadata
     if isinstance(mds, list):
         mds = mds[0]
     md = next(iter(mds.values())) if isinstance(mds, dict) else mds
-    if _state["md"] is md:
-        return _state["rows"]
     qsl = md.query_start_loc.tolist()
     seq_lens = md.seq_lens.tolist()
     pos = []
     for r, (lo, hi) in enumerate(zip(qsl[:-1], qsl[1:])):
         pos += list(range(seq_lens[r] - (hi - lo), seq_lens[r]))
     last = [s - 1 for s in seq_lens[:len(qsl) - 1]]
-    _state.update(md=md, rows=(pos, last))
+    _state.update(ctx=ctx, rows=(pos, last))
     return pos, last
 
 
