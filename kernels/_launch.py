@@ -37,6 +37,10 @@ import torch
 from ._tl import interpreting
 
 _PLAIN = os.environ.get("VLLM_TURBOQUANT_PLAIN_LAUNCH") == "1"
+try:                       # read on every launch (the hook check): imported once
+    from triton import knobs as _KNOBS
+except ImportError:        # pragma: no cover - Triton without knobs (< 3.4)
+    _KNOBS = None
 _INT32 = 1 << 31
 _INT64 = 1 << 63
 
@@ -80,11 +84,9 @@ def _hooks_set() -> bool:
     """Whether a launch hook (a profiler's, e.g. proton) is registered: such launches take
     the plain path, which calls it. Triton 3.9 keeps hooks in an always-present HookChain;
     older versions use None for none."""
-    try:
-        from triton import knobs
-        hooks = (knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook)
-    except (ImportError, AttributeError):  # pragma: no cover - other Triton layouts
+    if _KNOBS is None:  # pragma: no cover - other Triton layouts
         return True
+    hooks = (_KNOBS.runtime.launch_enter_hook, _KNOBS.runtime.launch_exit_hook)
     return any(h is not None and getattr(h, "calls", True) for h in hooks)
 
 
