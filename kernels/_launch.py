@@ -11,7 +11,8 @@ shortcut saves 4-10 us per launch, 6-12% of a mixed layer step's host time
 inflated Triton's share.
 
 How: `launch(kernel, grid, *args, **constexprs_and_options)` keys the call by what Triton's
-specialization can depend on, computed more cheaply, and at least as finely:
+specialization can depend on, at least as finely (computing it costs about what Triton's
+native specialization does, benchmarks/host_python.py; the saving is the rest of run()):
   tensor  dtype and whether data_ptr() is 16-byte aligned (Triton's "D" divisibility);
   int     == 1 (Triton turns it into a constant), % 16 == 0, whether it fits int32 / int64;
   float, bool, None  their kind;
@@ -63,6 +64,9 @@ class _Site:
     """What one kernel needs for direct launches: its parameters in signature order."""
 
     def __init__(self, kernel):
+        self.direct = not interpreting(kernel)        # decided once per kernel object
+        if not self.direct:
+            return
         params = kernel.signature.parameters          # inspect.Signature of the jit function
         self.names = list(params)
         self.defaults = {n: p.default for n, p in params.items() if p.default is not p.empty}
@@ -78,6 +82,7 @@ class _Site:
 
 
 _SITES: dict = {}
+stats = {"direct": 0}      # launches that took the shortcut (tests check it is taken)
 
 
 def _hooks_set() -> bool:
@@ -94,12 +99,15 @@ def launch(kernel, grid: tuple, *args, **kw) -> None:
     """kernel[grid](*args, **kw), through the cached CompiledKernel when its key was seen.
     args: the kernel's leading positional parameters (tensors and scalars); kw: the rest by
     name (constexprs) plus launch options (num_warps, num_stages)."""
-    if _PLAIN or interpreting(kernel) or not args or not _on_gpu(args[0]):
+    if _PLAIN or not args or not _on_gpu(args[0]):
         kernel[grid](*args, **kw)
         return
     site = _SITES.get(kernel)
     if site is None:
         site = _SITES[kernel] = _Site(kernel)
+    if not site.direct:
+        kernel[grid](*args, **kw)
+        return
     try:
         key = (args[0].device.index, tuple(map(_spec, args)), tuple(sorted(kw.items())))
     except TypeError:
@@ -117,6 +125,7 @@ def launch(kernel, grid: tuple, *args, **kw) -> None:
     stream = _current_stream(args[0].device.index)
     compiled.run(grid[0], g1, g2, stream, compiled.function, compiled.packed_metadata, None,
                  None, None, *full)
+    stats["direct"] += 1
 
 
 def _on_gpu(first) -> bool:

@@ -42,6 +42,7 @@ class FakeCompiled:
 class FakeKernel:
     """Stands in for a JITFunction(a, n, BLOCK: constexpr = 4, FLAG: constexpr = False)."""
 
+
     def __init__(self):
         self.signature = inspect.signature(lambda a, n, BLOCK=4, FLAG=False: None)
         self.plain = []
@@ -64,8 +65,9 @@ def test_first_call_of_a_key_is_plain_later_ones_direct(monkeypatch):
     a = torch.zeros(16)
     _launch.launch(k, (3,), a, 5, FLAG=True, num_warps=4)
     assert len(k.plain) == 1
+    before = _launch.stats["direct"]
     _launch.launch(k, (3, 2), a, 9, FLAG=True, num_warps=4)      # same key: direct
-    assert len(k.plain) == 1
+    assert len(k.plain) == 1 and _launch.stats["direct"] == before + 1
     # grid padded to 3 dims, no launch metadata or hooks, every parameter in signature order
     # (the default BLOCK included, options not)
     assert k.compiled[0].calls == [(3, 2, 1, 7, "fn", "meta", None, None, None, a, 9, 4, True)]

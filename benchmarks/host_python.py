@@ -1,0 +1,87 @@
+"""Host cost of our launchers' own Python, and of the direct launch's key, on any machine.
+
+    python benchmarks/host_python.py [--json OUT.json]
+
+1. The ops of one SmolLM2 mixed layer step (benchmarks/layer_step.py's, CPU tensors, small
+   shapes) with every kernel launch stubbed out: what remains is our launchers' Python and
+   their torch calls (on a CPU the query rotation GEMM really computes, so `unified_prefill`
+   includes a small CPU matmul).
+2. kernels/_launch.py's cache key over 37 arguments (24 tensors, 13 scalars, the size of a
+   launch) vs Triton's native per-argument specialization over the same arguments, which
+   `JITFunction.run` calls on every launch.
+Medians in microseconds. This does not measure Triton's C launcher or the CUDA driver (no GPU
+needed); benchmarks/layer_step.py --ab-launch measures whole launches on a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+import torch  # noqa: E402
+
+
+def median_us(fn, reps: int) -> float:
+    for _ in range(20):
+        fn()
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        ts.append((time.perf_counter() - t0) * 1e6)
+    return statistics.median(ts)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--reps", type=int, default=300)
+    a = ap.parse_args()
+    os.environ.pop("TRITON_INTERPRET", None)   # compiled kernel objects, launches stubbed
+
+    import layer_step as ls
+    import triton
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.compiler import BaseBackend
+
+    import vllm_turboquant.kernels.decode as dc
+    import vllm_turboquant.kernels.prefill as pf
+    import vllm_turboquant.kernels.store as st
+    from vllm_turboquant.kernels import _launch
+
+    def stub(kernel, grid, *args, **kw):
+        return None
+    for m in (st, pf, dc):
+        m.launch = stub
+    s = ls.build_step(4, 40, 20, 16, device="cpu")
+    fns = ls.ops(s)
+    launchers = {name: round(median_us(fns[name], a.reps), 1)
+                 for name in ("store", "decode", "unified_prefill", "side_store", "forward")}
+
+    args = [torch.zeros(10) for _ in range(24)] + [5, 16, 1, 3, 64, 128, 99, 7, 1.5, 12, 16,
+                                                   32, 48]
+    key = median_us(lambda: tuple(map(_launch._spec, args)), 20 * a.reps)
+    native = median_us(lambda: [native_specialize_impl(BaseBackend, x, False, True, True)
+                                for x in args], 20 * a.reps)
+    result = {"machine": f"{platform.processor() or platform.machine()}, "
+                         f"{os.cpu_count()} CPUs, Python {platform.python_version()}",
+              "torch": torch.__version__, "triton": triton.__version__,
+              "launcher_python_us_launches_stubbed": launchers,
+              "direct_launch_key_us_37_args": round(key, 1),
+              "triton_native_specialize_us_37_args": round(native, 1)}
+    print(json.dumps(result, indent=1))
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
