@@ -232,6 +232,11 @@ def run_decode(args, info, rows):
                                                 block_n=block_n,
                                                 num_warps=args.num_warps),
                               b * ctx * hkv * params.layout.slot_bytes)}
+        if args.ab_words:   # the same kernel with the code bytes loaded as a byte tile
+            fns["turboquant_bytes"] = (
+                lambda: tq_decode(q, cache, bt, sl, params, scale, num_splits=splits, out=out,
+                                  block_n=block_n, num_warps=args.num_warps, words=False),
+                b * ctx * hkv * params.layout.slot_bytes)
         fns.update(decode_baselines(b, ctx, hq, hkv, d, block_size, q, sl, scale))
         base = {"op": "decode", "batch": b, "context": ctx, "head_size": d, "q_heads": hq,
                 "kv_heads": hkv, "model": tag, "block_size": block_size, "num_splits": splits}
@@ -373,35 +378,42 @@ def run_sweep(args, info, rows):
         out = torch.empty_like(q)
         base_splits = default_num_splits(b, hkv, ctx, q.device, 64)
         results = []
-        grid = itertools.product((3, 1), (32, 64, 128), (4, 8), (1, 2), (0.5, 1, 2))
-        for lookup, bn, nw, ns, sf in grid:
-            if sf != 1 and (lookup, bn, nw, ns) != (3, 64, 4, 2):
+        # words: code bytes loaded as int32 words (the default) or as a byte tile (the
+        # pre-2026-12-02-late layout). lookup 3 (register prmt) only: the tables lost by 1.4x.
+        grid = itertools.product((True, False), (32, 64, 128), (4, 8), (1, 2, 3),
+                                 (0.5, 1, 2))
+        for words, bn, nw, ns, sf in grid:
+            if sf != 1 and (words, bn, nw, ns) != (True, 64, 4, 2):
                 continue   # the split count only around the default config
+            if not words and (bn, nw, ns) != (64, 4, 2):
+                continue   # byte tiles: the old default config only
             splits = max(1, int(base_splits * sf))
             fn = lambda: tq_decode(q, cache, bt, sl, params, 0.088, num_splits=splits,  # noqa
                                    out=out, block_n=bn, num_warps=nw, num_stages=ns,
-                                   lookup=lookup)
+                                   words=words)
             try:
                 p50, p20, p80 = bench(fn, True, args.rep_ms)
             except Exception as e:  # noqa: BLE001
-                print(f"  sweep fail lookup={lookup} bn={bn} nw={nw} ns={ns}: {e}"[:300])
+                print(f"  sweep fail words={words} bn={bn} nw={nw} ns={ns}: {e}"[:300])
                 continue
-            results.append((p50, lookup, bn, nw, ns, splits))
+            results.append((p50, words, bn, nw, ns, splits))
             rows.append(dict(op="decode_sweep", batch=b, context=ctx, head_size=d, q_heads=hq,
-                             kv_heads=hkv, lookup=lookup, block_n=bn, num_warps=nw,
+                             kv_heads=hkv, words=words, block_n=bn, num_warps=nw,
                              num_stages=ns, num_splits=splits, p50_us=p50, p20_us=p20,
                              p80_us=p80, gbs=nbytes / p50 / 1e3, mode="graph", **info))
         results.sort()
-        print(f"sweep decode b={b} ctx={ctx} d={d} hq={hq} hkv={hkv}: best 6 (p50 us, lookup, "
+        print(f"sweep decode b={b} ctx={ctx} d={d} hq={hq} hkv={hkv}: best 6 (p50 us, words, "
               f"block_n, warps, stages, splits):", flush=True)
         for r in results[:6]:
             print(f"   {r[0]:8.1f} us {nbytes / r[0] / 1e3:6.0f} GB/s  {r[1:]}", flush=True)
-        dflt = [r for r in results if r[1:5] == (3, 64, 4, 2) and r[5] == base_splits]
-        pair = [r for r in results if r[1:5] == (1, 64, 4, 2) and r[5] == base_splits]
-        if dflt and pair:
-            print(f"   default (prmt lookup) {dflt[0][0]:.1f} us, pair table {pair[0][0]:.1f} us",
+        dflt = [r for r in results if r[1:5] == (True, 64, 4, 2) and r[5] == base_splits]
+        byt = [r for r in results if r[1:5] == (False, 64, 4, 2) and r[5] == base_splits]
+        if dflt and byt:
+            print(f"   default (word loads) {dflt[0][0]:.1f} us, byte tiles {byt[0][0]:.1f} us",
                   flush=True)
         del cache
+    if args.sweep_decode_only:
+        return rows
     # store
     t, hkv, d, bs = 8192, 8, 128, 16
     codec, params = _params(d)
@@ -486,6 +498,10 @@ def main():
     ap.add_argument("--block-n", type=int, default=None, help="decode tile (default per head)")
     ap.add_argument("--num-warps", type=int, default=4)
     ap.add_argument("--store-block-t", type=int, nargs="+", default=[None])
+    ap.add_argument("--ab-words", action="store_true",
+                    help="decode: also time the byte-tile loads (words=False) as turboquant_bytes")
+    ap.add_argument("--sweep-decode-only", action="store_true",
+                    help="sweep: decode configs only (no store/prefill sweep)")
     args = ap.parse_args()
     if args.rep_ms is None:
         args.rep_ms = 30 if args.quick else 60

@@ -131,9 +131,31 @@ def decode_bytes(byte, table_ptr, DT: tl.constexpr, MODE: tl.constexpr, ASM: tl.
 
 
 @triton.jit
+def load_code_bytes(base, mask, OFF: tl.constexpr, NB: tl.constexpr):
+    """base [N] uint8 pointers (4-byte aligned) -> the NB bytes at base + OFF as a uint8 tile
+    [N, NB], loaded as NB / 4 int32 words per row.
+
+    A byte tile loaded directly can be given a one-byte-per-thread layout by Triton's layout
+    passes (seen in the sm_90 SASS of triton 3.6 and 3.9: 64 one-byte loads per thread per
+    decode tile); words keep the loads 4+ bytes wide, and the bytes are split out in registers
+    (little endian: byte 4w + i is bits 8i..8i+7 of word w)."""
+    NW: tl.constexpr = NB // 4
+    offs_w = tl.arange(0, NW)
+    w = tl.load((base + OFF).to(tl.pointer_type(tl.int32))[:, None] + offs_w[None, :],
+                mask=mask[:, None], other=0)
+    b0 = (w & 0xFF).to(tl.uint8)
+    b1 = ((w >> 8) & 0xFF).to(tl.uint8)
+    b2 = ((w >> 16) & 0xFF).to(tl.uint8)
+    b3 = ((w >> 24) & 0xFF).to(tl.uint8)
+    # join(join(b0, b2), join(b1, b3))[n, w, k, m] = b_{2k + m}, at flat index 4w + 2k + m.
+    x = tl.join(tl.join(b0, b2), tl.join(b1, b3))
+    return tl.reshape(x, [base.shape[0], NB])
+
+
+@triton.jit
 def dequant_halves(base, mask, offs_lo, offs_hi, cent_ptr, table_ptr, BITS: tl.constexpr,
                    D: tl.constexpr, DT: tl.constexpr, MODE: tl.constexpr,
-                   ASM: tl.constexpr = ""):
+                   ASM: tl.constexpr = "", WORDS: tl.constexpr = True):
     """Centroids C[code] of N slots as two [N, D/2] tiles in DT: coordinates [0, D/2) and
     [D/2, D). base [N] points at the first code byte; masked rows read code 0.
 
@@ -145,17 +167,21 @@ def dequant_halves(base, mask, offs_lo, offs_hi, cent_ptr, table_ptr, BITS: tl.c
     MODE 3 (4 bits, symmetric codebook, CUDA only): no memory lookup at all; ASM (from
       `_common.prmt_dequant_asm`) turns 4 code bytes into 8 values with `prmt` byte
       permutes over the 8 centroid magnitudes held as immediates. Not run by the CPU
-      interpreter: launchers pick another mode there."""
+      interpreter: launchers pick another mode there.
+    WORDS (modes 1-3): load the code bytes as int32 words (`load_code_bytes`); False = as a
+      byte tile (the A/B reference: Triton gave that one-byte loads per thread)."""
+    if MODE != 0:
+        if WORDS:
+            byte = load_code_bytes(base, mask, 0, D // 2)
+        else:
+            byte = tl.load(base[:, None] + offs_lo[None, :], mask=mask[:, None], other=0)
     if MODE == 1:
-        byte = tl.load(base[:, None] + offs_lo[None, :], mask=mask[:, None], other=0)
         t = tl.load(table_ptr + byte.to(tl.int32))
         lo = (t & 0xFFFF).to(tl.uint16).to(DT, bitcast=True)
         hi = ((t >> 16) & 0xFFFF).to(tl.uint16).to(DT, bitcast=True)
     elif MODE == 3:
-        byte = tl.load(base[:, None] + offs_lo[None, :], mask=mask[:, None], other=0)
         lo, hi = _prmt_lookup(byte, DT, ASM)
     elif MODE == 2:
-        byte = tl.load(base[:, None] + offs_lo[None, :], mask=mask[:, None], other=0)
         byte = byte.to(tl.int32)
         lo = tl.load(table_ptr + (byte & 15))
         hi = tl.load(table_ptr + (byte >> 4))

@@ -23,7 +23,7 @@ import triton.language as tl
 from ._common import (TQSide, as_params, cached, check_cache_alignment, default_num_splits,
                       next_pow2, pair_table, prmt_dequant_asm)
 from ._launch import launch
-from ._tl import decode_bytes, dequant_halves, interpreting, mma
+from ._tl import decode_bytes, dequant_halves, interpreting, load_code_bytes, mma
 
 _LOG2E = 1.4426950408889634
 
@@ -64,15 +64,15 @@ def _tq_decode_split_kernel(
     side_check_ptr,     # [B, W, Hkv] int32
     part_o_ptr,         # [B, Hq, S, D] float32: normalized partial outputs (rotated)
     part_lse_ptr,       # [B, Hq, S] float32: log2-sum-exp of each split
-    num_splits, G, block_size, W, num_kv_heads,
+    num_splits, G, W, num_kv_heads,
     stride_qb, stride_qh,
     stride_bt,
     stride_cb, stride_ct, stride_ch,
     D: tl.constexpr, KBITS: tl.constexpr, VBITS: tl.constexpr,
-    V_OFF: tl.constexpr, KS_OFF: tl.constexpr,
+    V_OFF: tl.constexpr, KS_OFF: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, HAS_SIDE: tl.constexpr, F32: tl.constexpr,
     KMODE: tl.constexpr, VMODE: tl.constexpr, KASM: tl.constexpr, VASM: tl.constexpr,
-    KT: tl.constexpr, PREFETCH: tl.constexpr,
+    KT: tl.constexpr, PREFETCH: tl.constexpr, WORDS: tl.constexpr,
 ):
     """KT: scores as K @ q^T (the dequantized key tile is the MMA's register operand A, the
     loop-invariant q^T the shared-memory operand B) instead of q @ K^T (key tile through
@@ -125,10 +125,15 @@ def _tq_decode_split_kernel(
     if PREFETCH:
         offs_n = start + offs_t
         nmask = offs_n < main_end
-        blk, in_blk, base = _tile_base(cache_ptr, bt_row, offs_n, nmask, block_size,
+        blk, in_blk, base = _tile_base(cache_ptr, bt_row, offs_n, nmask, BLOCK_SIZE,
                                        stride_cb, stride_ct, head_off)
-        kb = tl.load(base[:, None] + offs_lo[None, :], mask=nmask[:, None], other=0)
-        vb = tl.load(base[:, None] + V_OFF + offs_lo[None, :], mask=nmask[:, None], other=0)
+        if WORDS:
+            kb = load_code_bytes(base, nmask, 0, HALF)
+            vb = load_code_bytes(base, nmask, V_OFF, HALF)
+        else:
+            kb = tl.load(base[:, None] + offs_lo[None, :], mask=nmask[:, None], other=0)
+            vb = tl.load(base[:, None] + V_OFF + offs_lo[None, :], mask=nmask[:, None],
+                         other=0)
         sc = tl.load((base + KS_OFF).to(tl.pointer_type(tl.int32)), mask=nmask, other=0)
 
     for n0 in range(start, main_end, BLOCK_N):
@@ -136,24 +141,29 @@ def _tq_decode_split_kernel(
             c_mask, c_kb, c_vb, c_sc = nmask, kb, vb, sc
             offs_n = n0 + BLOCK_N + offs_t
             nmask = offs_n < main_end
-            blk, in_blk, base = _tile_base(cache_ptr, bt_row, offs_n, nmask, block_size,
+            blk, in_blk, base = _tile_base(cache_ptr, bt_row, offs_n, nmask, BLOCK_SIZE,
                                            stride_cb, stride_ct, head_off)
-            kb = tl.load(base[:, None] + offs_lo[None, :], mask=nmask[:, None], other=0)
-            vb = tl.load(base[:, None] + V_OFF + offs_lo[None, :], mask=nmask[:, None],
-                         other=0)
+            if WORDS:
+                kb = load_code_bytes(base, nmask, 0, HALF)
+                vb = load_code_bytes(base, nmask, V_OFF, HALF)
+            else:
+                kb = tl.load(base[:, None] + offs_lo[None, :], mask=nmask[:, None], other=0)
+                vb = tl.load(base[:, None] + V_OFF + offs_lo[None, :], mask=nmask[:, None],
+                             other=0)
             sc = tl.load((base + KS_OFF).to(tl.pointer_type(tl.int32)), mask=nmask, other=0)
             k_lo, k_hi = decode_bytes(c_kb, ktab_ptr, dt, KMODE, KASM)
-            # Both fp16 scales came as one int32: K scale low, V scale high (little endian).
             ks = (c_sc & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True)
         else:
             c_offs = n0 + offs_t
             c_mask = c_offs < main_end
-            c_blk, c_in_blk, c_base = _tile_base(cache_ptr, bt_row, c_offs, c_mask, block_size,
+            c_blk, c_in_blk, c_base = _tile_base(cache_ptr, bt_row, c_offs, c_mask, BLOCK_SIZE,
                                                  stride_cb, stride_ct, head_off)
             k_lo, k_hi = dequant_halves(c_base, c_mask, offs_lo, offs_hi, kcent_ptr, ktab_ptr,
-                                        KBITS, D, dt, KMODE, KASM)
-            ks = tl.load((c_base + KS_OFF).to(tl.pointer_type(tl.float16)), mask=c_mask,
-                         other=0.0)
+                                        KBITS, D, dt, KMODE, KASM, WORDS)
+            # Both fp16 scales as one int32: K scale low, V scale high (little endian).
+            c_sc = tl.load((c_base + KS_OFF).to(tl.pointer_type(tl.int32)), mask=c_mask,
+                           other=0)
+            ks = (c_sc & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True)
         if KT:
             s = tl.trans(mma(k_lo, qt_lo, F32) + mma(k_hi, qt_hi, F32))
         else:
@@ -166,12 +176,10 @@ def _tq_decode_split_kernel(
 
         if PREFETCH:
             v_lo, v_hi = decode_bytes(c_vb, vtab_ptr, dt, VMODE, VASM)
-            vs = ((c_sc >> 16) & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True)
         else:
             v_lo, v_hi = dequant_halves(c_base + V_OFF, c_mask, offs_lo, offs_hi, vcent_ptr,
-                                        vtab_ptr, VBITS, D, dt, VMODE, VASM)
-            vs = tl.load((c_base + KS_OFF + 2).to(tl.pointer_type(tl.float16)), mask=c_mask,
-                         other=0.0)
+                                        vtab_ptr, VBITS, D, dt, VMODE, VASM, WORDS)
+        vs = ((c_sc >> 16) & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True)
         pv = (p * vs.to(tl.float32)[None, :]).to(dt)
         acc_lo += mma(pv, v_lo, F32)
         acc_hi += mma(pv, v_hi, F32)
@@ -184,7 +192,7 @@ def _tq_decode_split_kernel(
         for n0 in range(tl.maximum(start, main_end), end, BLOCK_N):
             c_offs = n0 + offs_t
             c_mask = c_offs < end
-            c_blk, c_in_blk, c_base = _tile_base(cache_ptr, bt_row, c_offs, c_mask, block_size,
+            c_blk, c_in_blk, c_base = _tile_base(cache_ptr, bt_row, c_offs, c_mask, BLOCK_SIZE,
                                                  stride_cb, stride_ct, head_off)
             # Both fp16 scales as one int32; the whole word is also the side entry's check.
             sc = tl.load((c_base + KS_OFF).to(tl.pointer_type(tl.int32)), mask=c_mask, other=0)
@@ -192,12 +200,12 @@ def _tq_decode_split_kernel(
             in_win = c_mask & (c_offs >= win_start)
             tag = tl.load(side_tag_ptr + entry, mask=in_win, other=-1)
             chk = tl.load(side_check_ptr + entry * num_kv_heads + h, mask=in_win, other=0)
-            use_side = in_win & (tag.to(tl.int64) == c_blk * block_size + c_in_blk) & (
+            use_side = in_win & (tag.to(tl.int64) == c_blk * BLOCK_SIZE + c_in_blk) & (
                 chk == sc)
             side_off = (entry * num_kv_heads + h) * D
 
             k_lo, k_hi = dequant_halves(c_base, c_mask & ~use_side, offs_lo, offs_hi,
-                                        kcent_ptr, ktab_ptr, KBITS, D, dt, KMODE, KASM)
+                                        kcent_ptr, ktab_ptr, KBITS, D, dt, KMODE, KASM, WORDS)
             ks = (sc & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
             # Side rows get key scale 1 and the exact key; packed rows the dequantized one.
             ks = tl.where(use_side, 1.0, ks)
@@ -215,7 +223,7 @@ def _tq_decode_split_kernel(
             acc_hi = acc_hi * alpha[:, None]
 
             v_lo, v_hi = dequant_halves(c_base + V_OFF, c_mask & ~use_side, offs_lo, offs_hi,
-                                        vcent_ptr, vtab_ptr, VBITS, D, dt, VMODE, VASM)
+                                        vcent_ptr, vtab_ptr, VBITS, D, dt, VMODE, VASM, WORDS)
             vs = ((sc >> 16) & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
             vs = tl.where(use_side, 1.0, vs)
             sv_lo = tl.load(side_v_ptr + side_off[:, None] + offs_lo[None, :],
@@ -338,7 +346,8 @@ def tq_decode(query: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Te
               seq_lens: torch.Tensor, params, scale: float, side: TQSide | None = None,
               num_splits: int | None = None, out: torch.Tensor | None = None,
               block_n: int | None = None, num_warps: int = 4, num_stages: int = 2,
-              lookup: int = 3, kt: bool = False, prefetch: bool = False) -> torch.Tensor:
+              lookup: int = 3, kt: bool = False, prefetch: bool = False,
+              words: bool = True) -> torch.Tensor:
     """Triton split-KV decode over packed slots; same contract as `reference.tq_decode_ref`.
 
     query [B, Hq, D] fp16/bf16 (fp32 is computed in fp32); kv_cache uint8
@@ -384,16 +393,18 @@ def tq_decode(query: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Te
     kmode, vmode, kpair, vpair, kasm, vasm = lookup_tables(
         p, dot_dtype, lookup, allow_asm=not interpreting(_tq_decode_split_kernel))
     prefetch = bool(prefetch) and kmode != 0 and vmode != 0
+    words = bool(words) and kmode != 0 and vmode != 0    # byte-table modes (4-bit) only
     launch(_tq_decode_split_kernel, (bsz, hkv, num_splits),
         q, kv_cache, block_table, seq_lens, p.key_centroids, p.value_centroids,
         kpair, vpair, sk, sv, stag, schk, part_o, part_lse,
-        num_splits, g, block_size, w, hkv,
+        num_splits, g, w, hkv,
         q.stride(0), q.stride(1), block_table.stride(0),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2),
         D=d, KBITS=p.key_bits, VBITS=p.value_bits, V_OFF=lay.v_codes_offset,
-        KS_OFF=lay.k_scale_offset, BLOCK_N=block_n, BLOCK_G=block_g, HAS_SIDE=has_side,
+        KS_OFF=lay.k_scale_offset, BLOCK_SIZE=block_size, BLOCK_N=block_n, BLOCK_G=block_g,
+        HAS_SIDE=has_side,
         F32=f32, KMODE=kmode, VMODE=vmode, KASM=kasm, VASM=vasm, KT=bool(kt),
-        PREFETCH=prefetch, num_warps=num_warps, num_stages=num_stages)
+        PREFETCH=prefetch, WORDS=words, num_warps=num_warps, num_stages=num_stages)
     launch(_tq_decode_merge_kernel, (bsz, hkv),
         part_o, part_lse, p.rotation_pm1, out,
         num_splits, g, hkv, p.rotation_scale, out.stride(0), out.stride(1),

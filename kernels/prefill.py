@@ -173,11 +173,11 @@ def _tq_prefill_kernel(
     side_k_ptr, side_v_ptr, side_tag_ptr, side_check_ptr,  # TQSide (contiguous)
     deq_k_ptr, deq_v_ptr,    # [T, Hkv, D] dot dtype: the chunk's centroids C[code] (when DEQ)
     deq_s_ptr,          # [T, Hkv] int32: the chunk's slot scale words (when DEQ)
-    G, block_size, W, num_kv_heads, rot_scale,
+    G, W, num_kv_heads, rot_scale,
     stride_qt, stride_qh, stride_ot, stride_oh, stride_bt,
     stride_cb, stride_ct, stride_ch,
     D: tl.constexpr, KBITS: tl.constexpr, VBITS: tl.constexpr,
-    V_OFF: tl.constexpr, KS_OFF: tl.constexpr,
+    V_OFF: tl.constexpr, KS_OFF: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, G_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_SIDE: tl.constexpr, F32: tl.constexpr, COLS: tl.constexpr, WIN: tl.constexpr,
     KMODE: tl.constexpr, VMODE: tl.constexpr, KASM: tl.constexpr = "", VASM: tl.constexpr = "",
@@ -229,7 +229,7 @@ def _tq_prefill_kernel(
             q_lo, q_hi, k_ptr, v_ptr, cache_ptr, bt_row, head_off, kcent_ptr, vcent_ptr,
             ktab_ptr, vtab_ptr, side_k_ptr, side_v_ptr, side_tag_ptr, side_check_ptr,
             m_i, l_i, acc_lo, acc_hi, b, h, q_start, prefix, pos_r, first_pos, last_pos,
-            block_size, W, num_kv_heads, stride_cb, stride_ct, offs_lo, offs_hi,
+            BLOCK_SIZE, W, num_kv_heads, stride_cb, stride_ct, offs_lo, offs_hi,
             D, KBITS, VBITS, V_OFF, KS_OFF, BLOCK_N, HAS_SIDE, F32, WIN, KMODE, VMODE,
             KASM, VASM)
     else:
@@ -246,7 +246,7 @@ def _tq_prefill_kernel(
             offs_n = n0 + tl.arange(0, BLOCK_N)
             nmask = offs_n < gather_end
             blk, in_blk, base, s = _packed_scores(
-                q_lo, q_hi, cache_ptr, bt_row, offs_n, nmask, block_size, stride_cb, stride_ct,
+                q_lo, q_hi, cache_ptr, bt_row, offs_n, nmask, BLOCK_SIZE, stride_cb, stride_ct,
                 head_off, kcent_ptr, ktab_ptr, offs_lo, offs_hi, KBITS, D, KS_OFF, F32, KMODE,
                 KASM)
             # prefix keys: every row; chunk keys: only rows whose window they have left
@@ -263,7 +263,7 @@ def _tq_prefill_kernel(
                 if (n0 + BLOCK_N > first_pos - WIN + 1) & (n0 < prefix):
                     cand = nmask & (offs_n < prefix) & (offs_n > first_pos - WIN)
                     held = _side_held(side_tag_ptr, side_check_ptr, base, entry, cand, blk,
-                                      in_blk, block_size, num_kv_heads, h, KS_OFF)
+                                      in_blk, BLOCK_SIZE, num_kv_heads, h, KS_OFF)
                     exact = held[None, :] & (offs_n[None, :] > pos_r[:, None] - WIN)
                     sk_lo = tl.load(side_k_ptr + side_off[:, None] + offs_lo[None, :],
                                     mask=held[:, None], other=0.0)
@@ -500,11 +500,12 @@ def tq_prefill(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
         q, k, v, out, cu_seqlens_q, seq_lens, kv_cache, block_table,
         p.key_centroids, p.value_centroids, kpair, vpair, p.rotation_pm1,
         sk, sv, stag, schk, dk, dv, dsc,
-        g, kv_cache.shape[1], w, hkv, p.rotation_scale,
+        g, w, hkv, p.rotation_scale,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_table.stride(0),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2),
         D=d, KBITS=p.key_bits, VBITS=p.value_bits, V_OFF=lay.v_codes_offset,
-        KS_OFF=lay.k_scale_offset, BLOCK_M=block_m, G_PAD=g_pad, BLOCK_N=block_n,
+        KS_OFF=lay.k_scale_offset, BLOCK_SIZE=kv_cache.shape[1], BLOCK_M=block_m, G_PAD=g_pad,
+        BLOCK_N=block_n,
         HAS_SIDE=has_side, F32=f32, COLS=min(d, 64), WIN=win, KMODE=kmode, VMODE=vmode,
         KASM=kasm, VASM=vasm, DEQ=deq is not None, DEQ_STAGES=deq_stages,
         INVARIANT=invariant,

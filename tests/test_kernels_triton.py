@@ -187,16 +187,17 @@ def test_store_rot_out_and_token_index(name):
 
 
 # -- decode -----------------------------------------------------------------------------------
-@pytest.mark.parametrize("dtype,g,bs,window,lookup,kt,prefetch", [
-    (torch.bfloat16, 1, 16, 0, 1, False, False),
-    (torch.float16, 3, 32, 0, 2, False, False),
-    (torch.bfloat16, 3, 16, 8, 1, False, False),
-    (torch.float16, 2, 32, 5, 0, False, False),
-    (torch.bfloat16, 4, 16, 0, 3, True, True),     # lookup 3 falls back to 1 when interpreted
-    (torch.float16, 3, 32, 5, 1, True, False),
-    (torch.bfloat16, 2, 16, 8, 2, False, True),
+@pytest.mark.parametrize("dtype,g,bs,window,lookup,kt,prefetch,words", [
+    (torch.bfloat16, 1, 16, 0, 1, False, False, True),
+    (torch.float16, 3, 32, 0, 2, False, False, True),
+    (torch.bfloat16, 3, 16, 8, 1, False, False, True),
+    (torch.bfloat16, 3, 16, 8, 1, False, False, False),   # byte loads
+    (torch.float16, 2, 32, 5, 0, False, False, True),     # generic mode: no word loads
+    (torch.bfloat16, 4, 16, 0, 3, True, True, True),  # lookup 3 falls back to 1 when interpreted
+    (torch.float16, 3, 32, 5, 1, True, False, True),
+    (torch.bfloat16, 2, 16, 8, 2, False, True, False),
 ])
-def test_decode_matches_reference(dtype, g, bs, window, lookup, kt, prefetch):
+def test_decode_matches_reference(dtype, g, bs, window, lookup, kt, prefetch, words):
     codec, params = make_params("turboquant", window=window)
     hkv, d = 2, 64
     lens = [1, 37, 70, 0]                                   # one token, odd, padding row
@@ -207,7 +208,7 @@ def test_decode_matches_reference(dtype, g, bs, window, lookup, kt, prefetch):
     q = torch.randn(len(lens), hkv * g, d).to(dtype)
     sl = torch.tensor(lens, dtype=torch.int32)
     got = tq_decode(q, cache, bt, sl, params, d ** -0.5, side, block_n=16, lookup=lookup,
-                    kt=kt, prefetch=prefetch)
+                    kt=kt, prefetch=prefetch, words=words)
     want = tq_decode_ref(q, cache, bt, sl, params, d ** -0.5, side)
     assert_close(got, want, dtype, "decode")
     assert got[3].abs().sum() == 0

@@ -126,18 +126,21 @@ def test_decode_matches_reference(dtype, d, hq, hkv, bs, window):
 # Both paths of every decode knob against the reference: the register `prmt` lookup (lookup
 # 3, inline PTX, never run by the CPU interpreter), the key tile as MMA operand A (kt), the
 # register prefetch of the next tile (prefetch), and their pair-table counterparts.
-@pytest.mark.parametrize("lookup,kt,prefetch,block_n", [(3, False, False, 128),
-                                                        (3, False, True, 128),
-                                                        (3, True, False, 128),
-                                                        (3, True, True, 128),
-                                                        (3, False, True, 64),
-                                                        (1, False, True, 128),
-                                                        (2, True, True, 64)])
+# words=False: the code bytes loaded as a byte tile (the layout before int32 word loads).
+@pytest.mark.parametrize("lookup,kt,prefetch,block_n,words", [(3, False, False, 128, True),
+                                                              (3, False, False, 64, True),
+                                                              (3, False, False, 64, False),
+                                                              (3, False, True, 128, True),
+                                                              (3, True, False, 128, True),
+                                                              (3, True, True, 128, True),
+                                                              (3, False, True, 64, False),
+                                                              (1, False, True, 128, True),
+                                                              (2, True, True, 64, True)])
 @pytest.mark.parametrize("dtype,d,hq,hkv,bs,window", [
     (torch.bfloat16, 128, 32, 8, 16, 0), (torch.bfloat16, 64, 9, 3, 16, 16),
     (torch.float16, 128, 8, 1, 32, 32), (torch.float16, 256, 8, 8, 128, 0)])
-def test_decode_variants_match_reference(lookup, kt, prefetch, block_n, dtype, d, hq, hkv,
-                                         bs, window):
+def test_decode_variants_match_reference(lookup, kt, prefetch, block_n, words, dtype, d, hq,
+                                         hkv, bs, window):
     codec, params = _params("turboquant", d, window)
     lens = [1, 17, 1000, 4099, 300]
     side = TQSide.empty(len(lens), window, hkv, d, dtype, DEV) if window else None
@@ -145,7 +148,8 @@ def test_decode_variants_match_reference(lookup, kt, prefetch, block_n, dtype, d
     q = torch.randn(len(lens), hq, d, device=DEV).to(dtype)
     sl = torch.tensor(lens, dtype=torch.int32, device=DEV)
     got = tq_decode(q, cache, bt, sl, params, d ** -0.5, side, lookup=lookup, kt=kt,
-                    prefetch=prefetch, block_n=block_n if d != 256 else min(block_n, 64))
+                    prefetch=prefetch, block_n=block_n if d != 256 else min(block_n, 64),
+                    words=words)
     want = tq_decode_ref(q, cache, bt, sl, params, d ** -0.5, side)
     atol, rtol = TOL[dtype]
     torch.testing.assert_close(got, want, atol=atol, rtol=rtol)
