@@ -135,10 +135,11 @@ def load_code_bytes(base, mask, OFF: tl.constexpr, NB: tl.constexpr):
     """base [N] uint8 pointers (4-byte aligned) -> the NB bytes at base + OFF as a uint8 tile
     [N, NB], loaded as NB / 4 int32 words per row.
 
-    A byte tile loaded directly can be given a one-byte-per-thread layout by Triton's layout
-    passes (seen in the sm_90 SASS of triton 3.6 and 3.9: 64 one-byte loads per thread per
-    decode tile); words keep the loads 4+ bytes wide, and the bytes are split out in registers
-    (little endian: byte 4w + i is bits 8i..8i+7 of word w)."""
+    A byte tile loaded directly gets a one-byte-per-thread layout from Triton's layout passes
+    (the sm_90 SASS of triton 3.6 and 3.9: 64 one-byte loads per thread per decode tile, then
+    byte-wise shuffles through shared memory); words keep the loads 4 bytes wide and the bytes
+    are split out in registers (little endian: byte 4w + i is bits 8i..8i+7 of word w). Fewer
+    instructions, but not faster on the H200 (see dequant_halves, WORDS)."""
     NW: tl.constexpr = NB // 4
     offs_w = tl.arange(0, NW)
     w = tl.load((base + OFF).to(tl.pointer_type(tl.int32))[:, None] + offs_w[None, :],
@@ -155,7 +156,7 @@ def load_code_bytes(base, mask, OFF: tl.constexpr, NB: tl.constexpr):
 @triton.jit
 def dequant_halves(base, mask, offs_lo, offs_hi, cent_ptr, table_ptr, BITS: tl.constexpr,
                    D: tl.constexpr, DT: tl.constexpr, MODE: tl.constexpr,
-                   ASM: tl.constexpr = "", WORDS: tl.constexpr = True):
+                   ASM: tl.constexpr = "", WORDS: tl.constexpr = False):
     """Centroids C[code] of N slots as two [N, D/2] tiles in DT: coordinates [0, D/2) and
     [D/2, D). base [N] points at the first code byte; masked rows read code 0.
 
@@ -168,8 +169,9 @@ def dequant_halves(base, mask, offs_lo, offs_hi, cent_ptr, table_ptr, BITS: tl.c
       `_common.prmt_dequant_asm`) turns 4 code bytes into 8 values with `prmt` byte
       permutes over the 8 centroid magnitudes held as immediates. Not run by the CPU
       interpreter: launchers pick another mode there.
-    WORDS (modes 1-3): load the code bytes as int32 words (`load_code_bytes`); False = as a
-      byte tile (the A/B reference: Triton gave that one-byte loads per thread)."""
+    WORDS (modes 1-3): load the code bytes as int32 words (`load_code_bytes`) instead of as a
+      byte tile. Off by default: it halves the decode kernel's instructions but was slower on
+      the H200 in 3 of 4 shapes (docs/kernels-notes.md, "2026-12-02 late")."""
     if MODE != 0:
         if WORDS:
             byte = load_code_bytes(base, mask, 0, D // 2)

@@ -347,7 +347,7 @@ def tq_decode(query: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Te
               num_splits: int | None = None, out: torch.Tensor | None = None,
               block_n: int | None = None, num_warps: int = 4, num_stages: int = 2,
               lookup: int = 3, kt: bool = False, prefetch: bool = False,
-              words: bool = True) -> torch.Tensor:
+              words: bool = False) -> torch.Tensor:
     """Triton split-KV decode over packed slots; same contract as `reference.tq_decode_ref`.
 
     query [B, Hq, D] fp16/bf16 (fp32 is computed in fp32); kv_cache uint8
@@ -358,7 +358,10 @@ def tq_decode(query: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Te
     Tuning knobs (defaults from the H100 sweep in docs/kernels-notes.md): block_n tokens per
     tile, num_warps, num_stages, lookup (0 generic, 1 pair table, 2 nibble table, 3 register
     prmt lookups on CUDA), kt (key tile as the MMA's register operand), prefetch (next tile's
-    bytes loaded before this one is decoded; 4-bit keys and values only).
+    bytes loaded before this one is decoded; 4-bit keys and values only), words (code bytes
+    loaded as int32 words; off: slower on the H200 in 3 of 4 shapes, see `dequant_halves`).
+    block_size (kv_cache.shape[1]) is a compile-time constant of the kernel: positions map to
+    pages by shifts, not integer division.
     """
     p = as_params(params, query.device)
     bsz, hq, d = query.shape

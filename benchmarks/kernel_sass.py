@@ -1,0 +1,146 @@
+"""Static cost of the decode and prefill kernels' inner loops: sm_90 SASS compiled on any CPU.
+
+    python benchmarks/kernel_sass.py [--json benchmarks/results/kernel-sass-sm90.json]
+
+`triton.compile` for target cuda:90 (no GPU or driver needed), then the bundled nvdisasm and
+cuobjdump. For each config: instructions in the kernel's longest loop (one key tile per
+iteration, per warp), the one-byte global loads in it (LDG.E.U8), registers per thread and
+shared memory per program. Shapes: the issue's decode shape (head 128, GQA 4, bf16, block
+size 16) and the prefill's packed-prefix loop at head 128.
+
+What this does not tell: time. On the H200 the word loads (`words`) halve the decode loop's
+instructions yet ran slower in 3 of 4 shapes (docs/kernels-notes.md, "2026-12-02 late"), so
+these counts explain a kernel, they do not rank configs. The machine's triton is what compiles
+(3.9 on CI; the GPU machine has 3.6: `pip install --target DIR triton==3.6.0` and put DIR first
+on PYTHONPATH to see its code). Must run without TRITON_INTERPRET.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import platform
+import re
+import subprocess
+import tempfile
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from vllm_turboquant.codec import TQConfig, TQLayerCodec
+from vllm_turboquant.kernels._common import prmt_dequant_asm
+from vllm_turboquant.kernels.decode import _tq_decode_split_kernel
+from vllm_turboquant.kernels.prefill import _tq_prefill_kernel
+
+BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+DECODE_PTRS = {"q_ptr": "*bf16", "cache_ptr": "*u8", "block_table_ptr": "*i32",
+               "seq_lens_ptr": "*i32", "kcent_ptr": "*fp32", "vcent_ptr": "*fp32",
+               "ktab_ptr": "*i32", "vtab_ptr": "*i32", "side_k_ptr": "*bf16",
+               "side_v_ptr": "*bf16", "side_tag_ptr": "*i32", "side_check_ptr": "*i32",
+               "part_o_ptr": "*fp32", "part_lse_ptr": "*fp32"}
+PREFILL_PTRS = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "out_ptr": "*bf16",
+                "cu_q_ptr": "*i32", "seq_lens_ptr": "*i32", "cache_ptr": "*u8",
+                "block_table_ptr": "*i32", "kcent_ptr": "*fp32", "vcent_ptr": "*fp32",
+                "ktab_ptr": "*i32", "vtab_ptr": "*i32", "rot_ptr": "*fp32",
+                "side_k_ptr": "*bf16", "side_v_ptr": "*bf16", "side_tag_ptr": "*i32",
+                "side_check_ptr": "*i32", "deq_k_ptr": "*bf16", "deq_v_ptr": "*bf16",
+                "deq_s_ptr": "*i32", "rot_scale": "fp32"}
+
+
+def compile_sm90(fn, pointers: dict, consts: dict, num_warps: int, num_stages: int):
+    sig = {n: "i32" for n in fn.arg_names}
+    sig.update(pointers)
+    sig.update({k: "constexpr" for k in consts})
+    src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                          options=dict(num_warps=num_warps, num_stages=num_stages))
+
+
+def _tool(name: str, cubin: bytes, *flags: str) -> str:
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        return subprocess.run([os.path.join(BIN, name), *flags, f.name], capture_output=True,
+                              text=True, check=True).stdout
+
+
+def loop_stats(ck) -> dict:
+    """Instructions of the longest backward-branch loop of the SASS, and resource usage."""
+    lines = _tool("nvdisasm", ck.asm["cubin"], "-c").splitlines()
+    labels = {ln.strip()[:-1]: i for i, ln in enumerate(lines) if ln.startswith(".L")}
+    best = (0, 0)
+    for i, ln in enumerate(lines):
+        m = re.search(r"BRA `\((\.L_x_\d+)\)", ln)
+        if m and labels.get(m.group(1), i) < i and i - labels[m.group(1)] > best[1] - best[0]:
+            best = (labels[m.group(1)], i)
+    ops = collections.Counter()
+    for ln in lines[best[0] + 1:best[1] + 1]:
+        m = re.match(r"\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)", ln)
+        if m:
+            ops[m.group(1)] += 1
+    usage = next(x for x in _tool("cuobjdump", ck.asm["cubin"], "--dump-resource-usage")
+                 .splitlines() if "REG:" in x)
+    fields = dict(tok.split(":") for tok in usage.split() if ":" in tok)
+    by_family = collections.Counter()
+    for op, n in ops.items():
+        by_family[op.split(".")[0]] += n
+    return {"loop_instructions": sum(ops.values()), "byte_loads": ops.get("LDG.E.U8", 0),
+            "top_ops": dict(by_family.most_common(8)), "registers": int(fields["REG"]),
+            "stack_bytes": int(fields["STACK"]), "shared_bytes": ck.metadata.shared}
+
+
+def decode_row(words: bool, block_n: int, num_warps: int, num_stages: int, d: int = 128,
+               block_size: int = 16) -> dict:
+    codec = TQLayerCodec(TQConfig.from_name("tq-k4v4"), d, layer=5)
+    asm = prmt_dequant_asm(codec.key_centroids, torch.bfloat16)
+    lay = codec.layout
+    consts = dict(D=d, KBITS=4, VBITS=4, V_OFF=lay.v_codes_offset, KS_OFF=lay.k_scale_offset,
+                  BLOCK_SIZE=block_size, BLOCK_N=block_n, BLOCK_G=16, HAS_SIDE=False,
+                  F32=False, KMODE=3, VMODE=3, KASM=asm, VASM=asm, KT=False, PREFETCH=False,
+                  WORDS=words)
+    ck = compile_sm90(_tq_decode_split_kernel, DECODE_PTRS, consts, num_warps, num_stages)
+    return {"kernel": "decode split", "head_size": d, "words": words, "block_n": block_n,
+            "num_warps": num_warps, "num_stages": num_stages, **loop_stats(ck)}
+
+
+def prefill_row(d: int = 128, g_pad: int = 4, block_size: int = 16) -> dict:
+    codec = TQLayerCodec(TQConfig.from_name("tq-k4v4"), d, layer=5)
+    asm = prmt_dequant_asm(codec.key_centroids, torch.bfloat16)
+    lay = codec.layout
+    consts = dict(D=d, KBITS=4, VBITS=4, V_OFF=lay.v_codes_offset, KS_OFF=lay.k_scale_offset,
+                  BLOCK_SIZE=block_size, BLOCK_M=128 // g_pad, G_PAD=g_pad, BLOCK_N=32,
+                  HAS_SIDE=False, F32=False, COLS=min(d, 64), WIN=0, KMODE=3, VMODE=3,
+                  KASM=asm, VASM=asm, DEQ=False, DEQ_STAGES=1, INVARIANT=False)
+    ck = compile_sm90(_tq_prefill_kernel, PREFILL_PTRS, consts, 4, 1)
+    return {"kernel": "prefill (packed prefix, no window)", "head_size": d, "g_pad": g_pad,
+            "block_n": 32, "num_warps": 4, "num_stages": 1, **loop_stats(ck)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise SystemExit("unset TRITON_INTERPRET: the interpreter compiles nothing")
+    rows = [decode_row(w, bn, 4, ns) for w, bn, ns in
+            [(False, 64, 2), (True, 64, 2), (True, 64, 1), (True, 128, 1), (False, 128, 2)]]
+    rows.append(prefill_row())
+    print("| kernel | words | block_n | stages | loop instrs | 1-byte loads | regs | shared B |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['kernel']} | {r.get('words', '-')} | {r['block_n']} | {r['num_stages']} | "
+              f"{r['loop_instructions']} | {r['byte_loads']} | {r['registers']} | "
+              f"{r['shared_bytes']} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"triton": triton.__version__, "target": "cuda:90 (sm_90)",
+                       "host": platform.node(), "shape": "head 128, GQA 4, bf16, block size 16",
+                       "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
