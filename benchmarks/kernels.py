@@ -360,6 +360,56 @@ def run_prefill(args, info, rows):
     return rows
 
 
+# -- explicit decode configs ------------------------------------------------------------------
+DECODE_AB = [  # tq_decode keyword arguments; the first is the default config
+    {},
+    {"words": True, "block_n": 128, "num_stages": 1},
+    {"words": True, "prefetch": True, "block_n": 64, "num_stages": 1},
+    {"words": True, "prefetch": True, "block_n": 128, "num_stages": 1},
+    {"words": True, "prefetch": True, "block_n": 64, "num_stages": 1, "num_warps": 8},
+    {"prefetch": True},
+]
+
+
+def run_decode_ab(args, info, rows):
+    """The DECODE_AB configs on the sweep's shapes (CUDA graph p50), each checked against the
+    default config's output (max |difference|): no vLLM needed."""
+    for b, ctx, d, hq, hkv in [(32, 16384, 128, 32, 8), (1, 32768, 128, 32, 8),
+                               (128, 4096, 128, 32, 8), (32, 16384, 64, 9, 3)]:
+        torch.cuda.empty_cache()
+        bs = args.block_size
+        codec, params = _params(d)
+        q = torch.randn(b, hq, d, device=DEV, dtype=torch.bfloat16)
+        sl = torch.full((b,), ctx, dtype=torch.int32, device=DEV)
+        nb = b * math.ceil(ctx / bs) + 1
+        cache = packed_cache(nb, bs, hkv, params)
+        bt = block_tables(b, ctx, bs, nb)
+        nbytes = b * ctx * hkv * params.layout.slot_bytes
+        splits = default_num_splits(b, hkv, ctx, q.device, 64)
+        ref = None
+        for kw in DECODE_AB:
+            out = torch.empty_like(q)
+            fn = lambda: tq_decode(q, cache, bt, sl, params, 0.088, num_splits=splits,  # noqa
+                                   out=out, **kw)
+            try:
+                p50, p20, p80 = bench(fn, True, args.rep_ms)
+            except Exception as e:  # noqa: BLE001
+                print(f"  decode_ab fail {kw}: {e}"[:300], flush=True)
+                continue
+            fn()
+            torch.cuda.synchronize()
+            ref = out.clone() if ref is None else ref
+            diff = (out.float() - ref.float()).abs().max().item()
+            rows.append(dict(op="decode_ab", batch=b, context=ctx, head_size=d, q_heads=hq,
+                             kv_heads=hkv, config=kw, num_splits=splits, p50_us=p50,
+                             p20_us=p20, p80_us=p80, gbs=nbytes / p50 / 1e3,
+                             max_abs_diff_vs_default=diff, mode="graph", **info))
+            print(f"decode_ab b={b} ctx={ctx} d={d} {kw or 'default'}: {p50:.1f} us "
+                  f"{nbytes / p50 / 1e3:.0f} GB/s  max|diff| {diff:.2e}", flush=True)
+        del cache
+    return rows
+
+
 # -- tuning sweep -----------------------------------------------------------------------------
 def run_sweep(args, info, rows):
     """Decode/store/prefill launch parameters on a few shapes (CUDA graph p50)."""
@@ -492,7 +542,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="a few shapes, short repeats")
     ap.add_argument("--only", default="decode,store,prefill",
-                    help="comma list of decode, store, prefill, sweep (launch-parameter sweep)")
+                    help="comma list of decode, store, prefill, sweep (launch-parameter sweep), "
+                         "decode_ab (the DECODE_AB decode configs)")
     ap.add_argument("--out", default=os.path.join(_ROOT, "benchmarks", "results"))
     ap.add_argument("--rep-ms", type=int, default=None)
     ap.add_argument("--block-size", type=int, default=16)
@@ -512,7 +563,7 @@ def main():
     for op in args.only.split(","):
         try:
             {"decode": run_decode, "store": run_store, "prefill": run_prefill,
-             "sweep": run_sweep}[op](
+             "sweep": run_sweep, "decode_ab": run_decode_ab}[op](
                 args, info, rows)
         except Exception:  # noqa: BLE001
             traceback.print_exc()
