@@ -49,6 +49,29 @@ def test_attend_matches_naive_policy(window, sinks, t, qjl):
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("block,t", [(1, 5), (4, 13), (4, 4), (16, 7), (3, 10)])
+def test_attend_aligned_block_matches_naive_policy(block, t):
+    """Block-aligned window (eval-only recipe a<B>): exact iff j // B == t // B."""
+    b, hkv, g, d = 2, 2, 3, 16
+    gen = torch.Generator().manual_seed(block * 100 + t)
+    q = torch.randn(b, hkv * g, t, d, generator=gen)
+    k, v = torch.randn(b, hkv, t, d, generator=gen), torch.randn(b, hkv, t, d, generator=gen)
+    kq = k + 0.5 * torch.randn(b, hkv, t, d, generator=gen)
+    vq = v + 0.5 * torch.randn(b, hkv, t, d, generator=gen)
+    out = attend(q, k, v, QuantizedKV(kq, vq), 0.3, aligned_block=block)
+    kk, vv, kkq, vvq = (x.repeat_interleave(g, 1) for x in (k, v, kq, vq))
+    pos = torch.arange(t)
+    exact = (pos // block)[None, :] == (pos // block)[:, None]
+    s_ = torch.where(exact, q @ kk.transpose(-1, -2), q @ kkq.transpose(-1, -2)) * 0.3
+    p_ = torch.softmax(s_.masked_fill(pos[None, :] > pos[:, None], -math.inf), -1)
+    ref = (p_ * exact) @ vv + (p_ * ~exact) @ vvq
+    assert not out.isnan().any()
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
+    if t > block:   # rows past the first block do read quantized keys
+        plain = attend(q, k, v, QuantizedKV(kq, vq), 0.3)
+        assert (out - plain).abs().max() > 1e-3
+
+
 def test_attend_exact_when_no_view_or_window_covers_all():
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 2, 9, 16, generator=gen) for _ in range(3))
@@ -63,7 +86,7 @@ def test_attend_exact_when_no_view_or_window_covers_all():
 
 def test_qjl_view_uses_the_codec_correction():
     """The QJL bias is an unbiased estimate of q.(k - k^): regressed on the true residual
-    score it has slope ~1 (its variance is large: QJL's known trade-off, docs/quality.md)."""
+    score it has slope ~1 (its variance is large: QJL's known trade-off, README "Presets")."""
     view = TQView(TQConfig("t", key_bits=2, value_bits=2, key_qjl=True))
     gen = torch.Generator().manual_seed(1)
     k = torch.randn(1, 1, 2048, 64, generator=gen)
@@ -111,6 +134,13 @@ def test_recipe_parsing(spec, fields):
     for k, val in fields.items():
         assert getattr(row.config, k) == val, k
     assert row.servable == (not fields.get("sink_tokens") and not fields.get("key_qjl"))
+
+
+def test_aligned_recipe_is_eval_only():
+    row = parse_recipe("k4v4a64")
+    assert row.view.aligned_block == 64 and row.config.window == 0 and not row.servable
+    with pytest.raises(ValueError, match="replaces w<window>"):
+        parse_recipe("k4v4w64a64")
 
 
 def test_recipe_errors_are_clear():

@@ -90,7 +90,7 @@ class Row:
         return self.stored_bytes_per_token(head_size) * 8 / (2 * head_size)
 
 
-_SHORT = re.compile(r"^k(?P<k>\d)v(?P<v>\d)(?P<rest>(?:w\d+|s\d+|m\d+|q|n)*)$")
+_SHORT = re.compile(r"^k(?P<k>\d)v(?P<v>\d)(?P<rest>(?:w\d+|a\d+|s\d+|m\d+|q|n)*)$")
 
 
 def parse_recipe(spec: str) -> Row:
@@ -98,7 +98,9 @@ def parse_recipe(spec: str) -> Row:
 
     Recipes: shorthand ``k<key_bits>v<value_bits>`` followed by any of ``w<window>``,
     ``s<sink_tokens>``, ``q`` (QJL keys), ``n`` (norm scale), ``m<N>`` (eval-only key-mean
-    subtraction over the first N tokens), e.g. ``k4v4w64``, ``k5v3w32n``; or fields
+    subtraction over the first N tokens), ``a<B>`` (eval-only block-aligned window: query t
+    reads key j exactly iff j // B == t // B, i.e. the tokens of its own B-token block; no
+    ``w``), e.g. ``k4v4w64``, ``k5v3w32n``, ``k4v4a64``; or fields
     ``[base:]field=value,...`` on a preset (default: TQConfig's defaults), e.g.
     ``key_bits=4,value_bits=4,window=64`` or ``turboquant:window=32``.
     """
@@ -113,13 +115,15 @@ def parse_recipe(spec: str) -> Row:
         cfg = PRESETS[spec]
         return _tq_row(spec, cfg, "preset", 0)
     fields: dict[str, object] = {}
-    key_mean = 0
+    key_mean = aligned = 0
     m = _SHORT.match(spec)
     if m:
         fields = {"key_bits": int(m["k"]), "value_bits": int(m["v"])}
-        for tok in re.findall(r"w\d+|s\d+|m\d+|q|n", m["rest"]):
+        for tok in re.findall(r"w\d+|a\d+|s\d+|m\d+|q|n", m["rest"]):
             if tok[0] == "w":
                 fields["window"] = int(tok[1:])
+            elif tok[0] == "a":
+                aligned = int(tok[1:])
             elif tok[0] == "s":
                 fields["sink_tokens"] = int(tok[1:])
             elif tok[0] == "m":
@@ -148,7 +152,9 @@ def parse_recipe(spec: str) -> Row:
         raise ValueError(f"unknown preset or recipe {spec!r}; presets: {valid}; recipes look "
                          "like k4v4w64 or key_bits=4,value_bits=4,window=64")
     cfg = dataclasses.replace(base, name=spec, **fields)
-    return _tq_row(spec, cfg, "recipe", key_mean)
+    if aligned and (cfg.window or cfg.sink_tokens):
+        raise ValueError(f"{spec!r}: an aligned window (a<B>) replaces w<window> and sinks")
+    return _tq_row(spec, cfg, "recipe", key_mean, aligned)
 
 
 def _parse_value(v: str, typ) -> object:
@@ -164,9 +170,9 @@ def _parse_value(v: str, typ) -> object:
     return v
 
 
-def _tq_row(name: str, cfg: TQConfig, kind: str, key_mean: int) -> Row:
+def _tq_row(name: str, cfg: TQConfig, kind: str, key_mean: int, aligned: int = 0) -> Row:
     # What the vLLM backend serves today: bits, window, scale (design-notes.md).
-    servable = not (cfg.sink_tokens or cfg.key_qjl or key_mean)
+    servable = not (cfg.sink_tokens or cfg.key_qjl or key_mean or aligned)
     notes = []
     if cfg.sink_tokens:
         notes.append("sinks: eval only")
@@ -174,7 +180,10 @@ def _tq_row(name: str, cfg: TQConfig, kind: str, key_mean: int) -> Row:
         notes.append("QJL: eval only")
     if key_mean:
         notes.append(f"key mean of first {key_mean} tokens: eval only")
-    return Row(name, TQView(cfg, key_mean_tokens=key_mean), kind, cfg, servable,
+    if aligned:
+        notes.append(f"exact reads within the query's own {aligned}-token block: eval only")
+    return Row(name, TQView(cfg, key_mean_tokens=key_mean, aligned_block=aligned), kind, cfg,
+               servable,
                "; ".join(notes))
 
 

@@ -65,14 +65,19 @@ class TQView:
     """A TurboQuant recipe (``TQConfig``), through the real codec: encode to packed slots,
     decode them back (float16 scales, bit-plane packing and all)."""
 
-    def __init__(self, config: TQConfig, key_mean_tokens: int = 0):
+    def __init__(self, config: TQConfig, key_mean_tokens: int = 0, aligned_block: int = 0):
         self.config = config
         self.window = config.window
         self.sink_tokens = config.sink_tokens
+        # Eval-only experiment: instead of the sliding window, query t reads key j exactly iff
+        # both sit in the same `aligned_block`-token block. Such a policy never needs an exact
+        # copy from before a block boundary, where prefix-cache hits start
+        # (docs/design-notes.md, "A block-aligned window").
+        self.aligned_block = aligned_block
         # Eval-only experiment: subtract a per-(sequence, layer, head) key mean taken over the
         # first `key_mean_tokens` tokens before quantizing. A shift of every key by the same
         # vector changes each query's scores by a constant, so softmax is unchanged and the
-        # mean never has to be added back. Not served by the backend (see docs/quality.md).
+        # mean never has to be added back. Not served by the backend (README, "Presets").
         self.key_mean_tokens = key_mean_tokens
         self._codecs: dict[tuple[int, int, str], TQLayerCodec] = {}
 
@@ -244,23 +249,27 @@ def tq_eval_attention(module, query, key, value, attention_mask, scaling=None, d
         out = attend(query, key, value, None, scale)
     else:
         out = attend(query, key, value, view.quantize(module.layer_idx, key, value), scale,
-                     window=view.window, sink_tokens=view.sink_tokens)
+                     window=view.window, sink_tokens=view.sink_tokens,
+                     aligned_block=getattr(view, "aligned_block", 0))
     return out.transpose(1, 2).contiguous(), None
 
 
 def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
            quant: QuantizedKV | None, scale: float, window: int = 0,
-           sink_tokens: int = 0) -> torch.Tensor:
+           sink_tokens: int = 0, aligned_block: int = 0) -> torch.Tensor:
     """Causal attention with the decode-view policy. Returns [B, Hq, T, D].
 
     quant None: exact attention. Otherwise query t reads quant.key/value[j] for
     sink_tokens <= j <= t - window and key/value[j] (quant.exact_key if set) for the
-    others j <= t.
+    others j <= t. aligned_block B > 0 (eval only; window and sinks 0): exact iff
+    j // B == t // B, quantized for the earlier blocks.
     """
     b, hq, t, d = query.shape
     hkv = key.shape[1]
     if quant is None or window >= t:
         return _sdpa_with_lse(query, _rep(key, hq), _rep(value, hq), None, scale, causal=True)[0]
+    if aligned_block:
+        return _attend_aligned(query, key, value, quant, scale, aligned_block)
     # -- quantized part: sink_tokens <= j <= t - window ------------------------------------
     pos = torch.arange(t, device=query.device)
     allowed = (pos[None, :] <= pos[:, None] - window) & (pos[None, :] >= sink_tokens)
@@ -291,6 +300,26 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     exact_key = key if quant.exact_key is None else quant.exact_key
     exact = _exact_band_and_sinks(query, exact_key, value, scale, window, sink_tokens)
     return _merge([(out_q, lse_q), exact])[0]
+
+
+def _attend_aligned(query, key, value, quant, scale, block):
+    """`attend` with the block-aligned window: two masked softmaxes (the earlier blocks'
+    quantized keys, the own block's exact keys), merged. Rows of the first block have no
+    quantized key: their part gets weight 0 (and output 0, not the kernel's nan)."""
+    hq, t = query.shape[1], query.shape[2]
+    pos = torch.arange(t, device=query.device)
+    causal = pos[None, :] <= pos[:, None]
+    same = (pos // block)[None, :] == (pos // block)[:, None]
+    parts = []
+    for allowed, k, v in ((causal & ~same, quant.key, quant.value),
+                          (causal & same, key if quant.exact_key is None else quant.exact_key,
+                           value)):
+        mask = torch.zeros(t, t, dtype=query.dtype, device=query.device)
+        mask.masked_fill_(~allowed, float("-inf"))
+        out, lse = _sdpa_with_lse(query, _rep(k, hq), _rep(v, hq), mask, scale, causal=False)
+        has = allowed.any(-1)
+        parts.append((torch.where(has[:, None], out, 0.0), lse.masked_fill(~has, float("-inf"))))
+    return _merge(parts)[0]
 
 
 def _rep(x: torch.Tensor, heads: int) -> torch.Tensor:
