@@ -387,7 +387,7 @@ def run_decode_ab(args, info, rows):
         nbytes = b * ctx * hkv * params.layout.slot_bytes
         splits = default_num_splits(b, hkv, ctx, q.device, 64)
         ref = None
-        for kw in DECODE_AB:
+        for i, kw in enumerate(DECODE_AB):
             out = torch.empty_like(q)
             fn = lambda: tq_decode(q, cache, bt, sl, params, 0.088, num_splits=splits,  # noqa
                                    out=out, **kw)
@@ -398,8 +398,10 @@ def run_decode_ab(args, info, rows):
                 continue
             fn()
             torch.cuda.synchronize()
-            ref = out.clone() if ref is None else ref
-            diff = (out.float() - ref.float()).abs().max().item()
+            if i == 0:
+                ref = out.clone()
+            # nan if the default config itself failed: nothing to compare against
+            diff = (out.float() - ref.float()).abs().max().item() if ref is not None else math.nan
             rows.append(dict(op="decode_ab", batch=b, context=ctx, head_size=d, q_heads=hq,
                              kv_heads=hkv, config=kw, num_splits=splits, p50_us=p50,
                              p20_us=p20, p80_us=p80, gbs=nbytes / p50 / 1e3,
