@@ -361,6 +361,24 @@ def run_prefill(args, info, rows):
 
 
 # -- explicit decode configs ------------------------------------------------------------------
+# (batch, context, head size, query heads, KV heads) of the sweep and of decode_ab.
+SWEEP_SHAPES = [(32, 16384, 128, 32, 8), (1, 32768, 128, 32, 8), (128, 4096, 128, 32, 8),
+                (32, 16384, 64, 9, 3)]
+
+
+def _decode_case(b, ctx, d, hq, hkv, block_size):
+    """A packed cache of b sequences of ctx tokens, their block tables and a bf16 query ->
+    (params, q, seq_lens, cache, block_table, packed bytes the decode reads)."""
+    torch.cuda.empty_cache()
+    codec, params = _params(d)
+    q = torch.randn(b, hq, d, device=DEV, dtype=torch.bfloat16)
+    sl = torch.full((b,), ctx, dtype=torch.int32, device=DEV)
+    nb = b * math.ceil(ctx / block_size) + 1
+    cache = packed_cache(nb, block_size, hkv, params)
+    bt = block_tables(b, ctx, block_size, nb)
+    return params, q, sl, cache, bt, b * ctx * hkv * params.layout.slot_bytes
+
+
 DECODE_AB = [  # tq_decode keyword arguments; the first is the default config
     {},
     {"words": True, "block_n": 128, "num_stages": 1},
@@ -374,17 +392,8 @@ DECODE_AB = [  # tq_decode keyword arguments; the first is the default config
 def run_decode_ab(args, info, rows):
     """The DECODE_AB configs on the sweep's shapes (CUDA graph p50), each checked against the
     default config's output (max |difference|): no vLLM needed."""
-    for b, ctx, d, hq, hkv in [(32, 16384, 128, 32, 8), (1, 32768, 128, 32, 8),
-                               (128, 4096, 128, 32, 8), (32, 16384, 64, 9, 3)]:
-        torch.cuda.empty_cache()
-        bs = args.block_size
-        codec, params = _params(d)
-        q = torch.randn(b, hq, d, device=DEV, dtype=torch.bfloat16)
-        sl = torch.full((b,), ctx, dtype=torch.int32, device=DEV)
-        nb = b * math.ceil(ctx / bs) + 1
-        cache = packed_cache(nb, bs, hkv, params)
-        bt = block_tables(b, ctx, bs, nb)
-        nbytes = b * ctx * hkv * params.layout.slot_bytes
+    for b, ctx, d, hq, hkv in SWEEP_SHAPES:
+        params, q, sl, cache, bt, nbytes = _decode_case(b, ctx, d, hq, hkv, args.block_size)
         splits = default_num_splits(b, hkv, ctx, q.device, 64)
         ref = None
         for i, kw in enumerate(DECODE_AB):
@@ -416,17 +425,8 @@ def run_decode_ab(args, info, rows):
 def run_sweep(args, info, rows):
     """Decode/store/prefill launch parameters on a few shapes (CUDA graph p50)."""
     import itertools
-    for b, ctx, d, hq, hkv in [(32, 16384, 128, 32, 8), (1, 32768, 128, 32, 8),
-                               (128, 4096, 128, 32, 8), (32, 16384, 64, 9, 3)]:
-        torch.cuda.empty_cache()
-        bs = args.block_size
-        codec, params = _params(d)
-        q = torch.randn(b, hq, d, device=DEV, dtype=torch.bfloat16)
-        sl = torch.full((b,), ctx, dtype=torch.int32, device=DEV)
-        nb = b * math.ceil(ctx / bs) + 1
-        cache = packed_cache(nb, bs, hkv, params)
-        bt = block_tables(b, ctx, bs, nb)
-        nbytes = b * ctx * hkv * params.layout.slot_bytes
+    for b, ctx, d, hq, hkv in SWEEP_SHAPES:
+        params, q, sl, cache, bt, nbytes = _decode_case(b, ctx, d, hq, hkv, args.block_size)
         out = torch.empty_like(q)
         base_splits = default_num_splits(b, hkv, ctx, q.device, 64)
         results = []

@@ -40,6 +40,22 @@ def _tile_base(cache_ptr, bt_row, offs_n, nmask, block_size, stride_cb, stride_c
 
 
 @triton.jit
+def _tile_bytes(base, nmask, offs_lo, V_OFF: tl.constexpr, KS_OFF: tl.constexpr,
+                WORDS: tl.constexpr):
+    """The raw bytes of one tile of 4-bit slots, for decoding later (PREFETCH): key and value
+    code tiles [N, D/2] uint8 (as int32 words when WORDS) and the scale words [N] int32."""
+    HALF: tl.constexpr = offs_lo.shape[0]
+    if WORDS:
+        kb = load_code_bytes(base, nmask, 0, HALF)
+        vb = load_code_bytes(base, nmask, V_OFF, HALF)
+    else:
+        kb = tl.load(base[:, None] + offs_lo[None, :], mask=nmask[:, None], other=0)
+        vb = tl.load(base[:, None] + V_OFF + offs_lo[None, :], mask=nmask[:, None], other=0)
+    sc = tl.load((base + KS_OFF).to(tl.pointer_type(tl.int32)), mask=nmask, other=0)
+    return kb, vb, sc
+
+
+@triton.jit
 def _online_softmax(s, m_i, l_i):
     """Base-2 online softmax step for scores s [G, N] (masked entries -inf) -> (p [G, N],
     alpha [G] to rescale the accumulators by, new running max, new running sum)."""
@@ -127,14 +143,7 @@ def _tq_decode_split_kernel(
         nmask = offs_n < main_end
         blk, in_blk, base = _tile_base(cache_ptr, bt_row, offs_n, nmask, BLOCK_SIZE,
                                        stride_cb, stride_ct, head_off)
-        if WORDS:
-            kb = load_code_bytes(base, nmask, 0, HALF)
-            vb = load_code_bytes(base, nmask, V_OFF, HALF)
-        else:
-            kb = tl.load(base[:, None] + offs_lo[None, :], mask=nmask[:, None], other=0)
-            vb = tl.load(base[:, None] + V_OFF + offs_lo[None, :], mask=nmask[:, None],
-                         other=0)
-        sc = tl.load((base + KS_OFF).to(tl.pointer_type(tl.int32)), mask=nmask, other=0)
+        kb, vb, sc = _tile_bytes(base, nmask, offs_lo, V_OFF, KS_OFF, WORDS)
 
     for n0 in range(start, main_end, BLOCK_N):
         if PREFETCH:
@@ -143,14 +152,7 @@ def _tq_decode_split_kernel(
             nmask = offs_n < main_end
             blk, in_blk, base = _tile_base(cache_ptr, bt_row, offs_n, nmask, BLOCK_SIZE,
                                            stride_cb, stride_ct, head_off)
-            if WORDS:
-                kb = load_code_bytes(base, nmask, 0, HALF)
-                vb = load_code_bytes(base, nmask, V_OFF, HALF)
-            else:
-                kb = tl.load(base[:, None] + offs_lo[None, :], mask=nmask[:, None], other=0)
-                vb = tl.load(base[:, None] + V_OFF + offs_lo[None, :], mask=nmask[:, None],
-                             other=0)
-            sc = tl.load((base + KS_OFF).to(tl.pointer_type(tl.int32)), mask=nmask, other=0)
+            kb, vb, sc = _tile_bytes(base, nmask, offs_lo, V_OFF, KS_OFF, WORDS)
             k_lo, k_hi = decode_bytes(c_kb, ktab_ptr, dt, KMODE, KASM)
             ks = (c_sc & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True)
         else:
