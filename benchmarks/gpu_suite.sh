@@ -4,6 +4,7 @@
 # archive, $OUT/STAGE.tgz, with its logs and JSON (the device returns at most 8 files).
 #
 #   bash benchmarks/gpu_suite.sh gputests|crashmatrix|verify|layerstep|kernels|quality|e2e|serving|tp
+#   bash benchmarks/gpu_suite.sh decodeab     # no bootstrap needed: decode variants only
 #
 # quality: DTYPES (perplexity rows, default below) and CHECKS (dtypes of the greedy-token
 # consistency checks, default turboquant,auto; empty = none) split it over two calls;
@@ -13,6 +14,17 @@
 # copy it there; .data/ is git-ignored and carried to the device).
 set -uo pipefail
 stage=${1:?stage}
+if [ "$stage" = decodeab ]; then
+  # Decode variants (kernels.py DECODE_AB) on a bare GPU machine: torch + triton only, no
+  # vLLM bundle, no install (tests/conftest.py maps kernels/ to vllm_turboquant.kernels).
+  out=${OUT:-/tmp/out}/decodeab
+  mkdir -p "$out"
+  PYTHONUNBUFFERED=1 timeout 300 python3 benchmarks/kernels.py --only decode_ab --rep-ms 25 \
+    --out "$out" 2>&1 | tee "$out/decode_ab.log"
+  rc=${PIPESTATUS[0]}
+  tar -C "${OUT:-/tmp/out}" -czf "${OUT:-/tmp/out}/decodeab.tgz" decodeab && rm -rf "$out"
+  exit "$rc"
+fi
 source /opt/tqb/env.sh
 export VLLM_TURBOQUANT_CACHE=$PWD/.data PYTHONUNBUFFERED=1
 # vLLM 0.25's V2 model runner failed with our dtypes in its sampler's memory-profiling run
