@@ -139,6 +139,9 @@ def test_recipe_parsing(spec, fields):
 def test_aligned_recipe_is_eval_only():
     row = parse_recipe("k4v4a64")
     assert row.view.aligned_block == 64 and row.config.window == 0 and not row.servable
+    # Its exact block is stored like a 64-token window.
+    assert row.stored_bytes_per_token(128) == parse_recipe("k4v4w64").stored_bytes_per_token(128)
+    assert row.stored_bytes_per_token(128) > parse_recipe("k4v4").stored_bytes_per_token(128)
     with pytest.raises(ValueError, match="replaces w<window>"):
         parse_recipe("k4v4w64a64")
 

@@ -71,7 +71,11 @@ class Row:
     def stored_bytes_per_token(self, head_size: int, context_len: int = SIZE_CONTEXT) -> float:
         """Every stored byte per token and KV head (keys and values)."""
         if self.config is not None:
-            return self.config.stored_bytes_per_token(head_size, context_len, BF16_BYTES)
+            cfg = self.config
+            aligned = getattr(self.view, "aligned_block", 0)
+            if aligned:   # the exact copy of the query's own block: B tokens per sequence
+                cfg = dataclasses.replace(cfg, window=aligned)
+            return cfg.stored_bytes_per_token(head_size, context_len, BF16_BYTES)
         if isinstance(self.view, Fp8View):
             return 2 * head_size
         if isinstance(self.view, VllmLikeView):
