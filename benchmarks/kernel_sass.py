@@ -93,18 +93,22 @@ def loop_stats(ck) -> dict:
             "stack_bytes": int(fields["STACK"]), "shared_bytes": ck.metadata.shared}
 
 
-def decode_row(words: bool, block_n: int, num_warps: int, num_stages: int, d: int = 128,
-               block_size: int = 16) -> dict:
+def decode_row(words: bool, block_n: int, num_warps: int, num_stages: int,
+               prefetch: bool = False, d: int = 128, block_size: int = 16) -> dict:
     codec = TQLayerCodec(TQConfig.from_name("tq-k4v4"), d, layer=5)
     asm = prmt_dequant_asm(codec.key_centroids, torch.bfloat16)
     lay = codec.layout
     consts = dict(D=d, KBITS=4, VBITS=4, V_OFF=lay.v_codes_offset, KS_OFF=lay.k_scale_offset,
                   BLOCK_SIZE=block_size, BLOCK_N=block_n, BLOCK_G=16, HAS_SIDE=False,
-                  F32=False, KMODE=3, VMODE=3, KASM=asm, VASM=asm, KT=False, PREFETCH=False,
+                  F32=False, KMODE=3, VMODE=3, KASM=asm, VASM=asm, KT=False, PREFETCH=prefetch,
                   WORDS=words)
     ck = compile_sm90(_tq_decode_split_kernel, DECODE_PTRS, consts, num_warps, num_stages)
-    return {"kernel": "decode split", "head_size": d, "words": words, "block_n": block_n,
-            "num_warps": num_warps, "num_stages": num_stages, **loop_stats(ck)}
+    st = loop_stats(ck)
+    # The whole program's work per 64 tokens: every warp runs the loop once per tile.
+    per64 = st["loop_instructions"] * num_warps * 64 // block_n
+    return {"kernel": "decode split", "head_size": d, "words": words, "prefetch": prefetch,
+            "block_n": block_n, "num_warps": num_warps, "num_stages": num_stages,
+            "instructions_per_64_tokens_all_warps": per64, **st}
 
 
 def prefill_row(d: int = 128, g_pad: int = 4, block_size: int = 16) -> dict:
@@ -126,15 +130,21 @@ def main() -> None:
     args = ap.parse_args()
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("unset TRITON_INTERPRET: the interpreter compiles nothing")
-    rows = [decode_row(w, bn, 4, ns) for w, bn, ns in
-            [(False, 64, 2), (True, 64, 2), (True, 64, 1), (True, 128, 1), (False, 128, 2)]]
+    # (words, prefetch, block_n, warps, stages): the default first, then what the H200 sweep
+    # and kernels.py's DECODE_AB time.
+    rows = [decode_row(w, bn, nw, ns, prefetch=pf) for w, pf, bn, nw, ns in
+            [(False, False, 64, 4, 2), (True, False, 64, 4, 2), (True, False, 64, 4, 1),
+             (True, False, 128, 4, 1), (False, False, 128, 4, 2), (True, True, 64, 4, 1),
+             (True, True, 32, 2, 1), (True, True, 16, 1, 1), (False, False, 16, 1, 1)]]
     rows.append(prefill_row())
-    print("| kernel | words | block_n | stages | loop instrs | 1-byte loads | regs | shared B |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| kernel | words | prefetch | block_n | warps | stages | loop instrs | per 64 tokens "
+          "| 1-byte loads | regs | shared B |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['kernel']} | {r.get('words', '-')} | {r['block_n']} | {r['num_stages']} | "
-              f"{r['loop_instructions']} | {r['byte_loads']} | {r['registers']} | "
-              f"{r['shared_bytes']} |")
+        print(f"| {r['kernel']} | {r.get('words', '-')} | {r.get('prefetch', '-')} | "
+              f"{r['block_n']} | {r['num_warps']} | {r['num_stages']} | "
+              f"{r['loop_instructions']} | {r.get('instructions_per_64_tokens_all_warps', '-')} "
+              f"| {r['byte_loads']} | {r['registers']} | {r['shared_bytes']} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"triton": triton.__version__, "target": "cuda:90 (sm_90)",

@@ -387,7 +387,7 @@ DECODE_AB = [  # tq_decode keyword arguments; the first is the default config
     {"words": True, "prefetch": True, "block_n": 64, "num_stages": 1, "num_warps": 8},
     # Fewer warps per program: the softmax's row max and sum then cross fewer warps (through
     # shared memory, with barriers). sm_90 SASS instructions per 64 tokens, all warps of a
-    # program (triton 3.6, counted as benchmarks/kernel_sass.py does): ~3,800 for each of the
+    # program (benchmarks/results/kernel-sass-sm90-triton36.json): ~3,800 for each of the
     # prefetched word-load rows, 5,548 for the 1-warp byte tile, 7,984 for the default.
     {"words": True, "prefetch": True, "block_n": 32, "num_stages": 1, "num_warps": 2},
     {"words": True, "prefetch": True, "block_n": 16, "num_stages": 1, "num_warps": 1},

@@ -40,10 +40,11 @@ def test_word_loads_remove_the_byte_loads_of_the_decode_loop(tmp_path):
                           timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
-    dec = {(r["words"], r["block_n"], r["num_stages"]): r for r in rows
-           if r["kernel"] == "decode split"}
-    words, byte_tile = dec[(True, 64, 2)], dec[(False, 64, 2)]
+    dec = {(r["words"], r["prefetch"], r["block_n"], r["num_warps"], r["num_stages"]): r
+           for r in rows if r["kernel"] == "decode split"}
+    words, byte_tile = dec[(True, False, 64, 4, 2)], dec[(False, False, 64, 4, 2)]
     assert byte_tile["byte_loads"] >= 32, byte_tile
-    assert all(r["byte_loads"] == 0 for (w, _, _), r in dec.items() if w), dec
+    assert all(r["byte_loads"] == 0 for k, r in dec.items() if k[0]), dec
+    assert all(r["byte_loads"] > 0 for k, r in dec.items() if not k[0]), dec
     assert words["loop_instructions"] < 0.75 * byte_tile["loop_instructions"], (words, byte_tile)
     assert all(r["stack_bytes"] == 0 for r in dec.values() if r["block_n"] == 64), dec

@@ -72,9 +72,8 @@ class Row:
         """Every stored byte per token and KV head (keys and values)."""
         if self.config is not None:
             cfg = self.config
-            aligned = getattr(self.view, "aligned_block", 0)
-            if aligned:   # the exact copy of the query's own block: B tokens per sequence
-                cfg = dataclasses.replace(cfg, window=aligned)
+            if self.view.aligned_block:   # the exact copy of the own block: B tokens per sequence
+                cfg = dataclasses.replace(cfg, window=self.view.aligned_block)
             return cfg.stored_bytes_per_token(head_size, context_len, BF16_BYTES)
         if isinstance(self.view, Fp8View):
             return 2 * head_size

@@ -106,6 +106,7 @@ class Fp8View:
 
     window = 0
     sink_tokens = 0
+    aligned_block = 0
 
     def quantize(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> QuantizedKV:
         return QuantizedKV(_fp8_round_trip(key), _fp8_round_trip(value))
@@ -132,6 +133,7 @@ class VllmLikeView:
 
     window = 0
     sink_tokens = 0
+    aligned_block = 0
 
     def __init__(self, key_bits: int = 4, value_bits: int = 4, norm_correction: bool = True,
                  skip_layers: frozenset[int] = frozenset()):
@@ -250,7 +252,7 @@ def tq_eval_attention(module, query, key, value, attention_mask, scaling=None, d
     else:
         out = attend(query, key, value, view.quantize(module.layer_idx, key, value), scale,
                      window=view.window, sink_tokens=view.sink_tokens,
-                     aligned_block=getattr(view, "aligned_block", 0))
+                     aligned_block=view.aligned_block)
     return out.transpose(1, 2).contiguous(), None
 
 
