@@ -224,18 +224,21 @@ def run_decode(args, info, rows):
         nb = b * math.ceil(ctx / block_size) + 1
         cache = packed_cache(nb, block_size, hkv, params)
         bt = block_tables(b, ctx, block_size, nb)
-        block_n = args.block_n or default_block_n(d)
-        splits = default_num_splits(b, hkv, bt.shape[1] * block_size, q.device, block_n)
+        block_n = args.block_n or None      # None: tq_decode's default (decode_defaults)
+        # the backend's split count (64-token tiles, backend/impl.decode_splits)
+        splits = default_num_splits(b, hkv, bt.shape[1] * block_size, q.device,
+                                    default_block_n(d))
         out = torch.empty_like(q)
         fns = {"turboquant": (lambda: tq_decode(q, cache, bt, sl, params, scale,
                                                 num_splits=splits, out=out,
                                                 block_n=block_n,
                                                 num_warps=args.num_warps),
                               b * ctx * hkv * params.layout.slot_bytes)}
-        if args.ab_words:   # the same kernel with the code bytes loaded as int32 words
-            fns["turboquant_words"] = (
+        if args.ab_words:   # the byte tiles (the default until 2026-12-02) for comparison
+            fns["turboquant_bytes"] = (
                 lambda: tq_decode(q, cache, bt, sl, params, scale, num_splits=splits, out=out,
-                                  block_n=block_n, num_warps=args.num_warps, words=True),
+                                  block_n=64, num_stages=2, num_warps=args.num_warps,
+                                  words=False, prefetch=False),
                 b * ctx * hkv * params.layout.slot_bytes)
         fns.update(decode_baselines(b, ctx, hq, hkv, d, block_size, q, sl, scale))
         base = {"op": "decode", "batch": b, "context": ctx, "head_size": d, "q_heads": hq,
@@ -379,20 +382,20 @@ def _decode_case(b, ctx, d, hq, hkv, block_size):
     return params, q, sl, cache, bt, b * ctx * hkv * params.layout.slot_bytes
 
 
-DECODE_AB = [  # tq_decode keyword arguments; the first is the default config
+DECODE_AB = [  # tq_decode keyword arguments; the first is the default config (decode_defaults)
     {},
-    {"words": True, "block_n": 128, "num_stages": 1},
-    {"words": True, "prefetch": True, "block_n": 64, "num_stages": 1},
-    {"words": True, "prefetch": True, "block_n": 128, "num_stages": 1},
-    {"words": True, "prefetch": True, "block_n": 64, "num_stages": 1, "num_warps": 8},
+    # The byte tiles, the default until 2026-12-02 (h200-20261202f: 560 vs 494 us at 32 x 16K).
+    {"words": False, "prefetch": False, "block_n": 64, "num_stages": 2},
+    {"prefetch": False},                                   # word loads, no register prefetch
+    {"block_n": 64},
+    {"block_n": 64, "num_warps": 8},
     # Fewer warps per program: the softmax's row max and sum then cross fewer warps (through
     # shared memory, with barriers). sm_90 SASS instructions per 64 tokens, all warps of a
     # program (benchmarks/results/kernel-sass-sm90-triton36.json): ~3,800 for each of the
-    # prefetched word-load rows, 5,548 for the 1-warp byte tile, 7,984 for the default.
-    {"words": True, "prefetch": True, "block_n": 32, "num_stages": 1, "num_warps": 2},
-    {"words": True, "prefetch": True, "block_n": 16, "num_stages": 1, "num_warps": 1},
-    {"block_n": 16, "num_stages": 1, "num_warps": 1},
-    {"prefetch": True},
+    # prefetched word-load rows, 5,548 for the 1-warp byte tile, 7,984 for the byte default.
+    {"block_n": 32, "num_warps": 2},
+    {"block_n": 16, "num_warps": 1},
+    {"words": False, "prefetch": False, "block_n": 16, "num_stages": 1, "num_warps": 1},
 ]
 
 
@@ -437,20 +440,20 @@ def run_sweep(args, info, rows):
         out = torch.empty_like(q)
         base_splits = default_num_splits(b, hkv, ctx, q.device, 64)
         results = []
-        # words: code bytes loaded as int32 words, or as a byte tile (the default: words lost
-        # in 3 of 4 shapes on the H200, docs/kernels-notes.md). lookup 3 (register prmt) only:
-        # the tables lost by 1.4x.
+        # words: code bytes loaded as int32 words with the register prefetch (the default
+        # since 2026-12-02f), or a byte tile without it (the default before). lookup 3
+        # (register prmt) only: the tables lost by 1.4x.
         grid = itertools.product((True, False), (32, 64, 128), (4, 8), (1, 2, 3),
                                  (0.5, 1, 2))
         for words, bn, nw, ns, sf in grid:
-            if sf != 1 and (words, bn, nw, ns) != (True, 64, 4, 2):
+            if sf != 1 and (words, bn, nw, ns) != (True, 128, 4, 1):
                 continue   # the split count only around one config
             if not words and (bn, nw, ns) != (64, 4, 2):
                 continue   # byte tiles: the default config only
             splits = max(1, int(base_splits * sf))
             fn = lambda: tq_decode(q, cache, bt, sl, params, 0.088, num_splits=splits,  # noqa
                                    out=out, block_n=bn, num_warps=nw, num_stages=ns,
-                                   words=words)
+                                   words=words, prefetch=words)
             try:
                 p50, p20, p80 = bench(fn, True, args.rep_ms)
             except Exception as e:  # noqa: BLE001
@@ -560,7 +563,8 @@ def main():
     ap.add_argument("--num-warps", type=int, default=4)
     ap.add_argument("--store-block-t", type=int, nargs="+", default=[None])
     ap.add_argument("--ab-words", action="store_true",
-                    help="decode: also time int32 word loads (words=True) as turboquant_words")
+                    help="decode: also time the byte tiles (words=False, the default until "
+                         "2026-12-02) as turboquant_bytes")
     ap.add_argument("--sweep-decode-only", action="store_true",
                     help="sweep: decode configs only (no store/prefill sweep)")
     args = ap.parse_args()

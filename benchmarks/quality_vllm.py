@@ -100,7 +100,7 @@ def child(args: dict) -> dict:
     if args.get("batch_invariant") and not args.get("eager", False):
         kw["compilation_config"] = {"mode": 0, "cudagraph_mode": "FULL_DECODE_ONLY"}
     if args.get("chunked", True):
-        kw.update(enable_chunked_prefill=True, max_num_batched_tokens=CHUNK)
+        kw.update(enable_chunked_prefill=True, max_num_batched_tokens=args.get("chunk", CHUNK))
     else:
         kw.update(enable_chunked_prefill=False, max_num_batched_tokens=args["max_model_len"])
     if args.get("additional_config"):
@@ -230,7 +230,7 @@ def logprob_differences(a: dict, b: dict) -> dict:
 def run_checks(dtype: str, base: dict, prompts: dict, a, t_start: float,
                log_dir: Path) -> dict:
     """The three greedy-token comparisons for one kv-cache dtype (see the module doc)."""
-    cbase = dict(base, task="gen", dtype=dtype, prompts=prompts,
+    cbase = dict(base, task="gen", dtype=dtype, prompts=prompts, chunk=a.check_chunk,
                  gen_tokens=8 if a.cpu_smoke else GEN_TOKENS)
     # Only "graphs" compiles and captures CUDA graphs (the slow part of a start); the
     # prefix and chunking comparisons run between eager engines, so a graphs-vs-eager
@@ -305,6 +305,11 @@ def main() -> None:
     ap.add_argument("--checks", default="graphs,prefix,chunked",
                     help="which consistency comparisons to run (each starts only the engines "
                          "it needs)")
+    ap.add_argument("--check-chunk", type=int, default=CHUNK,
+                    help="max_num_batched_tokens of the consistency checks' chunked engines "
+                         f"(default {CHUNK}; the perplexity rows always use {CHUNK}). The "
+                         "prefix prompts share 1,536 tokens and the long prompt has 1,000, so "
+                         "128, 256 and 512 keep the hit on a chunk boundary")
     ap.add_argument("--batch-invariant", action="store_true",
                     help="run every engine with VLLM_BATCH_INVARIANT=1 (graphs engine at -O0, "
                          "FULL decode graphs; see the module doc)")
@@ -371,7 +376,8 @@ def main() -> None:
 
     info = machine_info()
     result = {"machine": info, "model": model, "windows": a.windows,
-              "window_tokens": a.window_tokens, "chunk_tokens": CHUNK, "kv_bytes": a.kv_bytes,
+              "window_tokens": a.window_tokens, "chunk_tokens": CHUNK,
+              "check_chunk_tokens": a.check_chunk, "kv_bytes": a.kv_bytes,
               "additional_config": extra, "ppl": ppl_rows, "consistency": checks,
               "check_dtypes": check_dtypes, "gen_tokens": GEN_TOKENS,
               "batch_invariant": a.batch_invariant,

@@ -30,6 +30,8 @@ class TQLayerParams:
     Ints: head_size D, key_bits, value_bits, layout (SlotLayout: byte offsets of one slot).
     scale_mode: "lsq" (least-squares scale) or "norm" (|y| / |codeword|), as the codec.
     window: the preset's recent-token window W (0 = off); the side tensors carry their own W.
+    align: the preset's align A (0 = off): the window's exact reads start no earlier than the
+        query's own A-token block (key j exact for query t iff j > t - W and j // A == t // A).
     """
 
     head_size: int
@@ -45,6 +47,7 @@ class TQLayerParams:
     key_bounds: torch.Tensor
     value_centroids: torch.Tensor
     value_bounds: torch.Tensor
+    align: int = 0
 
     @classmethod
     def from_codec(cls, codec: TQLayerCodec, device=None) -> "TQLayerParams":
@@ -68,7 +71,7 @@ class TQLayerParams:
             key_centroids=codec.key_centroids.to(**f32),
             key_bounds=codec.key_bounds.to(**f32),
             value_centroids=codec.value_centroids.to(**f32),
-            value_bounds=codec.value_bounds.to(**f32))
+            value_bounds=codec.value_bounds.to(**f32), align=codec.config.align)
 
     def to(self, device) -> "TQLayerParams":
         tensors = {f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self)

@@ -88,9 +88,10 @@ def _tq_decode_split_kernel(
     V_OFF: tl.constexpr, KS_OFF: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, HAS_SIDE: tl.constexpr, F32: tl.constexpr,
     KMODE: tl.constexpr, VMODE: tl.constexpr, KASM: tl.constexpr, VASM: tl.constexpr,
-    KT: tl.constexpr, PREFETCH: tl.constexpr, WORDS: tl.constexpr,
+    KT: tl.constexpr, PREFETCH: tl.constexpr, WORDS: tl.constexpr, ALIGN: tl.constexpr = 0,
 ):
-    """KT: scores as K @ q^T (the dequantized key tile is the MMA's register operand A, the
+    """ALIGN (the preset's `align`, 0 = none): the window's exact reads start no earlier than
+    the query's own ALIGN-token block. KT: scores as K @ q^T (the dequantized key tile is the MMA's register operand A, the
     loop-invariant q^T the shared-memory operand B) instead of q @ K^T (key tile through
     shared memory every iteration). PREFETCH (byte-table modes 1-3 only): the code bytes and
     scales of tile i+1 are loaded into registers before tile i is decoded, so HBM latency
@@ -128,14 +129,18 @@ def _tq_decode_split_kernel(
     bt_row = block_table_ptr + b.to(tl.int64) * stride_bt
     head_off = h.to(tl.int64) * stride_ch
 
-    # Only positions >= seq_len - W can come from the window. Tiles are aligned to BLOCK_N
+    # Only positions >= win_start (seq_len - W, or the start of the query's own ALIGN-token
+    # block if that is later) can come from the window. Tiles are aligned to BLOCK_N
     # globally (split starts are multiples of it), so [start, main_end) is the packed-only part
     # of this split (the loop below is the no-window kernel's) and [max(start, main_end), end)
     # the at most ceil(W / BLOCK_N) + 1 tiles that do the side-buffer work (the second loop).
     # m/l/acc run on through both, so the split's LSE covers both.
     main_end = end
     if HAS_SIDE:
-        win_tile0 = (tl.maximum(seq_len - W, 0) // BLOCK_N) * BLOCK_N
+        win_start = seq_len - W
+        if ALIGN > 0:
+            win_start = tl.maximum(win_start, ((seq_len - 1) // ALIGN) * ALIGN)
+        win_tile0 = (tl.maximum(win_start, 0) // BLOCK_N) * BLOCK_N
         main_end = tl.minimum(end, win_tile0)
 
     if PREFETCH:
@@ -187,9 +192,8 @@ def _tq_decode_split_kernel(
         acc_hi += mma(pv, v_hi, F32)
 
     if HAS_SIDE:
-        # Tail tiles (only in the split(s) that reach seq_len - W): packed or exact side entry
+        # Tail tiles (only in the split(s) that reach win_start): packed or exact side entry
         # per token, decided once per tile by the tag (this slot) and check (same scales) test.
-        win_start = seq_len - W
         # (tl.range(..., num_stages=1) here: head 64 stack 16 -> 0 B but head 128 264 -> 400.)
         for n0 in range(tl.maximum(start, main_end), end, BLOCK_N):
             c_offs = n0 + offs_t
@@ -299,6 +303,19 @@ def default_block_n(head_size: int) -> int:
     return 64
 
 
+def decode_defaults(head_size: int, tables: bool) -> dict:
+    """tq_decode's default launch config. With byte tables (4-bit keys and values) at head
+    sizes 64 and 128: code bytes as int32 words, the next tile's bytes prefetched into
+    registers, 128-token tiles, 1 stage. H200, CUDA graph p50, `benchmarks/kernels.py --only
+    decode_ab` (benchmarks/results/h200-20261202f/): 494 us vs 560 for the byte tiles at batch
+    32 x 16K head 128 (FA3: 493 on 2026-12-02e), 518 vs 529 at 128 x 4K, 63.7 vs 62.6 at
+    1 x 32K, 128 vs 135 at 32 x 16K head 64 (SmolLM2's). Otherwise (3-bit codes, the generic
+    mode, head 256: not measured with words) byte loads, 64-token tiles, 2 stages."""
+    if tables and head_size <= 128:
+        return dict(block_n=128, num_stages=1, prefetch=True, words=True)
+    return dict(block_n=default_block_n(head_size), num_stages=2, prefetch=False, words=False)
+
+
 def lookup_tables(params, dot_dtype, lookup=2, allow_asm=True):
     """(KMODE, VMODE, key table, value table, key asm, value asm) for dequant_halves:
     `lookup` (1 = 256-entry pair table, 2 = 16-entry codebook in the dot dtype, 3 = register
@@ -347,9 +364,9 @@ def rotate_query(query: torch.Tensor, params, scale: float) -> torch.Tensor:
 def tq_decode(query: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
               seq_lens: torch.Tensor, params, scale: float, side: TQSide | None = None,
               num_splits: int | None = None, out: torch.Tensor | None = None,
-              block_n: int | None = None, num_warps: int = 4, num_stages: int = 2,
-              lookup: int = 3, kt: bool = False, prefetch: bool = False,
-              words: bool = False) -> torch.Tensor:
+              block_n: int | None = None, num_warps: int = 4, num_stages: int | None = None,
+              lookup: int = 3, kt: bool = False, prefetch: bool | None = None,
+              words: bool | None = None) -> torch.Tensor:
     """Triton split-KV decode over packed slots; same contract as `reference.tq_decode_ref`.
 
     query [B, Hq, D] fp16/bf16 (fp32 is computed in fp32); kv_cache uint8
@@ -357,11 +374,11 @@ def tq_decode(query: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Te
     block_table int32 [B, max_blocks]; seq_lens int32 [B] (0 = padding row -> zeros).
     num_splits: fixed split count (pass one for CUDA graphs); default from the shapes only.
     out: optional [B, Hq, D] output buffer. Returns [B, Hq, D] in query.dtype.
-    Tuning knobs (defaults from the H100 sweep in docs/kernels-notes.md): block_n tokens per
-    tile, num_warps, num_stages, lookup (0 generic, 1 pair table, 2 nibble table, 3 register
-    prmt lookups on CUDA), kt (key tile as the MMA's register operand), prefetch (next tile's
-    bytes loaded before this one is decoded; 4-bit keys and values only), words (code bytes
-    loaded as int32 words; off: slower on the H200 in 3 of 4 shapes, see `dequant_halves`).
+    Tuning knobs: block_n tokens per tile, num_warps, num_stages, lookup (0 generic, 1 pair
+    table, 2 nibble table, 3 register prmt lookups on CUDA), kt (key tile as the MMA's
+    register operand), prefetch (next tile's bytes loaded before this one is decoded),
+    words (code bytes loaded as int32 words); prefetch and words need 4-bit keys and values
+    (a byte-table mode). None = the default of `decode_defaults`.
     block_size (kv_cache.shape[1]) is a compile-time constant of the kernel: positions map to
     pages by shifts, not integer division.
     """
@@ -379,11 +396,19 @@ def tq_decode(query: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Te
     if bsz == 0:
         return out
     block_size = kv_cache.shape[1]
-    if block_n is None:
-        block_n = default_block_n(d)
+    kmode, vmode, kpair, vpair, kasm, vasm = lookup_tables(
+        p, dot_dtype, lookup, allow_asm=not interpreting(_tq_decode_split_kernel))
+    tables = kmode != 0 and vmode != 0
+    dflt = decode_defaults(d, tables)
+    block_n = dflt["block_n"] if block_n is None else block_n
+    num_stages = dflt["num_stages"] if num_stages is None else num_stages
+    prefetch = dflt["prefetch"] if prefetch is None else bool(prefetch) and tables
+    words = dflt["words"] if words is None else bool(words) and tables
     if num_splits is None:
+        # The split count of 64-token tiles whatever block_n is: what the backend passes
+        # (backend/impl.decode_splits) and what decode_ab measured every config with.
         num_splits = default_num_splits(bsz, hkv, block_table.shape[1] * block_size,
-                                        query.device, block_n)
+                                        query.device, default_block_n(d))
     part_o = torch.empty(bsz, hq, num_splits, d, dtype=torch.float32, device=query.device)
     part_lse = torch.empty(bsz, hq, num_splits, dtype=torch.float32, device=query.device)
     has_side = side is not None and side.window > 0
@@ -395,10 +420,6 @@ def tq_decode(query: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Te
         w = 1
     lay = p.layout
     block_g = max(16, next_pow2(g))   # tl.dot needs M >= 16; padded rows load zeros
-    kmode, vmode, kpair, vpair, kasm, vasm = lookup_tables(
-        p, dot_dtype, lookup, allow_asm=not interpreting(_tq_decode_split_kernel))
-    prefetch = bool(prefetch) and kmode != 0 and vmode != 0
-    words = bool(words) and kmode != 0 and vmode != 0    # byte-table modes (4-bit) only
     launch(_tq_decode_split_kernel, (bsz, hkv, num_splits),
         q, kv_cache, block_table, seq_lens, p.key_centroids, p.value_centroids,
         kpair, vpair, sk, sv, stag, schk, part_o, part_lse,
@@ -409,7 +430,8 @@ def tq_decode(query: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Te
         KS_OFF=lay.k_scale_offset, BLOCK_SIZE=block_size, BLOCK_N=block_n, BLOCK_G=block_g,
         HAS_SIDE=has_side,
         F32=f32, KMODE=kmode, VMODE=vmode, KASM=kasm, VASM=vasm, KT=bool(kt),
-        PREFETCH=prefetch, WORDS=words, num_warps=num_warps, num_stages=num_stages)
+        PREFETCH=prefetch, WORDS=words, ALIGN=p.align if has_side else 0,
+        num_warps=num_warps, num_stages=num_stages)
     launch(_tq_decode_merge_kernel, (bsz, hkv),
         part_o, part_lse, p.rotation_pm1, out,
         num_splits, g, hkv, p.rotation_scale, out.stride(0), out.stride(1),

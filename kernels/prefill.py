@@ -43,6 +43,16 @@ def _softmax_step(s, m_i, l_i):
 
 
 @triton.jit
+def _win_lo(pos, WIN: tl.constexpr, ALIGN: tl.constexpr):
+    """First key position the query at `pos` reads exactly (reference.window_start): the
+    window's pos - WIN + 1, clipped to the start of pos's own ALIGN-token block (ALIGN > 0)."""
+    lo = pos - WIN + 1
+    if ALIGN > 0:
+        lo = tl.maximum(lo, (pos // ALIGN) * ALIGN)
+    return lo
+
+
+@triton.jit
 def _packed_scores(q_lo, q_hi, cache_ptr, bt_row, offs_n, nmask, block_size, stride_cb,
                    stride_ct, head_off, kcent_ptr, ktab_ptr, offs_lo, offs_hi,
                    KBITS: tl.constexpr, D: tl.constexpr, KS_OFF: tl.constexpr,
@@ -97,7 +107,7 @@ def _invariant_tiles(q_lo, q_hi, k_ptr, v_ptr, cache_ptr, bt_row, head_off, kcen
                      VBITS: tl.constexpr, V_OFF: tl.constexpr, KS_OFF: tl.constexpr,
                      BLOCK_N: tl.constexpr, HAS_SIDE: tl.constexpr, F32: tl.constexpr,
                      WIN: tl.constexpr, KMODE: tl.constexpr, VMODE: tl.constexpr,
-                     KASM: tl.constexpr, VASM: tl.constexpr):
+                     KASM: tl.constexpr, VASM: tl.constexpr, ALIGN: tl.constexpr):
     """The batch-invariant order (VLLM_BATCH_INVARIANT=1): one online softmax over key tiles
     at absolute positions [0, BLOCK_N), [BLOCK_N, 2 BLOCK_N), ... up to the program's last
     row, each key read from the one source the precision policy names for its row: exact (the
@@ -110,6 +120,8 @@ def _invariant_tiles(q_lo, q_hi, k_ptr, v_ptr, cache_ptr, bt_row, head_off, kcen
     still holds the prefix's newest tokens). The default loops' split of a tile between a
     packed and an exact pass (and the deq copy's contiguous tiles) do not."""
     dt = q_lo.dtype
+    lo_r = _win_lo(pos_r, WIN, ALIGN)
+    lo_first = _win_lo(first_pos, WIN, ALIGN)
     for n0 in range(0, last_pos + 1, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         nmask = offs_n <= last_pos
@@ -125,15 +137,15 @@ def _invariant_tiles(q_lo, q_hi, k_ptr, v_ptr, cache_ptr, bt_row, head_off, kcen
         held = offs_n < 0
         own_off = ((q_start + offs_n - prefix).to(tl.int64) * num_kv_heads + h) * D
         side_off = ((b.to(tl.int64) * W + offs_n % W) * num_kv_heads + h) * D
-        in_window = n0 + BLOCK_N > first_pos - WIN + 1
+        in_window = n0 + BLOCK_N > lo_first
         if HAS_SIDE:
             if in_window:
                 own = nmask & (offs_n >= prefix)
                 entry = b.to(tl.int64) * W + offs_n % W
-                cand = nmask & (offs_n < prefix) & (offs_n > first_pos - WIN)
+                cand = nmask & (offs_n < prefix) & (offs_n >= lo_first)
                 held = _side_held(side_tag_ptr, side_check_ptr, base, entry, cand, blk, in_blk,
                                   block_size, num_kv_heads, h, KS_OFF)
-                exact = (own | held)[None, :] & (offs_n[None, :] > pos_r[:, None] - WIN)
+                exact = (own | held)[None, :] & (offs_n[None, :] >= lo_r[:, None])
                 ek_lo, ek_hi = _exact_halves(k_ptr, side_k_ptr, own_off, side_off, own, held,
                                              offs_lo, offs_hi, dt)
                 s_exact = mma(q_lo, tl.trans(ek_lo), F32) + mma(q_hi, tl.trans(ek_hi), F32)
@@ -182,7 +194,7 @@ def _tq_prefill_kernel(
     HAS_SIDE: tl.constexpr, F32: tl.constexpr, COLS: tl.constexpr, WIN: tl.constexpr,
     KMODE: tl.constexpr, VMODE: tl.constexpr, KASM: tl.constexpr = "", VASM: tl.constexpr = "",
     DEQ: tl.constexpr = False, DEQ_STAGES: tl.constexpr = 1,
-    INVARIANT: tl.constexpr = False,
+    INVARIANT: tl.constexpr = False, ALIGN: tl.constexpr = 0,
 ):
     b = tl.program_id(0)
     # Longest rows first: under causal masking the last blocks of a chunk do the most tiles,
@@ -218,11 +230,19 @@ def _tq_prefill_kernel(
     bt_row = block_table_ptr + b.to(tl.int64) * stride_bt
     head_off = h.to(tl.int64) * stride_ch
     # Precision policy (the decode step's): query position t reads key j exactly iff
-    # j > t - WIN, else its packed slot. Rows of this program: positions first_pos..last_pos.
+    # j >= _win_lo(t) (j > t - WIN, clipped to t's own ALIGN-token block), else its packed
+    # slot. Rows of this program: positions first_pos..last_pos; _win_lo grows with t, so
+    # lo_first / lo_last bound every row's.
     pos_r = prefix + tok                                  # [ROWS] position of each row's query
     chunk_end = tl.minimum(q_len, (mb + 1) * BLOCK_M)    # chunk-local end of this program's rows
     first_pos = prefix + mb * BLOCK_M
     last_pos = prefix + chunk_end - 1
+    # last_packed: the newest key position each row reads packed (= _win_lo - 1).
+    last_packed = pos_r - WIN
+    if ALIGN > 0:
+        last_packed = tl.maximum(last_packed, (pos_r // ALIGN) * ALIGN - 1)
+    lo_first = _win_lo(first_pos, WIN, ALIGN)
+    lo_last = _win_lo(last_pos, WIN, ALIGN)
 
     if INVARIANT:
         m_i, l_i, acc_lo, acc_hi = _invariant_tiles(
@@ -231,12 +251,12 @@ def _tq_prefill_kernel(
             m_i, l_i, acc_lo, acc_hi, b, h, q_start, prefix, pos_r, first_pos, last_pos,
             BLOCK_SIZE, W, num_kv_heads, stride_cb, stride_ct, offs_lo, offs_hi,
             D, KBITS, VBITS, V_OFF, KS_OFF, BLOCK_N, HAS_SIDE, F32, WIN, KMODE, VMODE,
-            KASM, VASM)
+            KASM, VASM, ALIGN)
     else:
         # -- packed slots: the cached prefix, and the chunk's own tokens older than the window ----
         # (the backend stored the chunk before attending; prefix keys inside a row's window come
         # from the side copy when it holds them, tag- and scale-checked as in decode)
-        packed_end = tl.maximum(prefix, tl.minimum(seq_len, last_pos - WIN + 1))
+        packed_end = tl.maximum(prefix, tl.minimum(seq_len, lo_last))
         # DEQ: the chunk's own packed tokens come from the store's dequantized copy (the loop
         # after this one), so this loop covers the cached prefix only.
         gather_end = packed_end
@@ -251,7 +271,7 @@ def _tq_prefill_kernel(
                 KASM)
             # prefix keys: every row; chunk keys: only rows whose window they have left
             valid = nmask[None, :] & ((offs_n[None, :] < prefix)
-                                      | (offs_n[None, :] <= pos_r[:, None] - WIN))
+                                      | (offs_n[None, :] <= last_packed[:, None]))
 
             # [ROWS, BLOCK_N] "read exactly"; defined outside the runtime `if` (Triton scopes
             # names bound inside it).
@@ -260,11 +280,11 @@ def _tq_prefill_kernel(
             if HAS_SIDE:
                 entry = b.to(tl.int64) * W + offs_n % W
                 side_off = (entry * num_kv_heads + h) * D
-                if (n0 + BLOCK_N > first_pos - WIN + 1) & (n0 < prefix):
-                    cand = nmask & (offs_n < prefix) & (offs_n > first_pos - WIN)
+                if (n0 + BLOCK_N > lo_first) & (n0 < prefix):
+                    cand = nmask & (offs_n < prefix) & (offs_n >= lo_first)
                     held = _side_held(side_tag_ptr, side_check_ptr, base, entry, cand, blk,
                                       in_blk, BLOCK_SIZE, num_kv_heads, h, KS_OFF)
-                    exact = held[None, :] & (offs_n[None, :] > pos_r[:, None] - WIN)
+                    exact = held[None, :] & (offs_n[None, :] > last_packed[:, None])
                     sk_lo = tl.load(side_k_ptr + side_off[:, None] + offs_lo[None, :],
                                     mask=held[:, None], other=0.0)
                     sk_hi = tl.load(side_k_ptr + side_off[:, None] + offs_hi[None, :],
@@ -285,7 +305,7 @@ def _tq_prefill_kernel(
                          other=0.0)
             pv = p * vs.to(tl.float32)[None, :]
             if HAS_SIDE:
-                if (n0 + BLOCK_N > first_pos - WIN + 1) & (n0 < prefix):
+                if (n0 + BLOCK_N > lo_first) & (n0 < prefix):
                     pv = tl.where(exact, 0.0, pv)
                     sv_lo = tl.load(side_v_ptr + side_off[:, None] + offs_lo[None, :],
                                     mask=held[:, None], other=0.0)
@@ -316,7 +336,7 @@ def _tq_prefill_kernel(
                 vs = ((word >> 16) & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True)
                 s = mma(q_lo, tl.trans(k_lo), F32) + mma(q_hi, tl.trans(k_hi), F32)
                 s = s * ks.to(tl.float32)[None, :]
-                keep = nmask[None, :] & (offs_n[None, :] <= tok[:, None] - WIN)
+                keep = nmask[None, :] & (offs_n[None, :] + prefix <= last_packed[:, None])
                 s = tl.where(keep, s, float("-inf"))
                 p, alpha, m_new, l_i = _softmax_step(s, m_i, l_i)
                 pv = (p * vs.to(tl.float32)[None, :]).to(dt)
@@ -328,7 +348,7 @@ def _tq_prefill_kernel(
 
         # -- the chunk's own keys inside each row's window, exact and causal ----------------------
         if WIN > 0:   # static: presets without a window read every key from its packed slot
-            band = (tl.maximum(mb * BLOCK_M - WIN + 1, 0) // BLOCK_N) * BLOCK_N
+            band = (tl.maximum(lo_first - prefix, 0) // BLOCK_N) * BLOCK_N
             for n0 in range(band, chunk_end, BLOCK_N):
                 offs_n = n0 + tl.arange(0, BLOCK_N)
                 nmask = offs_n < chunk_end
@@ -339,7 +359,7 @@ def _tq_prefill_kernel(
                 k_hi = tl.load(k_ptr + kv_hi, mask=nmask[:, None], other=0.0)
                 s = mma(q_lo, tl.trans(k_lo), F32) + mma(q_hi, tl.trans(k_hi), F32)
                 keep = (nmask[None, :] & (offs_n[None, :] <= tok[:, None])
-                        & (offs_n[None, :] > tok[:, None] - WIN))
+                        & (offs_n[None, :] + prefix > last_packed[:, None]))
                 s = tl.where(keep, s, float("-inf"))
                 p, alpha, m_new, l_i = _softmax_step(s, m_i, l_i)
                 pd = p.to(dt)
@@ -508,7 +528,7 @@ def tq_prefill(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
         BLOCK_N=block_n,
         HAS_SIDE=has_side, F32=f32, COLS=min(d, 64), WIN=win, KMODE=kmode, VMODE=vmode,
         KASM=kasm, VASM=vasm, DEQ=deq is not None, DEQ_STAGES=deq_stages,
-        INVARIANT=invariant,
+        INVARIANT=invariant, ALIGN=p.align if has_side else 0,
         num_warps=num_warps,
         num_stages=num_stages)
     return out

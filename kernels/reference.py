@@ -149,10 +149,21 @@ def tq_store_ref(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
 
 
 # -- reading a sequence's cached K/V ------------------------------------------------------------
+def window_start(t, w: int, align: int):
+    """First position the query at position t reads exactly: t - w + 1, or the start of t's
+    own align-token block if that is later (align 0 = no clip). Works on ints and tensors."""
+    lo = t - w + 1
+    if align:
+        lo = torch.maximum(lo, t // align * align) if torch.is_tensor(t) else max(
+            lo, t // align * align)
+    return lo
+
+
 def _gather_kv(p: TQLayerParams, kv_cache, block_table_row, start: int, end: int, row: int,
                seq_len: int, side: TQSide | None):
     """Rotated float32 K, V [end - start, Hkv, D] of positions [start, end) of one sequence,
-    taking window side entries (tag- and scale-checked) for positions >= seq_len - W."""
+    taking window side entries (tag- and scale-checked) for the positions the decode query at
+    seq_len - 1 reads exactly (window_start on)."""
     block_size = kv_cache.shape[1]
     pos = torch.arange(start, end, device=kv_cache.device)
     blocks = block_table_row.long()[pos // block_size]
@@ -162,7 +173,7 @@ def _gather_kv(p: TQLayerParams, kv_cache, block_table_row, start: int, end: int
         w = side.window
         slot_id = blocks * block_size + pos % block_size
         ring = pos % w
-        in_win = pos >= seq_len - w
+        in_win = pos >= window_start(seq_len - 1, w, p.align)
         tag_ok = side.tag[row, ring].long() == slot_id
         check_ok = side.check[row, ring] == scale_check(p, slots)      # [n, Hkv]
         use = (in_win & tag_ok)[:, None] & check_ok                     # [n, Hkv]
@@ -226,8 +237,8 @@ def tq_prefill_ref(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                    block_table: torch.Tensor, params, scale: float,
                    side: TQSide | None = None, rotated: bool = False) -> torch.Tensor:
     """Chunked prefill with the decode step's precision policy: the query at position t reads
-    key/value j <= t exactly iff j > t - W (W = side.window, 0 without a side), else from its
-    packed slot. So a prompt gives the same attention whether it arrives in one chunk, in
+    key/value j <= t exactly iff j >= window_start(t) (j > t - W, W = side.window, 0 without a
+    side; and j // A == t // A with params.align A), else from its packed slot. So a prompt gives the same attention whether it arrives in one chunk, in
     many, or token by token (decode), and what the evaluator measures is what is served.
 
     Exact copies: the chunk's own K/V (key, value); for prefix positions, the window side
@@ -271,7 +282,7 @@ def tq_prefill_ref(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
         qpos = torch.arange(prefix, n, device=query.device)
         kj = torch.arange(n, device=query.device)
         causal = kj[None, :] <= qpos[:, None]                               # [M, N]
-        recent = kj[None, :] > qpos[:, None] - w                            # [M, N]
+        recent = kj[None, :] >= window_start(qpos, w, p.align)[:, None]     # [M, N]
         exact = recent[None] & have.T[:, None, :]                           # [Hkv, M, N]
         q_rot = (query[s0:s1].float() @ p.rotation.T)                       # [M, Hq, D]
         q_rot = q_rot.reshape(m, hkv, g, d).permute(1, 2, 0, 3)              # [Hkv, G, M, D]

@@ -11,11 +11,13 @@ from vllm_turboquant.kernels.store import tq_store
 
 
 def prompt_in_chunks(q, k, v, bounds, params, block_size, window, invariant, seed,
-                     side_rows=2, **prefill_kw):
+                     side_rows=2, wipe_side_at=(), **prefill_kw):
     """q [n, Hq, D], k/v [n, Hkv, D]; bounds: the chunk edges [0, ..., n]. Per chunk: store
     (packed slots, rotated K/V back, no window entries yet), prefill over the packed prefix,
     then the chunk's last W tokens into the window ring of batch row 0. Blocks are shuffled
-    by `seed`. Returns (outputs [n, Hq, D], cache, block table)."""
+    by `seed`. wipe_side_at: chunk starts before which the ring is emptied, as for a request
+    whose prefix is a prefix-cache hit (another request wrote those tokens' side entries).
+    Returns (outputs [n, Hq, D], cache, block table)."""
     n, hkv, d = k.shape
     dev = q.device
     gen = torch.Generator(device=dev).manual_seed(seed)
@@ -30,6 +32,8 @@ def prompt_in_chunks(q, k, v, bounds, params, block_size, window, invariant, see
     outs = []
     for lo, hi in zip(bounds[:-1], bounds[1:]):
         c = slice(lo, hi)
+        if lo in wipe_side_at:
+            side.tag.fill_(-1)
         rot = torch.empty(2, hi - lo, hkv, d, dtype=q.dtype, device=dev)
         tq_store(k[c], v[c], cache, slots[c], params, side, rows[c], pos[c].int(),
                  torch.full_like(rows[c], 1 << 30), rot_out=(rot[0], rot[1]))

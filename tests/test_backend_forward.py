@@ -7,7 +7,8 @@ tight. The batches mix fresh prefills, a continuation chunk over a packed prefix
 with the decode rows first (vLLM reorders so).
 
 Expected semantics (docs/design-notes.md): a query at position t, decode or prefill alike,
-reads K/V j exactly iff j > t - W, else the dequantized packed slot.
+reads K/V j exactly iff j > t - W (and, with align A, j // A == t // A), else the dequantized
+packed slot.
 """
 
 from __future__ import annotations
@@ -33,16 +34,16 @@ def _registered():
     assert register()
 
 
-def _vllm_config(window: int, dtype_name: str = "turboquant"):
+def _vllm_config(window: int, dtype_name: str = "turboquant", align: int = 0):
     from vllm.config import CacheConfig, VllmConfig
     return VllmConfig(cache_config=CacheConfig(cache_dtype=dtype_name),
-                      additional_config={"turboquant": {"window": window}})
+                      additional_config={"turboquant": {"window": window, "align": align}})
 
 
 class Harness:
     """One TurboQuant layer driven step by step like vLLM's runner would."""
 
-    def __init__(self, window: int, num_blocks: int = 16, seed: int = 0):
+    def __init__(self, window: int, num_blocks: int = 16, seed: int = 0, align: int = 0):
         from vllm.config import set_current_vllm_config
         from vllm.v1.kv_cache_interface import FullAttentionSpec
 
@@ -51,7 +52,7 @@ class Harness:
         from vllm_turboquant.backend.state import clear_states
 
         clear_states()
-        self.vc = _vllm_config(window)
+        self.vc = _vllm_config(window, align=align)
         self.scale = D ** -0.5
         old = torch.get_default_dtype()
         torch.set_default_dtype(torch.float32)
@@ -153,6 +154,8 @@ class Harness:
             t = start + i
             j = torch.arange(t + 1)
             exact = (j > t - window) & (j >= packed_before)   # decode and prefill alike
+            if self.impl.config.align:
+                exact &= j // self.impl.config.align == t // self.impl.config.align
             k = torch.where(exact[:, None, None], keys[:t + 1], kq[:t + 1])
             v = torch.where(exact[:, None, None], vals[:t + 1], vq[:t + 1])
             for h in range(HQ):
@@ -167,12 +170,14 @@ def _check(h, res, window):
         torch.testing.assert_close(out, want, atol=2e-4, rtol=2e-4)
 
 
-@pytest.mark.parametrize("window,split", [(0, False), (4, False), (4, True)])
-def test_forward_matches_semantics_over_prefill_chunk_and_decode_steps(window, split,
+@pytest.mark.parametrize("window,split,align", [(0, False, 0), (4, False, 0), (4, True, 0),
+                                               (3, False, 4), (4, True, 4)])
+def test_forward_matches_semantics_over_prefill_chunk_and_decode_steps(window, split, align,
                                                                         monkeypatch):
     """split: mixed steps run their decodes through the split-KV decode kernel (what a step
-    with a sequence of >= split_decode_ctx tokens does), the chunks alone through prefill."""
-    h = Harness(window)
+    with a sequence of >= split_decode_ctx tokens does), the chunks alone through prefill.
+    align: the aligned window (exact reads stop at the query's own block start)."""
+    h = Harness(window, align=align)
     decodes = []
     if split:
         from vllm_turboquant.backend import impl as impl_mod
@@ -236,6 +241,25 @@ def test_prefix_hit_on_another_row_reads_the_cached_window_packed():
     # A itself, on its own row, still reads its window exactly
     qa, outa, sa = res["A"]
     torch.testing.assert_close(outa, h.expected("A", qa, sa, w), atol=2e-4, rtol=2e-4)
+
+
+def test_aligned_prefix_hit_on_another_row_reads_what_a_miss_reads():
+    """The aligned preset (align = block size): a hit starts on a block boundary, and no query
+    past it reads a token before it exactly, so B (hit, another row, an empty ring for those
+    tokens) gets exactly the aligned policy's answer, the one a miss computes too."""
+    w = 4
+    h = Harness(w, seed=2, align=BLOCK)
+    h.step([("A", 8)])
+    h.share_prefix("A", "B", 8)
+    _, res = h.step([("A", 1), ("B", 3)])
+    q, out, start = res["B"]
+    torch.testing.assert_close(out, h.expected("B", q, start, w), atol=2e-4, rtol=2e-4)
+    # ... and a miss: C computes the same 11 tokens itself, in two chunks split at the hit
+    keys, vals = h.hist["B"]
+    qs = torch.randn(8, HQ, D, generator=h.gen)
+    h.step([("C", 8)], {"C": (qs, torch.stack(keys[:8]), torch.stack(vals[:8]))})
+    _, res_c = h.step([("C", 3)], {"C": (q, torch.stack(keys[8:]), torch.stack(vals[8:]))})
+    torch.testing.assert_close(res_c["C"][1], out, atol=1e-6, rtol=1e-6)
 
 
 def test_window_actually_changes_the_output():

@@ -49,19 +49,21 @@ def test_attend_matches_naive_policy(window, sinks, t, qjl):
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("block,t", [(1, 5), (4, 13), (4, 4), (16, 7), (3, 10)])
-def test_attend_aligned_block_matches_naive_policy(block, t):
-    """Block-aligned window (eval-only recipe a<B>): exact iff j // B == t // B."""
+@pytest.mark.parametrize("block,window,t", [(1, 1, 5), (4, 4, 13), (4, 4, 4), (16, 16, 7),
+                                            (3, 3, 10), (8, 3, 21), (4, 64, 9)])
+def test_attend_aligned_block_matches_naive_policy(block, window, t):
+    """Aligned window (recipe a<A>, w<W>a<A>): exact iff j > t - W and j // A == t // A."""
     b, hkv, g, d = 2, 2, 3, 16
     gen = torch.Generator().manual_seed(block * 100 + t)
     q = torch.randn(b, hkv * g, t, d, generator=gen)
     k, v = torch.randn(b, hkv, t, d, generator=gen), torch.randn(b, hkv, t, d, generator=gen)
     kq = k + 0.5 * torch.randn(b, hkv, t, d, generator=gen)
     vq = v + 0.5 * torch.randn(b, hkv, t, d, generator=gen)
-    out = attend(q, k, v, QuantizedKV(kq, vq), 0.3, aligned_block=block)
+    out = attend(q, k, v, QuantizedKV(kq, vq), 0.3, window=window, align=block)
     kk, vv, kkq, vvq = (x.repeat_interleave(g, 1) for x in (k, v, kq, vq))
     pos = torch.arange(t)
-    exact = (pos // block)[None, :] == (pos // block)[:, None]
+    exact = ((pos // block)[None, :] == (pos // block)[:, None]) & (
+        pos[None, :] > pos[:, None] - window)
     s_ = torch.where(exact, q @ kk.transpose(-1, -2), q @ kkq.transpose(-1, -2)) * 0.3
     p_ = torch.softmax(s_.masked_fill(pos[None, :] > pos[:, None], -math.inf), -1)
     ref = (p_ * exact) @ vv + (p_ * ~exact) @ vvq
@@ -136,14 +138,16 @@ def test_recipe_parsing(spec, fields):
     assert row.servable == (not fields.get("sink_tokens") and not fields.get("key_qjl"))
 
 
-def test_aligned_recipe_is_eval_only():
+def test_aligned_recipes():
     row = parse_recipe("k4v4a64")
-    assert row.view.aligned_block == 64 and row.config.window == 0 and not row.servable
-    # Its exact block is stored like a 64-token window.
+    assert row.view.align == 64 and row.config.window == 64 and row.servable
+    # Its ring holds 64 tokens per sequence, like a 64-token window.
     assert row.stored_bytes_per_token(128) == parse_recipe("k4v4w64").stored_bytes_per_token(128)
     assert row.stored_bytes_per_token(128) > parse_recipe("k4v4").stored_bytes_per_token(128)
-    with pytest.raises(ValueError, match="replaces w<window>"):
-        parse_recipe("k4v4w64a64")
+    clipped = parse_recipe("k4v4w64a128")
+    assert (clipped.config.window, clipped.config.align) == (64, 128)
+    with pytest.raises(ValueError, match="does not combine with sinks"):
+        parse_recipe("k4v4a64s4")
 
 
 def test_recipe_errors_are_clear():

@@ -46,8 +46,8 @@ def assert_close(got, want, dtype, what):
                              f"(atol {atol}, rtol {rtol}); first (index, got, want): {pairs}")
 
 
-def make_params(name="turboquant", d=64, window=0, layer=2):
-    codec = TQLayerCodec(TQConfig.from_name(name, window=window), d, layer)
+def make_params(name="turboquant", d=64, window=0, layer=2, align=0):
+    codec = TQLayerCodec(TQConfig.from_name(name, window=window, align=align), d, layer)
     return codec, TQLayerParams.from_codec(codec)
 
 

@@ -332,6 +332,8 @@ def validate_vllm_config(vllm_config):
         settings.check_verified_on_gpu(config, model_config.get_head_size(),
                                        _on_cuda(vllm_config),
                                        getattr(model_config, "dtype", None))
+    if getattr(cache_config, "user_specified_block_size", False):
+        settings.check_block_size(config, cache_config.block_size)   # the rest: metadata.py
     if batch_invariant() and not _on_cuda(vllm_config):
         raise TurboQuantConfigError(
             "VLLM_BATCH_INVARIANT=1: the TurboQuant backend is batch-invariant on CUDA (its "

@@ -71,10 +71,7 @@ class Row:
     def stored_bytes_per_token(self, head_size: int, context_len: int = SIZE_CONTEXT) -> float:
         """Every stored byte per token and KV head (keys and values)."""
         if self.config is not None:
-            cfg = self.config
-            if self.view.aligned_block:   # the exact copy of the own block: B tokens per sequence
-                cfg = dataclasses.replace(cfg, window=self.view.aligned_block)
-            return cfg.stored_bytes_per_token(head_size, context_len, BF16_BYTES)
+            return self.config.stored_bytes_per_token(head_size, context_len, BF16_BYTES)
         if isinstance(self.view, Fp8View):
             return 2 * head_size
         if isinstance(self.view, VllmLikeView):
@@ -101,9 +98,10 @@ def parse_recipe(spec: str) -> Row:
 
     Recipes: shorthand ``k<key_bits>v<value_bits>`` followed by any of ``w<window>``,
     ``s<sink_tokens>``, ``q`` (QJL keys), ``n`` (norm scale), ``m<N>`` (eval-only key-mean
-    subtraction over the first N tokens), ``a<B>`` (eval-only block-aligned window: query t
-    reads key j exactly iff j // B == t // B, i.e. the tokens of its own B-token block; no
-    ``w``), e.g. ``k4v4w64``, ``k5v3w32n``, ``k4v4a64``; or fields
+    subtraction over the first N tokens), ``a<A>`` (align: the window's exact reads stop at
+    the start of the query's own A-token block; without ``w`` the window is A, so query t
+    reads key j exactly iff j // A == t // A), e.g. ``k4v4w64``, ``k5v3w32n``, ``k4v4a64``,
+    ``k4v4w64a128``; or fields
     ``[base:]field=value,...`` on a preset (default: TQConfig's defaults), e.g.
     ``key_bits=4,value_bits=4,window=64`` or ``turboquant:window=32``.
     """
@@ -118,7 +116,7 @@ def parse_recipe(spec: str) -> Row:
         cfg = PRESETS[spec]
         return _tq_row(spec, cfg, "preset", 0)
     fields: dict[str, object] = {}
-    key_mean = aligned = 0
+    key_mean = 0
     m = _SHORT.match(spec)
     if m:
         fields = {"key_bits": int(m["k"]), "value_bits": int(m["v"])}
@@ -126,7 +124,7 @@ def parse_recipe(spec: str) -> Row:
             if tok[0] == "w":
                 fields["window"] = int(tok[1:])
             elif tok[0] == "a":
-                aligned = int(tok[1:])
+                fields["align"] = int(tok[1:])
             elif tok[0] == "s":
                 fields["sink_tokens"] = int(tok[1:])
             elif tok[0] == "m":
@@ -154,10 +152,12 @@ def parse_recipe(spec: str) -> Row:
         valid = ", ".join(sorted(PRESETS) + list(REFERENCE_ROWS) + ["vllm-3bit-like"])
         raise ValueError(f"unknown preset or recipe {spec!r}; presets: {valid}; recipes look "
                          "like k4v4w64 or key_bits=4,value_bits=4,window=64")
+    if m and fields.get("align") and "window" not in fields:
+        fields["window"] = fields["align"]
     cfg = dataclasses.replace(base, name=spec, **fields)
-    if aligned and (cfg.window or cfg.sink_tokens):
-        raise ValueError(f"{spec!r}: an aligned window (a<B>) replaces w<window> and sinks")
-    return _tq_row(spec, cfg, "recipe", key_mean, aligned)
+    if cfg.align and cfg.sink_tokens:
+        raise ValueError(f"{spec!r}: an aligned window (a<A>) does not combine with sinks")
+    return _tq_row(spec, cfg, "recipe", key_mean)
 
 
 def _parse_value(v: str, typ) -> object:
@@ -173,9 +173,9 @@ def _parse_value(v: str, typ) -> object:
     return v
 
 
-def _tq_row(name: str, cfg: TQConfig, kind: str, key_mean: int, aligned: int = 0) -> Row:
-    # What the vLLM backend serves today: bits, window, scale (design-notes.md).
-    servable = not (cfg.sink_tokens or cfg.key_qjl or key_mean or aligned)
+def _tq_row(name: str, cfg: TQConfig, kind: str, key_mean: int) -> Row:
+    # What the vLLM backend serves today: bits, window, align, scale (design-notes.md).
+    servable = not (cfg.sink_tokens or cfg.key_qjl or key_mean)
     notes = []
     if cfg.sink_tokens:
         notes.append("sinks: eval only")
@@ -183,9 +183,9 @@ def _tq_row(name: str, cfg: TQConfig, kind: str, key_mean: int, aligned: int = 0
         notes.append("QJL: eval only")
     if key_mean:
         notes.append(f"key mean of first {key_mean} tokens: eval only")
-    if aligned:
-        notes.append(f"exact reads within the query's own {aligned}-token block: eval only")
-    return Row(name, TQView(cfg, key_mean_tokens=key_mean, aligned_block=aligned), kind, cfg,
+    if cfg.align:
+        notes.append(f"exact reads within the query's own {cfg.align}-token block")
+    return Row(name, TQView(cfg, key_mean_tokens=key_mean), kind, cfg,
                servable,
                "; ".join(notes))
 

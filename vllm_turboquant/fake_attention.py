@@ -5,7 +5,8 @@ keys and values, once with this attention, which gives every query the *decode v
 quantized cache (docs/design-notes.md, "Semantics the evaluator emulates"):
 
     query t reads key/value j <= t exactly        iff  j > t - window  or  j < sink_tokens,
-                              dequantized otherwise  (its packed slot, decoded).
+                              dequantized otherwise  (its packed slot, decoded);
+    with align A > 0, the window part also needs  j // A == t // A  (the query's own block).
 
 So a whole sequence is scored in one forward pass, yet every token is predicted from exactly
 what token-by-token decoding with that preset would read, the token itself included (vLLM
@@ -65,15 +66,11 @@ class TQView:
     """A TurboQuant recipe (``TQConfig``), through the real codec: encode to packed slots,
     decode them back (float16 scales, bit-plane packing and all)."""
 
-    def __init__(self, config: TQConfig, key_mean_tokens: int = 0, aligned_block: int = 0):
+    def __init__(self, config: TQConfig, key_mean_tokens: int = 0):
         self.config = config
         self.window = config.window
         self.sink_tokens = config.sink_tokens
-        # Eval-only experiment: instead of the sliding window, query t reads key j exactly iff
-        # both sit in the same `aligned_block`-token block. Such a policy never needs an exact
-        # copy from before a block boundary, where prefix-cache hits start
-        # (docs/design-notes.md, "A block-aligned window").
-        self.aligned_block = aligned_block
+        self.align = config.align
         # Eval-only experiment: subtract a per-(sequence, layer, head) key mean taken over the
         # first `key_mean_tokens` tokens before quantizing. A shift of every key by the same
         # vector changes each query's scores by a constant, so softmax is unchanged and the
@@ -106,7 +103,7 @@ class Fp8View:
 
     window = 0
     sink_tokens = 0
-    aligned_block = 0
+    align = 0
 
     def quantize(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> QuantizedKV:
         return QuantizedKV(_fp8_round_trip(key), _fp8_round_trip(value))
@@ -133,7 +130,7 @@ class VllmLikeView:
 
     window = 0
     sink_tokens = 0
-    aligned_block = 0
+    align = 0
 
     def __init__(self, key_bits: int = 4, value_bits: int = 4, norm_correction: bool = True,
                  skip_layers: frozenset[int] = frozenset()):
@@ -251,27 +248,28 @@ def tq_eval_attention(module, query, key, value, attention_mask, scaling=None, d
         out = attend(query, key, value, None, scale)
     else:
         out = attend(query, key, value, view.quantize(module.layer_idx, key, value), scale,
-                     window=view.window, sink_tokens=view.sink_tokens,
-                     aligned_block=view.aligned_block)
+                     window=view.window, sink_tokens=view.sink_tokens, align=view.align)
     return out.transpose(1, 2).contiguous(), None
 
 
 def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
            quant: QuantizedKV | None, scale: float, window: int = 0,
-           sink_tokens: int = 0, aligned_block: int = 0) -> torch.Tensor:
+           sink_tokens: int = 0, align: int = 0) -> torch.Tensor:
     """Causal attention with the decode-view policy. Returns [B, Hq, T, D].
 
     quant None: exact attention. Otherwise query t reads quant.key/value[j] for
     sink_tokens <= j <= t - window and key/value[j] (quant.exact_key if set) for the
-    others j <= t. aligned_block B > 0 (eval only; window and sinks 0): exact iff
-    j // B == t // B, quantized for the earlier blocks.
+    others j <= t. align A > 0 (no sinks): exact iff j > t - window and j // A == t // A,
+    quantized for every other j <= t.
     """
     b, hq, t, d = query.shape
     hkv = key.shape[1]
-    if quant is None or window >= t:
+    if quant is None or (window >= t and not align):
         return _sdpa_with_lse(query, _rep(key, hq), _rep(value, hq), None, scale, causal=True)[0]
-    if aligned_block:
-        return _attend_aligned(query, key, value, quant, scale, aligned_block)
+    if align:
+        if sink_tokens:
+            raise ValueError("align with sink tokens is not a policy this evaluator emulates")
+        return _attend_aligned(query, key, value, quant, scale, window, align)
     # -- quantized part: sink_tokens <= j <= t - window ------------------------------------
     pos = torch.arange(t, device=query.device)
     allowed = (pos[None, :] <= pos[:, None] - window) & (pos[None, :] >= sink_tokens)
@@ -304,14 +302,15 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     return _merge([(out_q, lse_q), exact])[0]
 
 
-def _attend_aligned(query, key, value, quant, scale, block):
-    """`attend` with the block-aligned window: two masked softmaxes (the earlier blocks'
-    quantized keys, the own block's exact keys), merged. Rows of the first block have no
-    quantized key: their part gets weight 0 (and output 0, not the kernel's nan)."""
+def _attend_aligned(query, key, value, quant, scale, window, align):
+    """`attend` with an aligned window: two masked softmaxes (the quantized keys, the exact
+    keys: inside the window and the query's own align-token block), merged. Rows without a
+    quantized key get weight 0 in that part (and output 0, not the kernel's nan)."""
     hq, t = query.shape[1], query.shape[2]
     pos = torch.arange(t, device=query.device)
     causal = pos[None, :] <= pos[:, None]
-    same = (pos // block)[None, :] == (pos // block)[:, None]
+    same = ((pos // align)[None, :] == (pos // align)[:, None]) & (
+        pos[None, :] > pos[:, None] - window)
     parts = []
     for allowed, k, v in ((causal & ~same, quant.key, quant.value),
                           (causal & same, key if quant.exact_key is None else quant.exact_key,

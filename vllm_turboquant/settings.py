@@ -31,7 +31,7 @@ ENV_PRESET = "VLLM_TURBOQUANT_PRESET"
 ADDITIONAL_CONFIG_KEY = "turboquant"
 # Fields a user may override on top of a preset. The others (seed, scale, sink_tokens, key_qjl)
 # either must match the evaluator's numbers or are evaluator-only features.
-OVERRIDABLE_FIELDS = ("key_bits", "value_bits", "window")
+OVERRIDABLE_FIELDS = ("key_bits", "value_bits", "window", "align")
 _CONFIG_KEYS = ("preset", *OVERRIDABLE_FIELDS)
 
 
@@ -174,6 +174,26 @@ def check_verified_on_gpu(config: TQConfig, head_size: int, on_cuda: bool,
         "(4-bit keys and values) for this model")
 
 
+def check_block_size(config: TQConfig, block_size: int | None) -> None:
+    """An aligned preset needs pages whose size is a multiple of its align A: a prefix-cache
+    hit ends on a page boundary, and only then does a hit read what a miss reads."""
+    if config.align and block_size and block_size % config.align:
+        raise TurboQuantConfigError(
+            f"TurboQuant preset {config.name!r} reads each token's own {config.align}-token "
+            f"block exactly (align {config.align}), which needs a KV block size that is a "
+            f"multiple of {config.align}; this run has --block-size {block_size}. Drop "
+            f"--block-size (the TurboQuant backend then picks {config.align}), pass "
+            f"--block-size {config.align}, or use --kv-cache-dtype tq-sliding (no align)")
+
+
+def preferred_block_size(config: TQConfig, default: int) -> int:
+    """The KV block size the backend asks vLLM for when the user sets none: the default,
+    raised to the preset's align (rounded up to a multiple of it)."""
+    if not config.align or default % config.align == 0:
+        return default
+    return -(-default // config.align) * config.align
+
+
 def check_head_size(head_size: int) -> None:
     if head_size not in KERNEL_HEAD_SIZES:
         raise TurboQuantConfigError(
@@ -189,7 +209,8 @@ def describe(config: TQConfig, head_size: int) -> str:
     """One log line: the preset and what it costs per token and KV head."""
     lay = config.layout(head_size)
     return (f"TurboQuant preset {config.name!r}: K{config.key_bits}/V{config.value_bits} bits, "
-            f"window {config.window}, {lay.slot_bytes} B per token and KV head "
+            f"window {config.window}, align {config.align or 'off'}, {lay.slot_bytes} B per "
+            "token and KV head "
             f"(bf16: {4 * head_size} B, {4 * head_size / lay.slot_bytes:.2f}x)")
 
 

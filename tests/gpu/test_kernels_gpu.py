@@ -35,8 +35,8 @@ def _rel_err(got, want):
     return ((got.float() - want.float()).norm() / want.float().norm().clamp(min=1e-30)).item()
 
 
-def _params(name, d, window=0):
-    cfg = TQConfig.from_name(name, window=window)
+def _params(name, d, window=0, align=0):
+    cfg = TQConfig.from_name(name, window=window, align=align)
     codec = TQLayerCodec(cfg, d, layer=5)
     return codec, TQLayerParams.from_codec(codec, DEV)
 
@@ -465,3 +465,51 @@ def test_direct_launch_gives_the_plain_launch_bits_misaligned_views_too(d, hq, h
     # and the shortcut was taken: never in the plain runs, in the third (aligned again) run
     # of the direct ones at least (its kernels' keys were seen in the first)
     assert direct[True] == 0 and direct[False] > 0, direct
+
+
+# -- the aligned window (TQConfig.align; the default preset: window 64, align 128) ------------
+@pytest.mark.parametrize("d,hq,hkv", [(64, 9, 3), (128, 32, 8)])
+def test_aligned_decode_and_prefill_match_reference(d, hq, hkv):
+    """Default launch configs, 128-token pages, window 64 clipped at 128-token blocks."""
+    dtype, bs, w = torch.bfloat16, 128, 64
+    torch.manual_seed(d)
+    _, params = _params("turboquant", d, w, align=128)
+    lens, qlens = [700, 129, 2000, 64, 1000], [300, 129, 17, 1, 40]
+    side = TQSide.empty(len(lens), w, hkv, d, dtype, DEV)
+    cache, bt, chunks = _paged(lens, hkv, d, bs, params, dtype, side=side)
+    sl = torch.tensor(lens, dtype=torch.int32, device=DEV)
+    q1 = torch.randn(len(lens), hq, d, device=DEV).to(dtype)
+    got = tq_decode(q1, cache, bt, sl, params, d ** -0.5, side)
+    want = tq_decode_ref(q1, cache, bt, sl, params, d ** -0.5, side)
+    assert _rel_err(got, want) < 1e-2
+    k = torch.cat([c[0][n - m:] for c, n, m in zip(chunks, lens, qlens)])
+    v = torch.cat([c[1][n - m:] for c, n, m in zip(chunks, lens, qlens)])
+    q = torch.randn(sum(qlens), hq, d, device=DEV).to(dtype)
+    cu = torch.tensor([0] + torch.tensor(qlens).cumsum(0).tolist(), dtype=torch.int32,
+                      device=DEV)
+    want = tq_prefill_ref(q, k, v, cu, sl, cache, bt, params, d ** -0.5, side)
+    for inv in (False, True):
+        got = tq_prefill(q, k, v, cu, sl, cache, bt, params, d ** -0.5, side, invariant=inv)
+        assert _rel_err(got, want) < 1e-2, inv
+    sliding = tq_prefill_ref(q, k, v, cu, sl, cache, bt, _params("turboquant", d, w)[1],
+                             d ** -0.5, side)
+    assert _rel_err(sliding, want) > 1e-3      # the clip changes what is read
+
+
+@pytest.mark.parametrize("d,hq,hkv", [(64, 9, 3), (128, 32, 8)])
+def test_aligned_prefix_hit_reads_what_a_miss_reads(d, hq, hkv):
+    """A 1,000-token prompt in 128-token pages, invariant order: whole, in 128-token chunks,
+    and in those chunks with the ring emptied before every chunk (each start is a block
+    boundary, as a prefix-cache hit's is) gives the same bits, with align 128."""
+    dtype, w, bs, n = torch.bfloat16, 64, 128, 1000
+    _, params = _params("turboquant", d, w, align=128)
+    gen = torch.Generator(device=DEV).manual_seed(2)
+    k, v = (torch.randn(n, hkv, d, device=DEV, generator=gen).to(dtype) for _ in range(2))
+    q = torch.randn(n, hq, d, device=DEV, generator=gen).to(dtype)
+    whole, _, _ = prompt_in_chunks(q, k, v, [0, n], params, bs, w, True, 0, side_rows=4)
+    by_128 = list(range(0, n, 128)) + [n]
+    for wipe in ((), tuple(by_128[1:-1])):
+        got, _, _ = prompt_in_chunks(q, k, v, by_128, params, bs, w, True, 2, side_rows=4,
+                                     wipe_side_at=wipe)
+        bad = (got != whole).any(-1).any(-1).nonzero().flatten()
+        assert bad.numel() == 0, f"wiped at {wipe}: positions {bad[:10].tolist()} differ"

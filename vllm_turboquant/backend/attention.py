@@ -59,6 +59,19 @@ class TurboQuantBackend(AttentionBackend):
         return [MultipleOf(1)]
 
     @classmethod
+    def get_preferred_block_size(cls, default_block_size: int) -> int:
+        """vLLM's pick when the user gives no --block-size (CUDA; vLLM's CPU platform picks
+        128 itself): an aligned preset gets pages of a multiple of its align (settings)."""
+        from vllm.config import get_current_vllm_config
+
+        vllm_config = get_current_vllm_config()
+        dtype = getattr(vllm_config.cache_config, "cache_dtype", None)
+        if not settings.is_turboquant_dtype(dtype):
+            return default_block_size
+        config = settings.resolve(dtype, getattr(vllm_config, "additional_config", None))
+        return settings.preferred_block_size(config, default_block_size)
+
+    @classmethod
     def get_supported_head_sizes(cls) -> list[int]:
         return list(KERNEL_HEAD_SIZES)
 

@@ -77,6 +77,8 @@ class TurboQuantMetadataBuilder(AttentionMetadataBuilder[TurboQuantMetadata]):
         self._init_reorder_batch_threshold(1, supports_spec_as_decode=False)
         self.config = settings.resolve(vllm_config.cache_config.cache_dtype,
                                        vllm_config.additional_config)
+        # The final block size (vLLM may have picked it after startup validation).
+        settings.check_block_size(self.config, kv_cache_spec.block_size)
         self.window = self.config.window
         sched = vllm_config.scheduler_config
         compile_cfg = vllm_config.compilation_config

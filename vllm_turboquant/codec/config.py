@@ -96,6 +96,12 @@ class TQConfig:
     key_bits / value_bits: Lloyd-Max codebook bits per rotated coordinate.
     window: the newest `window` tokens of each sequence are also kept in the model dtype and
         read instead of their packed form (0 = off).
+    align: exact reads stop at the start of the query's own `align`-token block (0 = no
+        stop): query t reads key j exactly iff j > t - window and j // align == t // align.
+        A prefix-cache hit ends on a block boundary, so with `align` dividing vLLM's block
+        size no query ever needs an exact copy of a token before the hit: a hit, a miss, any
+        chunking and a recompute read the same exact keys (docs/design-notes.md, "A
+        block-aligned window"). No effect without a window (stored as 0 then).
     sink_tokens: the first `sink_tokens` tokens of each sequence are read at full precision
         (0 = off). Evaluator only: the vLLM backend refuses presets that set it.
     key_qjl: add a 1-bit QJL sketch of the key's quantization residual (evaluator only).
@@ -108,6 +114,7 @@ class TQConfig:
     key_bits: int = 4
     value_bits: int = 4
     window: int = 0
+    align: int = 0
     sink_tokens: int = 0
     key_qjl: bool = False
     scale: str = "lsq"
@@ -117,8 +124,12 @@ class TQConfig:
         for field, bits in (("key_bits", self.key_bits), ("value_bits", self.value_bits)):
             if bits not in SUPPORTED_BITS:
                 raise ValueError(f"{field} must be one of {list(SUPPORTED_BITS)}, got {bits!r}")
-        if self.window < 0 or self.sink_tokens < 0:
-            raise ValueError("window and sink_tokens must be >= 0")
+        if self.window < 0 or self.sink_tokens < 0 or self.align < 0:
+            raise ValueError("window, align and sink_tokens must be >= 0")
+        if self.align and not self.window:
+            # align clips the window's exact reads; without a window there are none (so
+            # overriding window=0 on an aligned preset just turns the window off)
+            object.__setattr__(self, "align", 0)
         if self.scale not in ("lsq", "norm"):
             raise ValueError(f"scale must be 'lsq' or 'norm', got {self.scale!r}")
 
@@ -133,7 +144,7 @@ class TQConfig:
                                model_dtype_bytes: int = 2) -> float:
         """Every byte stored per token and KV head at `context_len`: the packed slot plus
         the window (and sinks) kept in the model dtype, spread over the context."""
-        exact_tokens = min(context_len, self.window + self.sink_tokens)
+        exact_tokens = min(context_len, self.window + self.sink_tokens)   # the ring's size
         exact = exact_tokens * 2 * head_size * model_dtype_bytes
         return self.layout(head_size).slot_bytes + exact / context_len
 
@@ -168,8 +179,13 @@ def _round_up(x: int, m: int) -> int:
 # vllm_turboquant.eval`); pick by those numbers, not by the bits alone.
 PRESETS: dict[str, TQConfig] = {
     p.name: p for p in (
-        # Default: 4-bit keys and values, the newest 64 tokens read at full precision.
-        TQConfig("turboquant", key_bits=4, value_bits=4, window=64),
+        # Default: 4-bit keys and values; the newest 64 tokens read at full precision, but
+        # never across a 128-token block boundary, so prefix-cache hits and misses read the
+        # same (needs a KV block size that is a multiple of 128: the backend asks for 128).
+        TQConfig("turboquant", key_bits=4, value_bits=4, window=64, align=128),
+        # The sliding window: the newest 64 tokens exact everywhere. Better perplexity, but a
+        # prefix-cache hit reads its newest cached tokens packed (a miss reads them exact).
+        TQConfig("tq-sliding", key_bits=4, value_bits=4, window=64),
         # No window: the most tokens per byte and the simplest decode path.
         TQConfig("tq-k4v4", key_bits=4, value_bits=4),
         # 3-bit class: >= 4.9x at head 128 and 8K context, window included.
