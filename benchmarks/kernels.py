@@ -402,7 +402,10 @@ DECODE_AB = [  # tq_decode keyword arguments; the first is the default config (d
 def run_decode_ab(args, info, rows):
     """The DECODE_AB configs on the sweep's shapes (CUDA graph p50), each checked against the
     default config's output (max |difference|): no vLLM needed."""
-    for b, ctx, d, hq, hkv in SWEEP_SHAPES:
+    shapes = SWEEP_SHAPES
+    if args.ab_shapes:  # "BxCTXxDxHQxHKV,..."
+        shapes = [tuple(int(x) for x in s.split("x")) for s in args.ab_shapes.split(",")]
+    for b, ctx, d, hq, hkv in shapes:
         params, q, sl, cache, bt, nbytes = _decode_case(b, ctx, d, hq, hkv, args.block_size)
         splits = default_num_splits(b, hkv, ctx, q.device, 64)
         ref = None
@@ -565,6 +568,8 @@ def main():
     ap.add_argument("--ab-words", action="store_true",
                     help="decode: also time the byte tiles (words=False, the default until "
                          "2026-12-02) as turboquant_bytes")
+    ap.add_argument("--ab-shapes", default=None,
+                    help="decode_ab: comma list of BxCTXxDxHQxHKV (default: the sweep's shapes)")
     ap.add_argument("--sweep-decode-only", action="store_true",
                     help="sweep: decode configs only (no store/prefill sweep)")
     args = ap.parse_args()

@@ -96,7 +96,8 @@ def child(args: dict) -> dict:
               kv_cache_dtype=args["dtype"], max_model_len=args["max_model_len"],
               kv_cache_memory_bytes=args["kv_bytes"], max_num_seqs=args["max_num_seqs"],
               enforce_eager=args.get("eager", False), seed=0,
-              enable_prefix_caching=args.get("prefix_caching", True))
+              enable_prefix_caching=args.get("prefix_caching", True),
+              gpu_memory_utilization=args.get("gpu_memory_utilization", 0.9))
     if args.get("batch_invariant") and not args.get("eager", False):
         kw["compilation_config"] = {"mode": 0, "cudagraph_mode": "FULL_DECODE_ONLY"}
     if args.get("chunked", True):
@@ -295,6 +296,9 @@ def main() -> None:
     ap.add_argument("--window-tokens", type=int, default=2048)
     ap.add_argument("--kv-bytes", type=int, default=2 * GiB)
     ap.add_argument("--max-num-seqs", type=int, default=64)
+    ap.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                    help="vLLM's start-up check of free GPU memory only (the KV cache is "
+                         "--kv-bytes regardless): lower it to run two of these side by side")
     ap.add_argument("--timeout-s", type=float, default=240, help="per engine")
     ap.add_argument("--budget-s", type=float, default=530,
                     help="whole run: engines that would start later are reported as skipped")
@@ -343,6 +347,7 @@ def main() -> None:
     max_model_len = max(a.window_tokens, 400 if a.cpu_smoke else 1700) + 64
     base = dict(model=model, max_model_len=max_model_len,
                 kv_bytes=a.kv_bytes, max_num_seqs=a.max_num_seqs, additional_config=extra,
+                gpu_memory_utilization=a.gpu_memory_utilization,
                 batch_invariant=a.batch_invariant)
     t_start = time.perf_counter()
 
