@@ -19,8 +19,11 @@ if [ "$stage" = decodeab ]; then
   # vLLM bundle, no install (tests/conftest.py maps kernels/ to vllm_turboquant.kernels).
   out=${OUT:-/tmp/out}/decodeab
   mkdir -p "$out"
+  # DECODEAB_ARGS: more kernels.py options, e.g. the TPOT shapes with the split-count sweep:
+  # DECODEAB_ARGS="--only decode_ab,sweep --sweep-decode-only --block-size 128
+  #                --shapes 1x2048x64x9x3,16x2048x64x9x3"
   PYTHONUNBUFFERED=1 timeout 300 python3 benchmarks/kernels.py --only decode_ab --rep-ms 25 \
-    --out "$out" 2>&1 | tee "$out/decode_ab.log"
+    --out "$out" ${DECODEAB_ARGS:-} 2>&1 | tee "$out/decode_ab.log"
   rc=${PIPESTATUS[0]}
   tar -C "${OUT:-/tmp/out}" -czf "${OUT:-/tmp/out}/decodeab.tgz" decodeab && rm -rf "$out"
   exit "$rc"

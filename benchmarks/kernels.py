@@ -399,13 +399,18 @@ DECODE_AB = [  # tq_decode keyword arguments; the first is the default config (d
 ]
 
 
+def _tuning_shapes(args):
+    """(batch, context, head size, query heads, KV heads) of decode_ab and the decode sweep:
+    --shapes "BxCTXxDxHQxHKV,..." or SWEEP_SHAPES."""
+    if not args.shapes:
+        return SWEEP_SHAPES
+    return [tuple(int(x) for x in one.split("x")) for one in args.shapes.split(",")]
+
+
 def run_decode_ab(args, info, rows):
     """The DECODE_AB configs on the sweep's shapes (CUDA graph p50), each checked against the
     default config's output (max |difference|): no vLLM needed."""
-    shapes = SWEEP_SHAPES
-    if args.ab_shapes:  # "BxCTXxDxHQxHKV,..."
-        shapes = [tuple(int(x) for x in s.split("x")) for s in args.ab_shapes.split(",")]
-    for b, ctx, d, hq, hkv in shapes:
+    for b, ctx, d, hq, hkv in _tuning_shapes(args):
         params, q, sl, cache, bt, nbytes = _decode_case(b, ctx, d, hq, hkv, args.block_size)
         splits = default_num_splits(b, hkv, ctx, q.device, 64)
         ref = None
@@ -438,7 +443,7 @@ def run_decode_ab(args, info, rows):
 def run_sweep(args, info, rows):
     """Decode/store/prefill launch parameters on a few shapes (CUDA graph p50)."""
     import itertools
-    for b, ctx, d, hq, hkv in SWEEP_SHAPES:
+    for b, ctx, d, hq, hkv in _tuning_shapes(args):
         params, q, sl, cache, bt, nbytes = _decode_case(b, ctx, d, hq, hkv, args.block_size)
         out = torch.empty_like(q)
         base_splits = default_num_splits(b, hkv, ctx, q.device, 64)
@@ -446,8 +451,11 @@ def run_sweep(args, info, rows):
         # words: code bytes loaded as int32 words with the register prefetch (the default
         # since 2026-12-02f), or a byte tile without it (the default before). lookup 3
         # (register prmt) only: the tables lost by 1.4x.
+        # Split counts around the default config. The backend derives its count from
+        # max_model_len, not the context (impl.decode_splits): x4 at a 2K context is what an
+        # 8K max_model_len serves; fewer splits mean fewer empty programs for the merge.
         grid = itertools.product((True, False), (32, 64, 128), (4, 8), (1, 2, 3),
-                                 (0.5, 1, 2))
+                                 (0.25, 0.5, 1, 2, 4))
         for words, bn, nw, ns, sf in grid:
             if sf != 1 and (words, bn, nw, ns) != (True, 128, 4, 1):
                 continue   # the split count only around one config
@@ -472,11 +480,11 @@ def run_sweep(args, info, rows):
               f"block_n, warps, stages, splits):", flush=True)
         for r in results[:6]:
             print(f"   {r[0]:8.1f} us {nbytes / r[0] / 1e3:6.0f} GB/s  {r[1:]}", flush=True)
-        wrd = [r for r in results if r[1:5] == (True, 64, 4, 2) and r[5] == base_splits]
+        wrd = [r for r in results if r[1:5] == (True, 128, 4, 1) and r[5] == base_splits]
         byt = [r for r in results if r[1:5] == (False, 64, 4, 2) and r[5] == base_splits]
         if wrd and byt:
-            print(f"   default config: word loads {wrd[0][0]:.1f} us, byte tiles (default) "
-                  f"{byt[0][0]:.1f} us", flush=True)
+            print(f"   prefetched word loads, block 128, 1 stage (4-bit default) "
+                  f"{wrd[0][0]:.1f} us; byte tiles {byt[0][0]:.1f} us", flush=True)
         del cache
     if args.sweep_decode_only:
         return rows
@@ -568,8 +576,9 @@ def main():
     ap.add_argument("--ab-words", action="store_true",
                     help="decode: also time the byte tiles (words=False, the default until "
                          "2026-12-02) as turboquant_bytes")
-    ap.add_argument("--ab-shapes", default=None,
-                    help="decode_ab: comma list of BxCTXxDxHQxHKV (default: the sweep's shapes)")
+    ap.add_argument("--shapes", default=None,
+                    help="decode_ab and sweep: comma list of BxCTXxDxHQxHKV (default: "
+                         "SWEEP_SHAPES)")
     ap.add_argument("--sweep-decode-only", action="store_true",
                     help="sweep: decode configs only (no store/prefill sweep)")
     args = ap.parse_args()
