@@ -91,11 +91,11 @@ def _tq_decode_split_kernel(
     KT: tl.constexpr, PREFETCH: tl.constexpr, WORDS: tl.constexpr, ALIGN: tl.constexpr = 0,
 ):
     """ALIGN (the preset's `align`, 0 = none): the window's exact reads start no earlier than
-    the query's own ALIGN-token block. KT: scores as K @ q^T (the dequantized key tile is the MMA's register operand A, the
-    loop-invariant q^T the shared-memory operand B) instead of q @ K^T (key tile through
-    shared memory every iteration). PREFETCH (byte-table modes 1-3 only): the code bytes and
-    scales of tile i+1 are loaded into registers before tile i is decoded, so HBM latency
-    overlaps the arithmetic without shared-memory pipeline stages."""
+    the query's own ALIGN-token block. KT: scores as K @ q^T (the dequantized key tile is the
+    MMA's register operand A, the loop-invariant q^T the shared-memory operand B) instead of
+    q @ K^T (key tile through shared memory every iteration). PREFETCH (byte-table modes 1-3
+    only): the code bytes and scales of tile i+1 are loaded into registers before tile i is
+    decoded, so HBM latency overlaps the arithmetic without shared-memory pipeline stages."""
     b = tl.program_id(0)
     h = tl.program_id(1)
     split = tl.program_id(2)

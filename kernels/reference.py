@@ -238,8 +238,9 @@ def tq_prefill_ref(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                    side: TQSide | None = None, rotated: bool = False) -> torch.Tensor:
     """Chunked prefill with the decode step's precision policy: the query at position t reads
     key/value j <= t exactly iff j >= window_start(t) (j > t - W, W = side.window, 0 without a
-    side; and j // A == t // A with params.align A), else from its packed slot. So a prompt gives the same attention whether it arrives in one chunk, in
-    many, or token by token (decode), and what the evaluator measures is what is served.
+    side; and j // A == t // A with params.align A), else from its packed slot. So a prompt
+    gives the same attention whether it arrives in one chunk, in many, or token by token
+    (decode), and what the evaluator measures is what is served.
 
     Exact copies: the chunk's own K/V (key, value); for prefix positions, the window side
     entries (tag- and scale-checked; a missing one falls back to the packed slot). The chunk's
