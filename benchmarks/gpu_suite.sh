@@ -63,7 +63,10 @@ case $stage in
   layerstep)
     # One attention layer's step, host and GPU time vs FlashAttention, and the prefill launch
     # sweep; `layer_step.py --best $out/layer_step.json` prints the winning config.
-    timeout 420 python3 benchmarks/layer_step.py --sweep --json "$out/layer_step.json" 2>&1 |
+    # LAYERSTEP_ARGS (default --sweep): e.g. "" for the cases alone (the TPOT decode-only
+    # steps included), with FlashAttention's decode and cache write beside each.
+    timeout 420 python3 benchmarks/layer_step.py ${LAYERSTEP_ARGS---sweep} \
+      --json "$out/layer_step.json" 2>&1 |
       tee "$out/layer_step.log" ;;
   kernels)
     timeout 200 python3 -m pytest -m gpu -q -p no:cacheprovider tests/gpu/test_kernels_gpu.py \

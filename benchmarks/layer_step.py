@@ -3,7 +3,8 @@
 The e2e runs are dominated by mixed prefill+decode steps, which vLLM runs with attention
 outside CUDA graphs: every launch's host time is paid per layer and step. This script builds
 the step of `backend/impl.py` (store with rotated output, decode, prefill over packed pages,
-deferred window store) for the SmolLM2 shape (9 query / 3 KV heads, head 64, bf16, block 16)
+deferred window store) for the SmolLM2 shape (9 query / 3 KV heads, head 64, bf16, the
+preset's block size: 128 for the aligned default)
 and times, per call:
 
   host_us  wall time of the launch on the host (median; the queue is drained between calls,
@@ -32,21 +33,29 @@ import time
 
 import torch
 
+from vllm_turboquant import settings
 from vllm_turboquant.codec import TQConfig, TQLayerCodec
 from vllm_turboquant.kernels import (TQLayerParams, TQSide, _launch, tq_decode, tq_prefill,
                                      tq_store)
+from vllm_turboquant.kernels.decode import rotate_query
 from vllm_turboquant.kernels._common import default_num_splits, next_pow2
 
 
-def build_step(nd: int, dec_ctx: int, chunk: int, prefix: int, hq=9, hkv=3, d=64, bs=16,
-               window=64, dtype=torch.bfloat16, device="cuda", preset="turboquant"):
+def build_step(nd: int, dec_ctx: int, chunk: int, prefix: int, hq=9, hkv=3, d=64, bs=None,
+               window=64, dtype=torch.bfloat16, device="cuda", preset="turboquant",
+               max_model_len=None):
     """Tensors of one mixed step: nd decodes (context dec_ctx) then one prefill chunk of
-    `chunk` tokens after `prefix` cached ones. Returns a dict of everything the ops take."""
+    `chunk` tokens after `prefix` cached ones (chunk 0: a decode-only step). Returns a dict of
+    everything the ops take. bs: the KV block size, default what the backend asks vLLM for
+    (settings.preferred_block_size: 128 for the aligned default preset). max_model_len: what
+    the decode split count comes from, as in the backend (impl.decode_splits); default the
+    step's longest sequence."""
     g = torch.Generator(device="cpu").manual_seed(0)
     cfg = TQConfig.from_name(preset, window=window)
+    bs = settings.preferred_block_size(cfg, 16) if bs is None else bs
     params = TQLayerParams.from_codec(TQLayerCodec(cfg, d, layer=3), device)
-    lens = [dec_ctx] * nd + [prefix + chunk]
-    qlens = [1] * nd + [chunk]
+    lens = [dec_ctx] * nd + ([prefix + chunk] if chunk else [])
+    qlens = [1] * nd + ([chunk] if chunk else [])
     b, t = len(lens), sum(qlens)
     max_blocks = -(-max(lens) // bs)
     num_blocks = b * max_blocks + 8
@@ -72,7 +81,8 @@ def build_step(nd: int, dec_ctx: int, chunk: int, prefix: int, hq=9, hkv=3, d=64
     # the prefill kernel); prefill_qsl: the chunk's alone, rebased to 0
     return dict(
         params=params, q=q, k=k, v=v, cache=cache, bt=bt, seq_lens=seq_lens,
-        nd=nd, t=t, chunk=chunk, hkv=hkv, max_model_len=max_blocks * bs,
+        nd=nd, t=t, chunk=chunk, hkv=hkv, block_size=bs,
+        max_model_len=max_model_len or max_blocks * bs,
         slots=slots.to(device), rows=rows.to(**i32), pos=pos.to(**i32),
         store_end=store_end.to(**i32), qsl=qsl, prefill_qsl=(qsl[nd:] - qsl[nd]).contiguous(),
         side=TQSide.empty(128, window, hkv, d, dtype, device) if window else None,
@@ -107,6 +117,10 @@ def ops(s):
             tq_decode(s["q"][:nd], s["cache"], s["bt"][:nd], s["seq_lens"][:nd], s["params"],
                       s["scale"], side, num_splits=splits, out=s["out"][:nd])
 
+    def decode_rotation():   # the query rotation inside decode (one addmm) alone
+        if nd:
+            rotate_query(s["q"][:nd], s["params"], s["scale"])
+
     def prefill():
         tq_prefill(s["q"][nd:], rot[0, nd:], rot[1, nd:], s["prefill_qsl"], s["seq_lens"][nd:],
                    s["cache"], s["bt"][nd:], s["params"], s["scale"], side_p,
@@ -136,7 +150,8 @@ def ops(s):
         unified()
         side_store()
 
-    return {"store": store, "decode": decode, "prefill": prefill, "side_store": side_store,
+    return {"store": store, "decode": decode, "decode_rotation": decode_rotation,
+            "prefill": prefill, "side_store": side_store,
             "unified_prefill": unified, "forward_split": forward_split, "forward": forward}
 
 
@@ -157,7 +172,7 @@ def fa_ops(s):
 
     def attend(version):
         return lambda: flash_attn_varlen_func(
-            q, kc, vc, max_seqlen_q=s["chunk"], cu_seqlens_q=s["qsl"],
+            q, kc, vc, max_seqlen_q=max(s["chunk"], 1), cu_seqlens_q=s["qsl"],
             max_seqlen_k=int(s["seq_lens"].max()), seqused_k=s["seq_lens"],
             softmax_scale=s["scale"], causal=True, block_table=s["bt"], out=out,
             fa_version=version)
@@ -256,6 +271,9 @@ def main():
     ap.add_argument("--json", default=None)
     ap.add_argument("--smoke", action="store_true", help="tiny shapes (CPU interpreter)")
     ap.add_argument("--reps", type=int, default=50)
+    ap.add_argument("--max-model-len", type=int, default=8192,
+                    help="what the decode split count comes from (the backend takes vLLM's "
+                         "max_model_len; e2e.py's engines use 8192)")
     ap.add_argument("--sweep", action="store_true", help="prefill launch configs (GPU)")
     ap.add_argument("--ab-launch", action="store_true",
                     help="time every op also with Triton's plain launch (kernels/_launch.py off)")
@@ -268,22 +286,26 @@ def main():
     cuda = torch.cuda.is_available()
     dev = "cuda" if cuda else "cpu"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    cases = ([("smoke", 2, 40, 20, 16)] if args.smoke else
+    cases = ([("smoke", 2, 40, 20, 16), ("smoke decode only", 2, 40, 0, 0)] if args.smoke else
              [("mixed 64 dec x 1K + 1984 chunk @ 2K prefix", 64, 1024, 1984, 2048),
               ("mixed 16 dec x 1K + 2032 chunk fresh", 16, 1024, 2032, 0),
               ("mixed 96 dec x 8K + 2048 chunk @ 4K prefix", 96, 8084, 2048, 4096),
               ("fresh 7700-token prompt", 0, 1, 7700, 0),
-              ("decode only 128 x 1K (eager)", 128, 1024, 0, 0)])
+              ("decode only 128 x 1K (eager)", 128, 1024, 0, 0),
+              # e2e.py's TPOT shapes: 1 and 16 requests at 2K context
+              ("decode only 1 x 2K (TPOT c=1)", 1, 2048, 0, 0),
+              ("decode only 16 x 2K (TPOT c=16)", 16, 2048, 0, 0)])
     reps = 2 if args.smoke else args.reps
     result = {"device": torch.cuda.get_device_name() if cuda else "cpu",
               "torch": torch.__version__, "triton": __import__("triton").__version__,
-              "shape": "SmolLM2: 9 q / 3 kv heads, head 64, bf16, block 16, turboquant W=64",
-              "cases": []}
+              "shape": "SmolLM2: 9 q / 3 kv heads, head 64, bf16, preset turboquant",
+              "max_model_len": args.max_model_len, "cases": []}
     for name, nd, ctx, chunk, prefix in cases:
-        s = build_step(nd, ctx, max(chunk, 1), prefix, device=dev)
+        s = build_step(nd, ctx, chunk, prefix, device=dev, max_model_len=args.max_model_len)
+        result.setdefault("block_size", s["block_size"])
         fns = ops(s)
-        if chunk == 0:       # decode-only: store + decode
-            fns = {"store": fns["store"], "decode": fns["decode"]}
+        if chunk == 0:       # decode-only: store + decode (and the decode's query rotation)
+            fns = {k: fns[k] for k in ("store", "decode", "decode_rotation")}
         row = {"case": name, "ops": {}}
         for op, fn in fns.items():
             # --ab-launch: each op also through Triton's plain launch path ("<op>_plain"),
@@ -297,7 +319,7 @@ def main():
                     row["ops"][label] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
                 finally:
                     _launch._PLAIN = False
-        if cuda and chunk:
+        if cuda:
             try:
                 for op, fn in fa_ops(s).items():
                     row["ops"][op] = timeit(fn, reps, sync)
