@@ -9,7 +9,8 @@ shared memory per program. Shapes: the issue's decode shape (head 128, GQA 4, bf
 size 16) and the prefill's packed-prefix loop at head 128.
 
 What this does not tell: time. On the H200 the word loads (`words`) halve the decode loop's
-instructions yet ran slower in 3 of 4 shapes (docs/kernels-notes.md, "2026-12-02 late"), so
+instructions yet ran slower in 3 of 4 shapes without the register prefetch, and with it (the
+default since 2026-12-02, 128-token tiles) they gained only ~12% (docs/kernels-notes.md), so
 these counts explain a kernel, they do not rank configs. The machine's triton is what compiles
 (3.9 on CI; the GPU machine has 3.6: `pip install --target DIR triton==3.6.0` and put DIR first
 on PYTHONPATH to see its code). Must run without TRITON_INTERPRET.
@@ -130,10 +131,12 @@ def main() -> None:
     args = ap.parse_args()
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("unset TRITON_INTERPRET: the interpreter compiles nothing")
-    # (words, prefetch, block_n, warps, stages): the default first, then what the H200 sweep
-    # and kernels.py's DECODE_AB time.
+    # (words, prefetch, block_n, warps, stages): the default (decode.decode_defaults) first,
+    # the byte tile (the default before) second, then what the H200 sweep and kernels.py's
+    # DECODE_AB time.
     rows = [decode_row(w, bn, nw, ns, prefetch=pf) for w, pf, bn, nw, ns in
-            [(False, False, 64, 4, 2), (True, False, 64, 4, 2), (True, False, 64, 4, 1),
+            [(True, True, 128, 4, 1),
+             (False, False, 64, 4, 2), (True, False, 64, 4, 2), (True, False, 64, 4, 1),
              (True, False, 128, 4, 1), (False, False, 128, 4, 2), (True, True, 64, 4, 1),
              (True, True, 32, 2, 1), (True, True, 16, 1, 1), (False, False, 16, 1, 1)]]
     rows.append(prefill_row())

@@ -237,10 +237,7 @@ def _tq_prefill_kernel(
     chunk_end = tl.minimum(q_len, (mb + 1) * BLOCK_M)    # chunk-local end of this program's rows
     first_pos = prefix + mb * BLOCK_M
     last_pos = prefix + chunk_end - 1
-    # last_packed: the newest key position each row reads packed (= _win_lo - 1).
-    last_packed = pos_r - WIN
-    if ALIGN > 0:
-        last_packed = tl.maximum(last_packed, (pos_r // ALIGN) * ALIGN - 1)
+    last_packed = _win_lo(pos_r, WIN, ALIGN) - 1   # the newest key each row reads packed
     lo_first = _win_lo(first_pos, WIN, ALIGN)
     lo_last = _win_lo(last_pos, WIN, ALIGN)
 

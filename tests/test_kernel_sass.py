@@ -43,6 +43,9 @@ def test_word_loads_remove_the_byte_loads_of_the_decode_loop(tmp_path):
     dec = {(r["words"], r["prefetch"], r["block_n"], r["num_warps"], r["num_stages"]): r
            for r in rows if r["kernel"] == "decode split"}
     words, byte_tile = dec[(True, False, 64, 4, 2)], dec[(False, False, 64, 4, 2)]
+    default = dec[(True, True, 128, 4, 1)]          # decode.decode_defaults for 4-bit, head 128
+    assert (default["instructions_per_64_tokens_all_warps"]
+            < 0.5 * byte_tile["instructions_per_64_tokens_all_warps"]), (default, byte_tile)
     assert byte_tile["byte_loads"] >= 32, byte_tile
     assert all(r["byte_loads"] == 0 for k, r in dec.items() if k[0]), dec
     assert all(r["byte_loads"] > 0 for k, r in dec.items() if not k[0]), dec

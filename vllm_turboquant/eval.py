@@ -185,8 +185,7 @@ def _tq_row(name: str, cfg: TQConfig, kind: str, key_mean: int) -> Row:
         notes.append(f"key mean of first {key_mean} tokens: eval only")
     if cfg.align:
         notes.append(f"exact reads within the query's own {cfg.align}-token block")
-    return Row(name, TQView(cfg, key_mean_tokens=key_mean), kind, cfg,
-               servable,
+    return Row(name, TQView(cfg, key_mean_tokens=key_mean), kind, cfg, servable,
                "; ".join(notes))
 
 
