@@ -4,14 +4,14 @@
 
 `triton.compile` for target cuda:90 (no GPU or driver needed), then the bundled nvdisasm and
 cuobjdump. For each config: instructions in the kernel's longest loop (one key tile per
-iteration, per warp), the one-byte global loads in it (LDG.E.U8), registers per thread and
-shared memory per program. Shapes: the issue's decode shape (head 128, GQA 4, bf16, block
-size 16) and the prefill's packed-prefix loop at head 128.
+iteration, per warp), its global loads by width (LDG.E.U8 one byte, LDG.E four, LDG.E.128
+sixteen), registers per thread and shared memory per program. Shapes: the issue's decode shape
+(head 128, GQA 4, bf16, block size 16) and the prefill's packed-prefix loop at head 128.
 
-What this does not tell: time. On the H200 the word loads (`words`) halve the decode loop's
-instructions yet ran slower in 3 of 4 shapes without the register prefetch, and with it (the
-default since 2026-12-02, 128-token tiles) they gained only ~12% (docs/kernels-notes.md), so
-these counts explain a kernel, they do not rank configs. The machine's triton is what compiles
+What this does not tell: time. On the H200 the word loads (`words`) halved the decode loop's
+instructions (slot-order pages, before 2026-12-03) yet ran slower in 3 of 4 shapes without the
+register prefetch, and with it they gained only ~12% (docs/kernels-notes.md), so these counts
+explain a kernel, they do not rank configs. The machine's triton is what compiles
 (3.9 on CI; the GPU machine has 3.6: `pip install --target DIR triton==3.6.0` and put DIR first
 on PYTHONPATH to see its code). Must run without TRITON_INTERPRET.
 """
@@ -90,6 +90,7 @@ def loop_stats(ck) -> dict:
     for op, n in ops.items():
         by_family[op.split(".")[0]] += n
     return {"loop_instructions": sum(ops.values()), "byte_loads": ops.get("LDG.E.U8", 0),
+            "word_loads": ops.get("LDG.E", 0), "vector16_loads": ops.get("LDG.E.128", 0),
             "top_ops": dict(by_family.most_common(8)), "registers": int(fields["REG"]),
             "stack_bytes": int(fields["STACK"]), "shared_bytes": ck.metadata.shared}
 
@@ -99,10 +100,10 @@ def decode_row(words: bool, block_n: int, num_warps: int, num_stages: int,
     codec = TQLayerCodec(TQConfig.from_name("tq-k4v4"), d, layer=5)
     asm = prmt_dequant_asm(codec.key_centroids, torch.bfloat16)
     lay = codec.layout
-    consts = dict(D=d, KBITS=4, VBITS=4, V_OFF=lay.v_codes_offset, KS_OFF=lay.k_scale_offset,
-                  BLOCK_SIZE=block_size, BLOCK_N=block_n, BLOCK_G=16, HAS_SIDE=False,
-                  F32=False, KMODE=3, VMODE=3, KASM=asm, VASM=asm, KT=False, PREFETCH=prefetch,
-                  WORDS=words)
+    consts = dict(D=d, KBITS=4, VBITS=4, SLOT=lay.slot_bytes, V_OFF=lay.v_codes_offset,
+                  KS_OFF=lay.k_scale_offset, BLOCK_SIZE=block_size, BLOCK_N=block_n,
+                  BLOCK_G=16, HAS_SIDE=False, F32=False, KMODE=3, VMODE=3, KASM=asm, VASM=asm,
+                  KT=False, PREFETCH=prefetch, WORDS=words, ALIGN_B=16)
     ck = compile_sm90(_tq_decode_split_kernel, DECODE_PTRS, consts, num_warps, num_stages)
     st = loop_stats(ck)
     # The whole program's work per 64 tokens: every warp runs the loop once per tile.
@@ -116,7 +117,8 @@ def prefill_row(d: int = 128, g_pad: int = 4, block_size: int = 16) -> dict:
     codec = TQLayerCodec(TQConfig.from_name("tq-k4v4"), d, layer=5)
     asm = prmt_dequant_asm(codec.key_centroids, torch.bfloat16)
     lay = codec.layout
-    consts = dict(D=d, KBITS=4, VBITS=4, V_OFF=lay.v_codes_offset, KS_OFF=lay.k_scale_offset,
+    consts = dict(D=d, KBITS=4, VBITS=4, SLOT=lay.slot_bytes, V_OFF=lay.v_codes_offset,
+                  KS_OFF=lay.k_scale_offset, ALIGN_B=16,
                   BLOCK_SIZE=block_size, BLOCK_M=128 // g_pad, G_PAD=g_pad, BLOCK_N=32,
                   HAS_SIDE=False, F32=False, COLS=min(d, 64), WIN=0, KMODE=3, VMODE=3,
                   KASM=asm, VASM=asm, DEQ=False, DEQ_STAGES=1, INVARIANT=False)
@@ -141,13 +143,14 @@ def main() -> None:
              (True, True, 32, 2, 1), (True, True, 16, 1, 1), (False, False, 16, 1, 1)]]
     rows.append(prefill_row())
     print("| kernel | words | prefetch | block_n | warps | stages | loop instrs | per 64 tokens "
-          "| 1-byte loads | regs | shared B |")
+          "| loads 1 / 4 / 16 B | regs | shared B |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['kernel']} | {r.get('words', '-')} | {r.get('prefetch', '-')} | "
               f"{r['block_n']} | {r['num_warps']} | {r['num_stages']} | "
               f"{r['loop_instructions']} | {r.get('instructions_per_64_tokens_all_warps', '-')} "
-              f"| {r['byte_loads']} | {r['registers']} | {r['shared_bytes']} |")
+              f"| {r['byte_loads']} / {r['word_loads']} / {r['vector16_loads']} | "
+              f"{r['registers']} | {r['shared_bytes']} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"triton": triton.__version__, "target": "cuda:90 (sm_90)",

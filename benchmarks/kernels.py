@@ -40,7 +40,7 @@ sys.path.insert(0, os.path.join(_ROOT, "tests"))
 import conftest  # noqa: E402,F401  (registers vllm_turboquant.kernels when not installed)
 
 from vllm_turboquant.codec import TQConfig, TQLayerCodec  # noqa: E402
-from vllm_turboquant.kernels import TQLayerParams  # noqa: E402
+from vllm_turboquant.kernels import TQLayerParams, page_planes, read_slots  # noqa: E402
 from vllm_turboquant.kernels.decode import (default_block_n, default_num_splits,  # noqa: E402
                                             tq_decode)
 from vllm_turboquant.kernels.prefill import tq_prefill  # noqa: E402
@@ -103,9 +103,9 @@ def packed_cache(num_blocks, block_size, hkv, params):
     sb = params.layout.slot_bytes
     cache = torch.randint(0, 256, (num_blocks, block_size, hkv, sb), dtype=torch.uint8,
                           device=DEV)
-    ko = params.layout.k_scale_offset
-    scales = (torch.rand(num_blocks, block_size, hkv, 2, device=DEV) + 0.5).half()
-    cache[..., ko:ko + 4] = scales.view(torch.uint8).reshape(num_blocks, block_size, hkv, 4)
+    scale_plane = page_planes(cache, params.layout)[2]   # [blocks, Hkv, block_size, 4]
+    scales = (torch.rand(num_blocks, hkv, block_size, 2, device=DEV) + 0.5).half()
+    scale_plane.copy_(scales.view(torch.uint8).reshape(num_blocks, hkv, block_size, 4))
     return cache
 
 
@@ -307,7 +307,8 @@ def _dequant_then_attend(q, k, v, cache, bt, sl_prefix, params, scale, block_siz
     """The baseline: dequantize the whole prefix to bf16, then one causal attention."""
     prefix = int(sl_prefix)
     pos = torch.arange(prefix, device=DEV)
-    slots = cache[bt[0].long()[pos // block_size], pos % block_size]       # [P, Hkv, SB]
+    slots = read_slots(cache, params.layout, bt[0].long()[pos // block_size],
+                       pos % block_size)                                   # [P, Hkv, SB]
     kp, vp = decode_slots(params, slots)
     kp = (kp @ params.rotation).to(q.dtype)
     vp = (vp @ params.rotation).to(q.dtype)
@@ -391,8 +392,9 @@ DECODE_AB = [  # tq_decode keyword arguments; the first is the default config (d
     {"block_n": 64, "num_warps": 8},
     # Fewer warps per program: the softmax's row max and sum then cross fewer warps (through
     # shared memory, with barriers). sm_90 SASS instructions per 64 tokens, all warps of a
-    # program (benchmarks/results/kernel-sass-sm90-triton36.json): ~3,800 for each of the
-    # prefetched word-load rows, 5,548 for the 1-warp byte tile, 7,984 for the byte default.
+    # program, head-major pages (benchmarks/results/kernel-sass-sm90-triton36.json): 2,244
+    # for the default, ~2,800 for each of the prefetched rows with smaller tiles, 3,164 for
+    # the 1-warp byte tile, 3,668 for the byte tile.
     {"block_n": 32, "num_warps": 2},
     {"block_n": 16, "num_warps": 1},
     {"words": False, "prefetch": False, "block_n": 16, "num_stages": 1, "num_warps": 1},

@@ -24,8 +24,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import kernels as kb  # noqa: E402  (benchmarks/kernels.py: timing, inputs, baselines)
 
-from vllm_turboquant.codec import TQConfig, TQLayerCodec  # noqa: E402
-from vllm_turboquant.kernels import TQLayerParams  # noqa: E402
+from vllm_turboquant.codec import TQConfig, TQLayerCodec, pack_codes  # noqa: E402
+from vllm_turboquant.kernels import TQLayerParams, read_slots  # noqa: E402
 from vllm_turboquant.kernels.decode import default_num_splits, tq_decode  # noqa: E402
 from vllm_turboquant.kernels.reference import decode_slots, tq_store_ref  # noqa: E402
 from vllm_turboquant.kernels.store import tq_store  # noqa: E402
@@ -63,8 +63,10 @@ def store_case(d, name, dtype, block_t, warps, rot, **kw):
         err = f"{type(e).__name__}: {str(e)[:300]}"
     tq_store_ref(k, v, c2, slots, params)
     valid = slots >= 0
-    r1 = c1.reshape(-1, hkv, sb)[slots[valid]]
-    r2 = c2.reshape(-1, hkv, sb)[slots[valid]]
+    bs = c1.shape[1]
+    ids = slots[valid].long()
+    r1 = read_slots(c1, params.layout, ids // bs, ids % bs)
+    r2 = read_slots(c2, params.layout, ids // bs, ids % bs)
     diff = (r1 != r2).float().mean().item()
     untouched = (r1 == 7).all(-1).float().mean().item()
     # Are the kernel's bytes a valid encoding of the right vector? rel. error of decode.
@@ -126,7 +128,7 @@ def store_stages(d, dtype):
         yrel = ((y - want_y).norm() / want_y.norm()).item()
         u = want_y / want_y.norm(dim=-1, keepdim=True)
         codes = torch.bucketize(u, params.key_bounds)
-        want_p = codes[:, :d // 2] | (codes[:, d // 2:] << 4)
+        want_p = pack_codes(codes, 4).int()          # stored (sign-magnitude) nibbles
         c = params.key_centroids[codes]
         want_s = (want_y * c).sum(-1) / c.square().sum(-1)
         emit(op="store_stage", d=d, dtype=str(dtype), rot=rot, y_rel_err=yrel,

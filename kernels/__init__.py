@@ -7,10 +7,11 @@ use the references (the CPU serving path).
 
 import importlib.util
 
-from ._common import TQLayerParams, TQSide, as_params
+from ._common import TQLayerParams, TQSide, as_params, page_planes, read_slots, write_slots
 from .reference import tq_decode_ref, tq_prefill_ref, tq_store_ref
 
-__all__ = ["TQLayerParams", "TQSide", "as_params", "tq_store_ref", "tq_decode_ref",
+__all__ = ["TQLayerParams", "TQSide", "as_params", "page_planes", "read_slots",
+           "write_slots", "tq_store_ref", "tq_decode_ref",
            "tq_prefill_ref", "tq_store", "tq_decode", "tq_prefill", "HAS_TRITON"]
 
 # Not imported here: TRITON_INTERPRET must be set before triton's first import to take

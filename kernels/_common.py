@@ -12,7 +12,7 @@ from typing import NamedTuple
 
 import torch
 
-from vllm_turboquant.codec import SlotLayout, TQLayerCodec, code_planes
+from vllm_turboquant.codec import SlotLayout, TQLayerCodec, code_planes, sign_magnitude
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,10 +133,18 @@ def next_pow2(x: int) -> int:
     return 1 << max(0, math.ceil(math.log2(max(1, x))))
 
 
+def stored_order(centroids: torch.Tensor) -> torch.Tensor:
+    """The codebook indexed by stored (sign-magnitude) code: entry c = C[sign_magnitude(c)]
+    (codec.packing), what a table lookup of a packed code must return."""
+    bits = int(centroids.numel()).bit_length() - 1
+    return centroids[sign_magnitude(torch.arange(centroids.numel(), device=centroids.device),
+                                    bits)]
+
+
 def pair_table(centroids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """int32 [256]: entry byte = bits(C[byte & 15]) | bits(C[byte >> 4]) << 16 in `dtype`
-    (fp16/bf16), the 4-bit lookup table of `dequant_halves`."""
-    bits = centroids.to(dtype).view(torch.int16).to(torch.int64) & 0xFFFF
+    """int32 [256]: entry byte = bits(C'[byte & 15]) | bits(C'[byte >> 4]) << 16 in `dtype`
+    (fp16/bf16), C' = stored_order(C): the 4-bit lookup table of `dequant_halves`."""
+    bits = stored_order(centroids).to(dtype).view(torch.int16).to(torch.int64) & 0xFFFF
     idx = torch.arange(256, device=centroids.device)
     t = bits[idx & 15] | (bits[idx >> 4] << 16)
     return torch.where(t >= 2 ** 31, t - 2 ** 32, t).to(torch.int32).contiguous()
@@ -147,13 +155,13 @@ def prmt_dequant_asm(centroids: torch.Tensor, dtype: torch.dtype) -> str | None:
     coordinate j | code of coordinate j + D/2 << 4) -> $0, $1: the 4 low-half values, $2, $3:
     the 4 high-half values, as 16-bit floats of `dtype` (two per register, element 0 low).
 
-    Lloyd-Max codebooks are symmetric (C[15 - v] = -C[v]), so a code v is a sign (bit 3 set =
-    positive) and a magnitude index m = v & 7 (positive) or 7 - v (negative) into the 8
-    magnitudes M[i] = C[8 + i]. `prmt` picks 4 bytes out of 8 by the 4 nibbles of its
-    selector: one prmt looks up the low bytes of 4 magnitudes, one the high bytes (the tables
-    are immediates), one builds the sign bytes (prmt's sign-replicate mode copies bit 7 of the
-    selected byte), then two prmts interleave low/high bytes into 16-bit values. About 17
-    instructions per 8 values, registers only: no gather through L1.
+    Lloyd-Max codebooks are symmetric (C[15 - v] = -C[v]) and the stored code is already in
+    sign-magnitude form (codec.packing.sign_magnitude): bit 3 set = positive, bits 0-2 = the
+    index m into the 8 magnitudes M[i] = C[8 + i]. `prmt` picks 4 bytes out of 8 by the 4
+    nibbles of its selector: one prmt looks up the low bytes of 4 magnitudes, one the high
+    bytes (the tables are immediates), one builds the sign bytes (prmt's sign-replicate mode
+    copies bit 7 of the selected byte), then two prmts interleave low/high bytes into 16-bit
+    values. About 12 instructions per 8 values, registers only: no gather through L1.
     Returns None when the codebook is not 16 levels or not exactly symmetric in `dtype`."""
     if centroids.numel() != 16 or dtype not in (torch.float16, torch.bfloat16):
         return None
@@ -173,18 +181,13 @@ def prmt_dequant_asm(centroids: torch.Tensor, dtype: torch.dtype) -> str | None:
     # of the low half, coordinate j of the high half, ...), kept through the lookups; the
     # interleaving prmts (0x6240 / 0x7351) split it back into the two halves.
     return f"""{{
-.reg .b32 r4, q, m, mb, la, ha, lb, hb, sa, sb, t0, t1, t2, t3;
+.reg .b32 r4, m, mb, la, ha, lb, hb, sa, sb, t0, t1, t2, t3;
 mov.b32 t0, {lo0:#010x};
 mov.b32 t1, {lo1:#010x};
 mov.b32 t2, {hi0:#010x};
 mov.b32 t3, {hi1:#010x};
 shl.b32 r4, $4, 4;
-not.b32 q, $4;
-shr.b32 q, q, 3;
-and.b32 q, q, 0x11111111;
-mul.lo.u32 q, q, 7;
 and.b32 m, $4, 0x77777777;
-xor.b32 m, m, q;
 shr.b32 mb, m, 16;
 prmt.b32 la, t0, t1, m;
 prmt.b32 ha, t2, t3, m;
@@ -213,11 +216,68 @@ def cached(params, key, make):
     return store[key]
 
 
+def page_layout_ok(kv_cache: torch.Tensor) -> bool:
+    """True if every block of `kv_cache` [num_blocks, block_size, Hkv, slot_bytes] is one dense
+    run of block_size * Hkv * slot_bytes bytes starting at data_ptr + n * stride(0): any order
+    of the last three dims (vLLM 0.32 hands a transposed view), any block stride."""
+    expect = 1
+    for i in sorted(range(1, 4), key=lambda i: kv_cache.stride(i)):
+        if kv_cache.shape[i] > 1 and kv_cache.stride(i) != expect:
+            return False
+        expect *= kv_cache.shape[i]
+    return kv_cache.shape[0] <= 1 or kv_cache.stride(0) >= expect
+
+
 def check_cache_alignment(kv_cache: torch.Tensor) -> None:
-    """The kernels read/write slots as 4-byte words: base and strides must allow it."""
-    if kv_cache.data_ptr() % 4 or any(st % 4 for st in kv_cache.stride()[:3]):
-        raise ValueError("kv_cache base and block/token/head strides must be multiples of 4 "
-                         "bytes (slot_bytes is a multiple of 4)")
+    """The kernels address a block as one dense page (docs/layout.md) and read its planes as
+    4-byte words: dense blocks, 4-byte aligned base and block stride."""
+    if not page_layout_ok(kv_cache):
+        raise ValueError(f"kv_cache blocks must be dense pages (strides {kv_cache.stride()} "
+                         f"for shape {tuple(kv_cache.shape)})")
+    if kv_cache.data_ptr() % 4 or kv_cache.stride(0) % 4:
+        raise ValueError("kv_cache base and block stride must be multiples of 4 bytes")
+
+
+def page_align(kv_cache: torch.Tensor, layout: SlotLayout) -> int:
+    """Byte alignment (16 or 4) the kernels may assume for every token's code rows: 16 when the
+    base, block stride, per-head plane and code widths are multiples of 16 (then rows load as
+    16-byte vectors), else 4."""
+    bs = kv_cache.shape[1]
+    sizes = (kv_cache.data_ptr(), kv_cache.stride(0), bs * layout.slot_bytes,
+             layout.v_codes_offset, layout.k_scale_offset - layout.v_codes_offset)
+    return 16 if all(x % 16 == 0 for x in sizes) else 4
+
+
+def page_planes(kv_cache: torch.Tensor, layout: SlotLayout):
+    """The three planes of a paged cache (docs/layout.md) as uint8 views, each
+    [num_blocks, Hkv, block_size, width]: key codes (width v_codes_offset), value codes
+    (k_scale_offset - v_codes_offset) and the scale word + padding (slot_bytes -
+    k_scale_offset). Block n, head h is one run of block_size * slot_bytes bytes: all its
+    tokens' key codes, then their value codes, then their scale words."""
+    nb, bs, hkv, sb = kv_cache.shape
+    if sb != layout.slot_bytes:
+        raise ValueError(f"kv_cache slot bytes {sb} != the layout's {layout.slot_bytes}")
+    if not page_layout_ok(kv_cache):
+        raise ValueError("kv_cache blocks must be dense pages")
+    cuts = (0, layout.v_codes_offset, layout.k_scale_offset, sb)
+    return tuple(kv_cache.as_strided((nb, hkv, bs, b - a), (kv_cache.stride(0), bs * sb, b - a, 1),
+                                     kv_cache.storage_offset() + bs * a)
+                 for a, b in zip(cuts, cuts[1:]))
+
+
+def read_slots(kv_cache: torch.Tensor, layout: SlotLayout, blocks: torch.Tensor,
+               rows: torch.Tensor) -> torch.Tensor:
+    """Slots of tokens (block ids [n], rows in block [n], int64) -> uint8 [n, Hkv, slot_bytes]
+    in the codec's slot order (docs/layout.md, "One slot")."""
+    return torch.cat([p[blocks, :, rows] for p in page_planes(kv_cache, layout)], dim=-1)
+
+
+def write_slots(kv_cache: torch.Tensor, layout: SlotLayout, blocks: torch.Tensor,
+                rows: torch.Tensor, slots: torch.Tensor) -> None:
+    """Inverse of read_slots: slots uint8 [n, Hkv, slot_bytes] into their pages, in place."""
+    cuts = (0, layout.v_codes_offset, layout.k_scale_offset, layout.slot_bytes)
+    for plane, a, b in zip(page_planes(kv_cache, layout), cuts, cuts[1:]):
+        plane[blocks, :, rows] = slots[..., a:b]
 
 
 _SMS: dict = {}

@@ -26,9 +26,17 @@ def _unpack_plane(base, offs_d, mask, W: tl.constexpr, SHIFT: tl.constexpr,
 
 
 @triton.jit
+def sign_magnitude(codes, BITS: tl.constexpr):
+    """Codebook index <-> stored code, its own inverse (codec.packing.sign_magnitude):
+    v >= H stays, v < H becomes H - 1 - v (H = 2**(BITS-1))."""
+    HALF: tl.constexpr = 1 << (BITS - 1)
+    return tl.where(codes >= HALF, codes, (HALF - 1) - codes)
+
+
+@triton.jit
 def load_codes(base, offs_d, mask, BITS: tl.constexpr, D: tl.constexpr):
-    """base [N] pointers to the first code byte of N slots -> codes int32 [N, len(offs_d)] of
-    the coordinates offs_d (any subset of [0, D))."""
+    """base [N] pointers to the first code byte of N slots -> codebook indices int32
+    [N, len(offs_d)] of the coordinates offs_d (any subset of [0, D))."""
     if BITS == 8:
         codes = tl.load(base[:, None] + offs_d[None, :], mask=mask[:, None], other=0)
         codes = codes.to(tl.int32)
@@ -42,7 +50,7 @@ def load_codes(base, offs_d, mask, BITS: tl.constexpr, D: tl.constexpr):
         if BITS & 1:
             codes = codes | _unpack_plane(base, offs_d, mask, 1, BITS & 6,
                                           (BITS & 6) * D // 8, D)
-    return codes
+    return sign_magnitude(codes, BITS)
 
 
 @triton.jit
@@ -62,7 +70,9 @@ def _pack_plane(codes, dst, mask, W: tl.constexpr, SHIFT: tl.constexpr, START: t
 
 @triton.jit
 def store_codes(codes, dst, mask, BITS: tl.constexpr, D: tl.constexpr):
-    """codes int32 [N, D] -> bit-plane packed bytes at dst [N] (uint8 pointers)."""
+    """codebook indices int32 [N, D] -> their sign-magnitude codes, bit-plane packed, at
+    dst [N] (uint8 pointers)."""
+    codes = sign_magnitude(codes, BITS)
     if BITS == 8:
         offs_d = tl.arange(0, D)
         tl.store(dst[:, None] + offs_d[None, :], codes.to(tl.uint8), mask=mask[:, None])
@@ -73,6 +83,21 @@ def store_codes(codes, dst, mask, BITS: tl.constexpr, D: tl.constexpr):
             _pack_plane(codes, dst, mask, 2, BITS & 4, (BITS & 4) * D // 8, D)
         if BITS & 1:
             _pack_plane(codes, dst, mask, 1, BITS & 6, (BITS & 6) * D // 8, D)
+
+
+@triton.jit
+def slot_ptrs(cache_ptr, blk, in_blk, h, stride_cb, BS: tl.constexpr, SLOT: tl.constexpr,
+              V_OFF: tl.constexpr, KS_OFF: tl.constexpr, ALIGN_B: tl.constexpr):
+    """Tokens (block id blk int64, row in block in_blk) of KV head h -> uint8 pointers to their
+    key codes, value codes and scale word in the head-major page (docs/layout.md): head h of a
+    block is BS * SLOT bytes, BS key-code rows of V_OFF bytes, then BS value-code rows, then BS
+    scale words. ALIGN_B (16 or 4, the launcher's `page_align`): the code rows' alignment, so
+    a row of 4-bit codes loads as 16-byte vectors."""
+    head = cache_ptr + blk * stride_cb + h.to(tl.int64) * (BS * SLOT)
+    kp = tl.multiple_of(head + in_blk * V_OFF, ALIGN_B)
+    vp = tl.multiple_of(head + BS * V_OFF + in_blk * (KS_OFF - V_OFF), ALIGN_B)
+    sp = tl.multiple_of(head + BS * KS_OFF + in_blk * (SLOT - KS_OFF), 4)
+    return kp, vp, sp
 
 
 @triton.jit
@@ -164,7 +189,8 @@ def dequant_halves(base, mask, offs_lo, offs_hi, cent_ptr, table_ptr, BITS: tl.c
     MODE 1 (4 bits): byte j holds the codes of coordinates j and j + D/2; one gather from a
       256-entry int32 table (C[lo], C[hi] as two 16-bit floats) dequantizes both.
     MODE 2 (4 bits): the byte tile is read once, two gathers of its nibbles from the
-      16-entry codebook in DT (32 bytes: one L1 sector per warp-wide gather).
+      16-entry codebook in DT, indexed by stored code (`_common.stored_order`; 32 bytes: one
+      L1 sector per warp-wide gather).
     MODE 3 (4 bits, symmetric codebook, CUDA only): no memory lookup at all; ASM (from
       `_common.prmt_dequant_asm`) turns 4 code bytes into 8 values with `prmt` byte
       permutes over the 8 centroid magnitudes held as immediates. Not run by the CPU

@@ -21,37 +21,40 @@ import triton
 import triton.language as tl
 
 from ._common import (TQSide, as_params, cached, check_cache_alignment, default_num_splits,
-                      next_pow2, pair_table, prmt_dequant_asm)
+                      next_pow2, page_align, pair_table, prmt_dequant_asm, stored_order)
 from ._launch import launch
-from ._tl import decode_bytes, dequant_halves, interpreting, load_code_bytes, mma
+from ._tl import (decode_bytes, dequant_halves, interpreting, load_code_bytes, mma,
+                  slot_ptrs)
 
 _LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _tile_base(cache_ptr, bt_row, offs_n, nmask, block_size, stride_cb, stride_ct, head_off):
+def _tile_base(cache_ptr, bt_row, offs_n, nmask, h, stride_cb, BS: tl.constexpr,
+               SLOT: tl.constexpr, V_OFF: tl.constexpr, KS_OFF: tl.constexpr,
+               ALIGN_B: tl.constexpr):
     """Token positions offs_n [N] -> (block id int64, row in block int64, uint8 pointers to
-    the slots of this KV head)."""
-    blk = tl.load(bt_row + offs_n // block_size, mask=nmask, other=0).to(tl.int64)
-    in_blk = (offs_n % block_size).to(tl.int64)
-    # Slots are 4-byte aligned (launcher checks): lets the compiler load 4 bytes at a time.
-    base = cache_ptr + tl.multiple_of(blk * stride_cb + in_blk * stride_ct + head_off, 4)
-    return blk, in_blk, base
+    their key codes, value codes and scale words in KV head h's plane of the page)."""
+    blk = tl.load(bt_row + offs_n // BS, mask=nmask, other=0).to(tl.int64)
+    in_blk = (offs_n % BS).to(tl.int64)
+    kp, vp, sp = slot_ptrs(cache_ptr, blk, in_blk, h, stride_cb, BS, SLOT, V_OFF, KS_OFF,
+                           ALIGN_B)
+    return blk, in_blk, kp, vp, sp
 
 
 @triton.jit
-def _tile_bytes(base, nmask, offs_lo, V_OFF: tl.constexpr, KS_OFF: tl.constexpr,
-                WORDS: tl.constexpr):
+def _tile_bytes(kp, vp, sp, nmask, offs_lo, WORDS: tl.constexpr):
     """The raw bytes of one tile of 4-bit slots, for decoding later (PREFETCH): key and value
-    code tiles [N, D/2] uint8 (as int32 words when WORDS) and the scale words [N] int32."""
+    code tiles [N, D/2] uint8 (loaded as int32 words when WORDS) and the scale words [N]
+    int32."""
     HALF: tl.constexpr = offs_lo.shape[0]
     if WORDS:
-        kb = load_code_bytes(base, nmask, 0, HALF)
-        vb = load_code_bytes(base, nmask, V_OFF, HALF)
+        kb = load_code_bytes(kp, nmask, 0, HALF)
+        vb = load_code_bytes(vp, nmask, 0, HALF)
     else:
-        kb = tl.load(base[:, None] + offs_lo[None, :], mask=nmask[:, None], other=0)
-        vb = tl.load(base[:, None] + V_OFF + offs_lo[None, :], mask=nmask[:, None], other=0)
-    sc = tl.load((base + KS_OFF).to(tl.pointer_type(tl.int32)), mask=nmask, other=0)
+        kb = tl.load(kp[:, None] + offs_lo[None, :], mask=nmask[:, None], other=0)
+        vb = tl.load(vp[:, None] + offs_lo[None, :], mask=nmask[:, None], other=0)
+    sc = tl.load(sp.to(tl.pointer_type(tl.int32)), mask=nmask, other=0)
     return kb, vb, sc
 
 
@@ -68,7 +71,7 @@ def _online_softmax(s, m_i, l_i):
 @triton.jit
 def _tq_decode_split_kernel(
     q_ptr,              # [B, Hq, D] dot dtype: rotated q * softmax_scale * log2(e)
-    cache_ptr,          # [num_blocks, block_size, Hkv, slot_bytes] uint8
+    cache_ptr,          # [num_blocks, block_size, Hkv, slot_bytes] uint8, head-major pages
     block_table_ptr,    # [B, max_blocks] int32
     seq_lens_ptr,       # [B] int32
     kcent_ptr,          # [2**KBITS] float32
@@ -82,13 +85,13 @@ def _tq_decode_split_kernel(
     part_lse_ptr,       # [B, Hq, S] float32: log2-sum-exp of each split
     num_splits, G, W, num_kv_heads,
     stride_qb, stride_qh,
-    stride_bt,
-    stride_cb, stride_ct, stride_ch,
-    D: tl.constexpr, KBITS: tl.constexpr, VBITS: tl.constexpr,
+    stride_bt, stride_cb,
+    D: tl.constexpr, KBITS: tl.constexpr, VBITS: tl.constexpr, SLOT: tl.constexpr,
     V_OFF: tl.constexpr, KS_OFF: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, HAS_SIDE: tl.constexpr, F32: tl.constexpr,
     KMODE: tl.constexpr, VMODE: tl.constexpr, KASM: tl.constexpr, VASM: tl.constexpr,
     KT: tl.constexpr, PREFETCH: tl.constexpr, WORDS: tl.constexpr, ALIGN: tl.constexpr = 0,
+    ALIGN_B: tl.constexpr = 4,
 ):
     """ALIGN (the preset's `align`, 0 = none): the window's exact reads start no earlier than
     the query's own ALIGN-token block. KT: scores as K @ q^T (the dequantized key tile is the
@@ -127,7 +130,6 @@ def _tq_decode_split_kernel(
     acc_lo = tl.zeros([BLOCK_G, HALF], dtype=tl.float32)
     acc_hi = tl.zeros([BLOCK_G, HALF], dtype=tl.float32)
     bt_row = block_table_ptr + b.to(tl.int64) * stride_bt
-    head_off = h.to(tl.int64) * stride_ch
 
     # Only positions >= win_start (seq_len - W, or the start of the query's own ALIGN-token
     # block if that is later) can come from the window. Tiles are aligned to BLOCK_N
@@ -146,30 +148,31 @@ def _tq_decode_split_kernel(
     if PREFETCH:
         offs_n = start + offs_t
         nmask = offs_n < main_end
-        blk, in_blk, base = _tile_base(cache_ptr, bt_row, offs_n, nmask, BLOCK_SIZE,
-                                       stride_cb, stride_ct, head_off)
-        kb, vb, sc = _tile_bytes(base, nmask, offs_lo, V_OFF, KS_OFF, WORDS)
+        blk, in_blk, kp, vp, sp = _tile_base(cache_ptr, bt_row, offs_n, nmask, h, stride_cb,
+                                             BLOCK_SIZE, SLOT, V_OFF, KS_OFF, ALIGN_B)
+        kb, vb, sc = _tile_bytes(kp, vp, sp, nmask, offs_lo, WORDS)
 
     for n0 in range(start, main_end, BLOCK_N):
         if PREFETCH:
             c_mask, c_kb, c_vb, c_sc = nmask, kb, vb, sc
             offs_n = n0 + BLOCK_N + offs_t
             nmask = offs_n < main_end
-            blk, in_blk, base = _tile_base(cache_ptr, bt_row, offs_n, nmask, BLOCK_SIZE,
-                                           stride_cb, stride_ct, head_off)
-            kb, vb, sc = _tile_bytes(base, nmask, offs_lo, V_OFF, KS_OFF, WORDS)
+            blk, in_blk, kp, vp, sp = _tile_base(cache_ptr, bt_row, offs_n, nmask, h,
+                                                 stride_cb, BLOCK_SIZE, SLOT, V_OFF, KS_OFF,
+                                                 ALIGN_B)
+            kb, vb, sc = _tile_bytes(kp, vp, sp, nmask, offs_lo, WORDS)
             k_lo, k_hi = decode_bytes(c_kb, ktab_ptr, dt, KMODE, KASM)
             ks = (c_sc & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True)
         else:
             c_offs = n0 + offs_t
             c_mask = c_offs < main_end
-            c_blk, c_in_blk, c_base = _tile_base(cache_ptr, bt_row, c_offs, c_mask, BLOCK_SIZE,
-                                                 stride_cb, stride_ct, head_off)
-            k_lo, k_hi = dequant_halves(c_base, c_mask, offs_lo, offs_hi, kcent_ptr, ktab_ptr,
+            c_blk, c_in_blk, c_kp, c_vp, c_sp = _tile_base(
+                cache_ptr, bt_row, c_offs, c_mask, h, stride_cb, BLOCK_SIZE, SLOT, V_OFF,
+                KS_OFF, ALIGN_B)
+            k_lo, k_hi = dequant_halves(c_kp, c_mask, offs_lo, offs_hi, kcent_ptr, ktab_ptr,
                                         KBITS, D, dt, KMODE, KASM, WORDS)
             # Both fp16 scales as one int32: K scale low, V scale high (little endian).
-            c_sc = tl.load((c_base + KS_OFF).to(tl.pointer_type(tl.int32)), mask=c_mask,
-                           other=0)
+            c_sc = tl.load(c_sp.to(tl.pointer_type(tl.int32)), mask=c_mask, other=0)
             ks = (c_sc & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True)
         if KT:
             s = tl.trans(mma(k_lo, qt_lo, F32) + mma(k_hi, qt_hi, F32))
@@ -184,7 +187,7 @@ def _tq_decode_split_kernel(
         if PREFETCH:
             v_lo, v_hi = decode_bytes(c_vb, vtab_ptr, dt, VMODE, VASM)
         else:
-            v_lo, v_hi = dequant_halves(c_base + V_OFF, c_mask, offs_lo, offs_hi, vcent_ptr,
+            v_lo, v_hi = dequant_halves(c_vp, c_mask, offs_lo, offs_hi, vcent_ptr,
                                         vtab_ptr, VBITS, D, dt, VMODE, VASM, WORDS)
         vs = ((c_sc >> 16) & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True)
         pv = (p * vs.to(tl.float32)[None, :]).to(dt)
@@ -198,10 +201,11 @@ def _tq_decode_split_kernel(
         for n0 in range(tl.maximum(start, main_end), end, BLOCK_N):
             c_offs = n0 + offs_t
             c_mask = c_offs < end
-            c_blk, c_in_blk, c_base = _tile_base(cache_ptr, bt_row, c_offs, c_mask, BLOCK_SIZE,
-                                                 stride_cb, stride_ct, head_off)
+            c_blk, c_in_blk, c_kp, c_vp, c_sp = _tile_base(
+                cache_ptr, bt_row, c_offs, c_mask, h, stride_cb, BLOCK_SIZE, SLOT, V_OFF,
+                KS_OFF, ALIGN_B)
             # Both fp16 scales as one int32; the whole word is also the side entry's check.
-            sc = tl.load((c_base + KS_OFF).to(tl.pointer_type(tl.int32)), mask=c_mask, other=0)
+            sc = tl.load(c_sp.to(tl.pointer_type(tl.int32)), mask=c_mask, other=0)
             entry = b.to(tl.int64) * W + c_offs % W
             in_win = c_mask & (c_offs >= win_start)
             tag = tl.load(side_tag_ptr + entry, mask=in_win, other=-1)
@@ -210,7 +214,7 @@ def _tq_decode_split_kernel(
                 chk == sc)
             side_off = (entry * num_kv_heads + h) * D
 
-            k_lo, k_hi = dequant_halves(c_base, c_mask & ~use_side, offs_lo, offs_hi,
+            k_lo, k_hi = dequant_halves(c_kp, c_mask & ~use_side, offs_lo, offs_hi,
                                         kcent_ptr, ktab_ptr, KBITS, D, dt, KMODE, KASM, WORDS)
             ks = (sc & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
             # Side rows get key scale 1 and the exact key; packed rows the dequantized one.
@@ -228,7 +232,7 @@ def _tq_decode_split_kernel(
             acc_lo = acc_lo * alpha[:, None]
             acc_hi = acc_hi * alpha[:, None]
 
-            v_lo, v_hi = dequant_halves(c_base + V_OFF, c_mask & ~use_side, offs_lo, offs_hi,
+            v_lo, v_hi = dequant_halves(c_vp, c_mask & ~use_side, offs_lo, offs_hi,
                                         vcent_ptr, vtab_ptr, VBITS, D, dt, VMODE, VASM, WORDS)
             vs = ((sc >> 16) & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
             vs = tl.where(use_side, 1.0, vs)
@@ -337,8 +341,8 @@ def lookup_tables(params, dot_dtype, lookup=2, allow_asm=True):
         if lookup in (1, 3):
             return 1, cached(params, ("pair", which, dot_dtype),
                              lambda: pair_table(cent, dot_dtype)), ""
-        return 2, cached(params, ("cent", which, dot_dtype),
-                         lambda: cent.to(dot_dtype).contiguous()), ""
+        return 2, cached(params, ("cent_stored", which, dot_dtype),
+                         lambda: stored_order(cent).to(dot_dtype).contiguous()), ""
 
     kmode, kt, kasm = table(params.key_centroids, params.key_bits, "k")
     vmode, vt, vasm = table(params.value_centroids, params.value_bits, "v")
@@ -370,7 +374,8 @@ def tq_decode(query: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Te
     """Triton split-KV decode over packed slots; same contract as `reference.tq_decode_ref`.
 
     query [B, Hq, D] fp16/bf16 (fp32 is computed in fp32); kv_cache uint8
-    [num_blocks, block_size, Hkv, slot_bytes] (any strides in the first 3 dims);
+    [num_blocks, block_size, Hkv, slot_bytes], head-major dense pages (docs/layout.md; any
+    block stride, any order of the last 3 dims);
     block_table int32 [B, max_blocks]; seq_lens int32 [B] (0 = padding row -> zeros).
     num_splits: fixed split count (pass one for CUDA graphs); default from the shapes only.
     out: optional [B, Hq, D] output buffer. Returns [B, Hq, D] in query.dtype.
@@ -424,13 +429,13 @@ def tq_decode(query: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Te
         q, kv_cache, block_table, seq_lens, p.key_centroids, p.value_centroids,
         kpair, vpair, sk, sv, stag, schk, part_o, part_lse,
         num_splits, g, w, hkv,
-        q.stride(0), q.stride(1), block_table.stride(0),
-        kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2),
-        D=d, KBITS=p.key_bits, VBITS=p.value_bits, V_OFF=lay.v_codes_offset,
+        q.stride(0), q.stride(1), block_table.stride(0), kv_cache.stride(0),
+        D=d, KBITS=p.key_bits, VBITS=p.value_bits, SLOT=lay.slot_bytes, V_OFF=lay.v_codes_offset,
         KS_OFF=lay.k_scale_offset, BLOCK_SIZE=block_size, BLOCK_N=block_n, BLOCK_G=block_g,
         HAS_SIDE=has_side,
         F32=f32, KMODE=kmode, VMODE=vmode, KASM=kasm, VASM=vasm, KT=bool(kt),
         PREFETCH=prefetch, WORDS=words, ALIGN=p.align if has_side else 0,
+        ALIGN_B=page_align(kv_cache, lay),
         num_warps=num_warps, num_stages=num_stages)
     launch(_tq_decode_merge_kernel, (bsz, hkv),
         part_o, part_lse, p.rotation_pm1, out,

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import TQSide, as_params, check_cache_alignment, next_pow2
+from ._common import TQSide, as_params, check_cache_alignment, next_pow2, page_align
 from ._launch import launch
 from ._tl import dequant_halves, interpreting, mma
 from .decode import _tile_base, lookup_tables, rotate_query
@@ -53,31 +53,32 @@ def _win_lo(pos, WIN: tl.constexpr, ALIGN: tl.constexpr):
 
 
 @triton.jit
-def _packed_scores(q_lo, q_hi, cache_ptr, bt_row, offs_n, nmask, block_size, stride_cb,
-                   stride_ct, head_off, kcent_ptr, ktab_ptr, offs_lo, offs_hi,
-                   KBITS: tl.constexpr, D: tl.constexpr, KS_OFF: tl.constexpr,
+def _packed_scores(q_lo, q_hi, cache_ptr, bt_row, offs_n, nmask, h, stride_cb,
+                   kcent_ptr, ktab_ptr, offs_lo, offs_hi, BS: tl.constexpr,
+                   SLOT: tl.constexpr, V_OFF: tl.constexpr, KS_OFF: tl.constexpr,
+                   ALIGN_B: tl.constexpr, KBITS: tl.constexpr, D: tl.constexpr,
                    F32: tl.constexpr, KMODE: tl.constexpr, KASM: tl.constexpr):
     """Scores of the rows' queries against the packed keys at positions offs_n [N] (through
-    the block table) -> (block id, row in block, slot pointers [N], scores [ROWS, N] float32
-    = q . C[codes] * key scale)."""
-    blk, in_blk, base = _tile_base(cache_ptr, bt_row, offs_n, nmask, block_size, stride_cb,
-                                   stride_ct, head_off)
-    k_lo, k_hi = dequant_halves(base, nmask, offs_lo, offs_hi, kcent_ptr, ktab_ptr, KBITS, D,
+    the block table) -> (block id, row in block, pointers [N] to the value codes and the scale
+    words, scores [ROWS, N] float32 = q . C[codes] * key scale)."""
+    blk, in_blk, kp, vp, sp = _tile_base(cache_ptr, bt_row, offs_n, nmask, h, stride_cb, BS,
+                                         SLOT, V_OFF, KS_OFF, ALIGN_B)
+    k_lo, k_hi = dequant_halves(kp, nmask, offs_lo, offs_hi, kcent_ptr, ktab_ptr, KBITS, D,
                                 q_lo.dtype, KMODE, KASM)
-    ks = tl.load((base + KS_OFF).to(tl.pointer_type(tl.float16)), mask=nmask, other=0.0)
+    ks = tl.load(sp.to(tl.pointer_type(tl.float16)), mask=nmask, other=0.0)
     s = mma(q_lo, tl.trans(k_lo), F32) + mma(q_hi, tl.trans(k_hi), F32)
-    return blk, in_blk, base, s * ks.to(tl.float32)[None, :]
+    return blk, in_blk, vp, sp, s * ks.to(tl.float32)[None, :]
 
 
 @triton.jit
-def _side_held(side_tag_ptr, side_check_ptr, base, entry, cand, blk, in_blk, block_size,
-               num_kv_heads, h, KS_OFF: tl.constexpr):
+def _side_held(side_tag_ptr, side_check_ptr, sp, entry, cand, blk, in_blk, block_size,
+               num_kv_heads, h):
     """Which candidate side entries hold an exact copy of these slots: the entry's tag is the
     slot's global index and its check word equals the packed slot's scale word (so an entry a
     later token overwrote, or another request's, reads packed)."""
     tag = tl.load(side_tag_ptr + entry, mask=cand, other=-1)
     chk = tl.load(side_check_ptr + entry * num_kv_heads + h, mask=cand, other=0)
-    packed_chk = tl.load((base + KS_OFF).to(tl.pointer_type(tl.int32)), mask=cand, other=1)
+    packed_chk = tl.load(sp.to(tl.pointer_type(tl.int32)), mask=cand, other=1)
     return cand & (tag.to(tl.int64) == blk * block_size + in_blk) & (chk == packed_chk)
 
 
@@ -99,11 +100,12 @@ def _exact_halves(own_ptr, side_ptr, own_off, side_off, own, held, offs_lo, offs
 
 
 @triton.jit
-def _invariant_tiles(q_lo, q_hi, k_ptr, v_ptr, cache_ptr, bt_row, head_off, kcent_ptr,
+def _invariant_tiles(q_lo, q_hi, k_ptr, v_ptr, cache_ptr, bt_row, kcent_ptr,
                      vcent_ptr, ktab_ptr, vtab_ptr, side_k_ptr, side_v_ptr, side_tag_ptr,
                      side_check_ptr, m_i, l_i, acc_lo, acc_hi, b, h, q_start, prefix, pos_r,
-                     first_pos, last_pos, block_size, W, num_kv_heads, stride_cb, stride_ct,
-                     offs_lo, offs_hi, D: tl.constexpr, KBITS: tl.constexpr,
+                     first_pos, last_pos, W, num_kv_heads, stride_cb,
+                     offs_lo, offs_hi, BS: tl.constexpr, SLOT: tl.constexpr,
+                     ALIGN_B: tl.constexpr, D: tl.constexpr, KBITS: tl.constexpr,
                      VBITS: tl.constexpr, V_OFF: tl.constexpr, KS_OFF: tl.constexpr,
                      BLOCK_N: tl.constexpr, HAS_SIDE: tl.constexpr, F32: tl.constexpr,
                      WIN: tl.constexpr, KMODE: tl.constexpr, VMODE: tl.constexpr,
@@ -125,10 +127,9 @@ def _invariant_tiles(q_lo, q_hi, k_ptr, v_ptr, cache_ptr, bt_row, head_off, kcen
     for n0 in range(0, last_pos + 1, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         nmask = offs_n <= last_pos
-        blk, in_blk, base, s = _packed_scores(
-            q_lo, q_hi, cache_ptr, bt_row, offs_n, nmask, block_size, stride_cb, stride_ct,
-            head_off, kcent_ptr, ktab_ptr, offs_lo, offs_hi, KBITS, D, KS_OFF, F32, KMODE,
-            KASM)
+        blk, in_blk, vp, sp, s = _packed_scores(
+            q_lo, q_hi, cache_ptr, bt_row, offs_n, nmask, h, stride_cb, kcent_ptr, ktab_ptr,
+            offs_lo, offs_hi, BS, SLOT, V_OFF, KS_OFF, ALIGN_B, KBITS, D, F32, KMODE, KASM)
         # Exact keys of this tile: the chunk's own (rotated K/V) and prefix keys whose side
         # copy is held, inside each row's window. Only tiles reaching the first row's window
         # have any; for the others `exact` stays all false (the same bits as computing it).
@@ -143,8 +144,8 @@ def _invariant_tiles(q_lo, q_hi, k_ptr, v_ptr, cache_ptr, bt_row, head_off, kcen
                 own = nmask & (offs_n >= prefix)
                 entry = b.to(tl.int64) * W + offs_n % W
                 cand = nmask & (offs_n < prefix) & (offs_n >= lo_first)
-                held = _side_held(side_tag_ptr, side_check_ptr, base, entry, cand, blk, in_blk,
-                                  block_size, num_kv_heads, h, KS_OFF)
+                held = _side_held(side_tag_ptr, side_check_ptr, sp, entry, cand, blk, in_blk,
+                                  BS, num_kv_heads, h)
                 exact = (own | held)[None, :] & (offs_n[None, :] >= lo_r[:, None])
                 ek_lo, ek_hi = _exact_halves(k_ptr, side_k_ptr, own_off, side_off, own, held,
                                              offs_lo, offs_hi, dt)
@@ -153,10 +154,9 @@ def _invariant_tiles(q_lo, q_hi, k_ptr, v_ptr, cache_ptr, bt_row, head_off, kcen
         s = tl.where(nmask[None, :] & (offs_n[None, :] <= pos_r[:, None]), s, float("-inf"))
         p, alpha, m_new, l_i = _softmax_step(s, m_i, l_i)
         m_i = m_new
-        v_lo, v_hi = dequant_halves(base + V_OFF, nmask, offs_lo, offs_hi, vcent_ptr, vtab_ptr,
+        v_lo, v_hi = dequant_halves(vp, nmask, offs_lo, offs_hi, vcent_ptr, vtab_ptr,
                                     VBITS, D, dt, VMODE, VASM)
-        vs = tl.load((base + KS_OFF + 2).to(tl.pointer_type(tl.float16)), mask=nmask,
-                     other=0.0)
+        vs = tl.load((sp + 2).to(tl.pointer_type(tl.float16)), mask=nmask, other=0.0)
         pv = tl.where(exact, 0.0, p * vs.to(tl.float32)[None, :]).to(dt)
         acc_lo = acc_lo * alpha[:, None] + mma(pv, v_lo, F32)
         acc_hi = acc_hi * alpha[:, None] + mma(pv, v_hi, F32)
@@ -177,7 +177,7 @@ def _tq_prefill_kernel(
     out_ptr,            # [T, Hq, D] output dtype
     cu_q_ptr,           # [B + 1] int32
     seq_lens_ptr,       # [B] int32 (prefix + chunk)
-    cache_ptr,          # [num_blocks, block_size, Hkv, slot_bytes] uint8
+    cache_ptr,          # [num_blocks, block_size, Hkv, slot_bytes] uint8, head-major pages
     block_table_ptr,    # [B, max_blocks] int32
     kcent_ptr, vcent_ptr,    # float32 codebooks
     ktab_ptr, vtab_ptr,      # lookup tables for KMODE / VMODE (see dequant_halves)
@@ -187,14 +187,14 @@ def _tq_prefill_kernel(
     deq_s_ptr,          # [T, Hkv] int32: the chunk's slot scale words (when DEQ)
     G, W, num_kv_heads, rot_scale,
     stride_qt, stride_qh, stride_ot, stride_oh, stride_bt,
-    stride_cb, stride_ct, stride_ch,
-    D: tl.constexpr, KBITS: tl.constexpr, VBITS: tl.constexpr,
+    stride_cb,
+    D: tl.constexpr, KBITS: tl.constexpr, VBITS: tl.constexpr, SLOT: tl.constexpr,
     V_OFF: tl.constexpr, KS_OFF: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, G_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_SIDE: tl.constexpr, F32: tl.constexpr, COLS: tl.constexpr, WIN: tl.constexpr,
     KMODE: tl.constexpr, VMODE: tl.constexpr, KASM: tl.constexpr = "", VASM: tl.constexpr = "",
     DEQ: tl.constexpr = False, DEQ_STAGES: tl.constexpr = 1,
-    INVARIANT: tl.constexpr = False, ALIGN: tl.constexpr = 0,
+    INVARIANT: tl.constexpr = False, ALIGN: tl.constexpr = 0, ALIGN_B: tl.constexpr = 4,
 ):
     b = tl.program_id(0)
     # Longest rows first: under causal masking the last blocks of a chunk do the most tiles,
@@ -228,7 +228,6 @@ def _tq_prefill_kernel(
     acc_lo = tl.zeros([ROWS, HALF], dtype=tl.float32)
     acc_hi = tl.zeros([ROWS, HALF], dtype=tl.float32)
     bt_row = block_table_ptr + b.to(tl.int64) * stride_bt
-    head_off = h.to(tl.int64) * stride_ch
     # Precision policy (the decode step's): query position t reads key j exactly iff
     # j >= _win_lo(t) (j > t - WIN, clipped to t's own ALIGN-token block), else its packed
     # slot. Rows of this program: positions first_pos..last_pos; _win_lo grows with t, so
@@ -243,10 +242,10 @@ def _tq_prefill_kernel(
 
     if INVARIANT:
         m_i, l_i, acc_lo, acc_hi = _invariant_tiles(
-            q_lo, q_hi, k_ptr, v_ptr, cache_ptr, bt_row, head_off, kcent_ptr, vcent_ptr,
+            q_lo, q_hi, k_ptr, v_ptr, cache_ptr, bt_row, kcent_ptr, vcent_ptr,
             ktab_ptr, vtab_ptr, side_k_ptr, side_v_ptr, side_tag_ptr, side_check_ptr,
             m_i, l_i, acc_lo, acc_hi, b, h, q_start, prefix, pos_r, first_pos, last_pos,
-            BLOCK_SIZE, W, num_kv_heads, stride_cb, stride_ct, offs_lo, offs_hi,
+            W, num_kv_heads, stride_cb, offs_lo, offs_hi, BLOCK_SIZE, SLOT, ALIGN_B,
             D, KBITS, VBITS, V_OFF, KS_OFF, BLOCK_N, HAS_SIDE, F32, WIN, KMODE, VMODE,
             KASM, VASM, ALIGN)
     else:
@@ -262,10 +261,10 @@ def _tq_prefill_kernel(
         for n0 in range(0, gather_end, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             nmask = offs_n < gather_end
-            blk, in_blk, base, s = _packed_scores(
-                q_lo, q_hi, cache_ptr, bt_row, offs_n, nmask, BLOCK_SIZE, stride_cb, stride_ct,
-                head_off, kcent_ptr, ktab_ptr, offs_lo, offs_hi, KBITS, D, KS_OFF, F32, KMODE,
-                KASM)
+            blk, in_blk, vp, sp, s = _packed_scores(
+                q_lo, q_hi, cache_ptr, bt_row, offs_n, nmask, h, stride_cb, kcent_ptr,
+                ktab_ptr, offs_lo, offs_hi, BLOCK_SIZE, SLOT, V_OFF, KS_OFF, ALIGN_B, KBITS, D,
+                F32, KMODE, KASM)
             # prefix keys: every row; chunk keys: only rows whose window they have left
             valid = nmask[None, :] & ((offs_n[None, :] < prefix)
                                       | (offs_n[None, :] <= last_packed[:, None]))
@@ -279,8 +278,8 @@ def _tq_prefill_kernel(
                 side_off = (entry * num_kv_heads + h) * D
                 if (n0 + BLOCK_N > lo_first) & (n0 < prefix):
                     cand = nmask & (offs_n < prefix) & (offs_n >= lo_first)
-                    held = _side_held(side_tag_ptr, side_check_ptr, base, entry, cand, blk,
-                                      in_blk, BLOCK_SIZE, num_kv_heads, h, KS_OFF)
+                    held = _side_held(side_tag_ptr, side_check_ptr, sp, entry, cand, blk,
+                                      in_blk, BLOCK_SIZE, num_kv_heads, h)
                     exact = held[None, :] & (offs_n[None, :] > last_packed[:, None])
                     sk_lo = tl.load(side_k_ptr + side_off[:, None] + offs_lo[None, :],
                                     mask=held[:, None], other=0.0)
@@ -296,10 +295,9 @@ def _tq_prefill_kernel(
             acc_hi = acc_hi * alpha[:, None]
             m_i = m_new
 
-            v_lo, v_hi = dequant_halves(base + V_OFF, nmask, offs_lo, offs_hi, vcent_ptr, vtab_ptr,
+            v_lo, v_hi = dequant_halves(vp, nmask, offs_lo, offs_hi, vcent_ptr, vtab_ptr,
                                         VBITS, D, dt, VMODE, VASM)
-            vs = tl.load((base + KS_OFF + 2).to(tl.pointer_type(tl.float16)), mask=nmask,
-                         other=0.0)
+            vs = tl.load((sp + 2).to(tl.pointer_type(tl.float16)), mask=nmask, other=0.0)
             pv = p * vs.to(tl.float32)[None, :]
             if HAS_SIDE:
                 if (n0 + BLOCK_N > lo_first) & (n0 < prefix):
@@ -420,7 +418,7 @@ def tq_prefill(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     query [T, Hq, D]; key, value [T, Hkv, D] (the chunk's own K/V; rotated=True: already
     rotated, in query.dtype, contiguous, e.g. tq_store's rot_out); cu_seqlens_q int32 [B+1];
     seq_lens int32 [B] = prefix + chunk; kv_cache uint8 [num_blocks, block_size, Hkv,
-    slot_bytes]; block_table int32 [B, max_blocks]. max_query_len: the longest chunk (pass it
+    slot_bytes] (head-major dense pages, docs/layout.md); block_table int32 [B, max_blocks]. max_query_len: the longest chunk (pass it
     to avoid a device->host sync). Returns [T, Hq, D] in query.dtype.
     deq: optional (dk, dv, scales), the store's deq_out for these T tokens (dk, dv in
     query.dtype): the chunk's own tokens older than the window are then read from it instead
@@ -519,13 +517,14 @@ def tq_prefill(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
         sk, sv, stag, schk, dk, dv, dsc,
         g, w, hkv, p.rotation_scale,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_table.stride(0),
-        kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2),
-        D=d, KBITS=p.key_bits, VBITS=p.value_bits, V_OFF=lay.v_codes_offset,
+        kv_cache.stride(0),
+        D=d, KBITS=p.key_bits, VBITS=p.value_bits, SLOT=lay.slot_bytes,
+        V_OFF=lay.v_codes_offset,
         KS_OFF=lay.k_scale_offset, BLOCK_SIZE=kv_cache.shape[1], BLOCK_M=block_m, G_PAD=g_pad,
         BLOCK_N=block_n,
         HAS_SIDE=has_side, F32=f32, COLS=min(d, 64), WIN=win, KMODE=kmode, VMODE=vmode,
         KASM=kasm, VASM=vasm, DEQ=deq is not None, DEQ_STAGES=deq_stages,
         INVARIANT=invariant, ALIGN=p.align if has_side else 0,
-        num_warps=num_warps,
+        ALIGN_B=page_align(kv_cache, lay), num_warps=num_warps,
         num_stages=num_stages)
     return out

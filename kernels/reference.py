@@ -4,8 +4,10 @@ They are the specification the Triton kernels are tested against, and, being vec
 sequence, the CPU serving path of the vLLM backend (small batches, a few thousand tokens).
 
 Shared conventions (see docs/design-notes.md):
-  kv_cache      uint8 [num_blocks, block_size, num_kv_heads, slot_bytes]; any strides in the
-                first three dims (the backend may permute them), last dim contiguous.
+  kv_cache      uint8 [num_blocks, block_size, num_kv_heads, slot_bytes] logically; in memory
+                each block is one dense head-major page (docs/layout.md: per KV head, all
+                key-code rows, then value-code rows, then scale words); read_slots /
+                write_slots convert. Any block stride, any order of the last three dims.
   slot id s     block s // block_size, offset s % block_size; s < 0 = padding (skipped).
   block_table   int32 [B, max_blocks]; seq_lens int32 [B] (tokens in the cache incl. this step).
   params        TQLayerParams (or a TQLayerCodec, converted on the fly; build the params once).
@@ -21,7 +23,7 @@ import torch
 from vllm_turboquant.codec import unpack_codes
 from vllm_turboquant.codec.codec import quantize_rotated
 
-from ._common import TQLayerParams, TQSide, as_params
+from ._common import TQLayerParams, TQSide, as_params, read_slots, write_slots
 
 
 __all__ = ["tq_store_ref", "tq_decode_ref", "tq_prefill_ref", "encode_slots", "decode_slots",
@@ -111,7 +113,7 @@ def tq_store_ref(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
     sm = slot_mapping.long()
     valid = sm >= 0
     idx = sm[valid]
-    kv_cache[idx // block_size, idx % block_size] = slots[valid]
+    write_slots(kv_cache, p.layout, idx // block_size, idx % block_size, slots[valid])
     has_side = side is not None and side.window > 0
     if deq_out is not None:
         if token_index is not None:
@@ -167,7 +169,7 @@ def _gather_kv(p: TQLayerParams, kv_cache, block_table_row, start: int, end: int
     block_size = kv_cache.shape[1]
     pos = torch.arange(start, end, device=kv_cache.device)
     blocks = block_table_row.long()[pos // block_size]
-    slots = kv_cache[blocks, pos % block_size]                       # [n, Hkv, slot_bytes]
+    slots = read_slots(kv_cache, p.layout, blocks, pos % block_size)  # [n, Hkv, slot_bytes]
     k, v = decode_slots(p, slots)
     if side is not None and side.window > 0 and end > start:
         w = side.window
@@ -225,7 +227,7 @@ def _window_side(p: TQLayerParams, kv_cache, block_table_row, start: int, end: i
     block_size = kv_cache.shape[1]
     pos = torch.arange(start, end, device=kv_cache.device)
     blocks = block_table_row.long()[pos // block_size]
-    slots = kv_cache[blocks, pos % block_size]
+    slots = read_slots(kv_cache, p.layout, blocks, pos % block_size)
     ring = pos % side.window
     tag_ok = side.tag[row, ring].long() == blocks * block_size + pos % block_size
     use = tag_ok[:, None] & (side.check[row, ring] == scale_check(p, slots))

@@ -13,9 +13,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import TQSide, as_params, cached, check_cache_alignment
+from ._common import TQSide, as_params, cached, check_cache_alignment, page_align
 from ._launch import launch
-from ._tl import interpreting, store_codes
+from ._tl import interpreting, sign_magnitude, slot_ptrs, store_codes
 
 _FP16_MAX = 65504.0
 
@@ -88,8 +88,9 @@ def _quantize(y, cent_ptr, bound_ptr, LEVELS: tl.constexpr, LSQ: tl.constexpr):
 @triton.jit
 def _quantize_halves(y_lo, y_hi, cent_ptr, bound_ptr, LSQ: tl.constexpr):
     """4-bit _quantize of a vector given as its halves [N, D/2] (coordinates [0, D/2) and
-    [D/2, D)) -> (packed bytes int32 [N, D/2] = code_lo | code_hi << 4, scale, y_lo, y_hi).
-    Byte j of a 4-bit plane holds coordinates j and j + D/2: no reshape needed to pack."""
+    [D/2, D)) -> (packed bytes int32 [N, D/2] = code_lo | code_hi << 4, scale, y_lo, y_hi),
+    codes in their stored sign-magnitude form. Byte j of a 4-bit plane holds coordinates j
+    and j + D/2: no reshape needed to pack."""
     finite = _finite_rows(y_lo) & _finite_rows(y_hi)
     y_lo = tl.where(finite[:, None], y_lo, 0.0)
     y_hi = tl.where(finite[:, None], y_hi, 0.0)
@@ -102,7 +103,7 @@ def _quantize_halves(y_lo, y_hi, cent_ptr, bound_ptr, LSQ: tl.constexpr):
     dotp = tl.sum(y_lo * v_lo, axis=1) + tl.sum(y_hi * v_hi, axis=1)
     csq = tl.sum(v_lo * v_lo, axis=1) + tl.sum(v_hi * v_hi, axis=1)
     scale = _finish_scale(dotp, csq, norm, finite, LSQ)
-    return c_lo | (c_hi << 4), scale, y_lo, y_hi
+    return sign_magnitude(c_lo, 4) | (sign_magnitude(c_hi, 4) << 4), scale, y_lo, y_hi
 
 
 @triton.jit
@@ -139,8 +140,8 @@ def _encode_half(src, dst, valid, rot_ptr, rot_scale, cent_ptr, bound_ptr,
             _store_rows(rot_out_ptr, rot_off, offs_lo, y_lo, in_range)
             _store_rows(rot_out_ptr, rot_off, offs_hi, y_hi, in_range)
         if DEQ_OUT:
-            c_lo = tl.load(dcent_ptr + (packed & 15))
-            c_hi = tl.load(dcent_ptr + (packed >> 4))
+            c_lo = tl.load(dcent_ptr + sign_magnitude(packed & 15, 4))
+            c_hi = tl.load(dcent_ptr + sign_magnitude(packed >> 4, 4))
             _store_rows(deq_ptr, rot_off, offs_lo, tl.where(valid[:, None], c_lo, 0.0),
                         in_range)
             _store_rows(deq_ptr, rot_off, offs_hi, tl.where(valid[:, None], c_hi, 0.0),
@@ -163,7 +164,7 @@ def _encode_half(src, dst, valid, rot_ptr, rot_scale, cent_ptr, bound_ptr,
 def _tq_store_kernel(
     key_ptr,            # [T, Hkv, D] fp16/bf16/fp32
     value_ptr,          # [T, Hkv, D] same dtype
-    cache_ptr,          # [num_blocks, block_size, Hkv, slot_bytes] uint8
+    cache_ptr,          # [num_blocks, block_size, Hkv, slot_bytes] uint8, head-major pages
     slot_ptr,           # [T] int64, < 0 = padding
     rot_ptr,            # [D, D] float32, R / rotation_scale (+-1)
     kcent_ptr, kbound_ptr,   # [2**KBITS], [2**KBITS - 1] float32
@@ -177,11 +178,11 @@ def _tq_store_kernel(
     deq_k_ptr, deq_v_ptr,    # [T, Hkv, D] contiguous: centroids C[code] out (when DEQ_OUT)
     deq_s_ptr,          # [T, Hkv] int32: the slot's scale word (K | V << 16) (when DEQ_OUT)
     dkcent_ptr, dvcent_ptr,  # codebooks in deq_k's dtype (when DEQ_OUT)
-    T, rot_scale, block_size, W, num_kv_heads,
-    stride_kt, stride_kh, stride_vt, stride_vh,
-    stride_cb, stride_ct, stride_ch,
+    T, rot_scale, W, num_kv_heads,
+    stride_kt, stride_kh, stride_vt, stride_vh, stride_cb,
     D: tl.constexpr, KBITS: tl.constexpr, VBITS: tl.constexpr, LSQ: tl.constexpr,
-    V_OFF: tl.constexpr, KS_OFF: tl.constexpr, BLOCK_T: tl.constexpr,
+    SLOT: tl.constexpr, V_OFF: tl.constexpr, KS_OFF: tl.constexpr, BS: tl.constexpr,
+    ALIGN_B: tl.constexpr, BLOCK_T: tl.constexpr,
     HAS_SIDE: tl.constexpr, ROT: tl.constexpr, HALVES: tl.constexpr = True,
     IDX: tl.constexpr = False, ROT_OUT: tl.constexpr = False, DEQ_OUT: tl.constexpr = False,
 ):
@@ -196,11 +197,10 @@ def _tq_store_kernel(
     valid = slot >= 0
     t64 = offs_t.to(tl.int64)
 
-    blk = slot // block_size
-    # Slots are 4-byte aligned (slot_bytes % 4 == 0, checked by the launcher): telling the
-    # compiler lets it move packed bytes 4 at a time instead of 1.
-    off = tl.multiple_of(blk * stride_cb + (slot % block_size) * stride_ct + h * stride_ch, 4)
-    dst = cache_ptr + off
+    # Where the slot's three parts go in the head-major page (docs/layout.md); the alignment
+    # hints let the compiler move packed bytes 4 (or 16) at a time instead of 1.
+    kdst, vdst, sdst = slot_ptrs(cache_ptr, slot // BS, slot % BS, h, stride_cb, BS, SLOT,
+                                 V_OFF, KS_OFF, ALIGN_B)
 
     if HAS_SIDE:
         row = tl.load(rows_ptr + offs_t, mask=valid, other=0).to(tl.int64)
@@ -222,20 +222,20 @@ def _tq_store_kernel(
     rot_off = (t64 * num_kv_heads + h) * D
     x = tl.load(key_ptr + src[:, None] * stride_kt + h * stride_kh + offs_d[None, :],
                 mask=valid[:, None], other=0.0).to(tl.float32)
-    ks16 = _encode_half(x, dst, valid, rot_ptr, rot_scale, kcent_ptr, kbound_ptr,
+    ks16 = _encode_half(x, kdst, valid, rot_ptr, rot_scale, kcent_ptr, kbound_ptr,
                         side_k_ptr, side_off, sel, offs_d, offs_lo, offs_hi, rot_k_ptr, rot_off,
                         offs_t < T, deq_k_ptr, dkcent_ptr, KBITS, D, LSQ, ROT,
                         key_ptr.dtype.element_ty, HAS_SIDE, HALVES, ROT_OUT, DEQ_OUT)
     x = tl.load(value_ptr + src[:, None] * stride_vt + h * stride_vh + offs_d[None, :],
                 mask=valid[:, None], other=0.0).to(tl.float32)
-    vs16 = _encode_half(x, dst + V_OFF, valid, rot_ptr, rot_scale, vcent_ptr,
+    vs16 = _encode_half(x, vdst, valid, rot_ptr, rot_scale, vcent_ptr,
                         vbound_ptr, side_v_ptr, side_off, sel, offs_d, offs_lo, offs_hi,
                         rot_v_ptr, rot_off, offs_t < T, deq_v_ptr, dvcent_ptr, VBITS, D, LSQ, ROT,
                         key_ptr.dtype.element_ty, HAS_SIDE, HALVES, ROT_OUT, DEQ_OUT)
     kbits = ks16.to(tl.uint16, bitcast=True).to(tl.int32)
     vbits = vs16.to(tl.uint16, bitcast=True).to(tl.int32)
     both = kbits | (vbits << 16)                   # K scale | V scale, little endian
-    tl.store((dst + KS_OFF).to(tl.pointer_type(tl.int32)), both, mask=valid)
+    tl.store(sdst.to(tl.pointer_type(tl.int32)), both, mask=valid)
     if DEQ_OUT:
         tl.store(deq_s_ptr + t64 * num_kv_heads + h, tl.where(valid, both, 0), mask=offs_t < T)
 
@@ -255,7 +255,8 @@ def tq_store(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
     """Triton quantize-on-write; same contract as `reference.tq_store_ref`.
 
     key, value     [N, Hkv, D] fp16/bf16/fp32, last dim contiguous (any token/head strides).
-    kv_cache       uint8 [num_blocks, block_size, Hkv, slot_bytes], last dim contiguous.
+    kv_cache       uint8 [num_blocks, block_size, Hkv, slot_bytes], head-major dense pages
+                   (docs/layout.md; any block stride, any order of the last 3 dims).
     slot_mapping   int64 [T] (< 0 skipped); T = N, or len(token_index).
     side + token_rows/token_pos/token_seq_end: optional window copy (see TQSide), [T] each.
     token_index    optional int [T]: token i encodes key/value row token_index[i].
@@ -274,7 +275,7 @@ def tq_store(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
         t = token_index.shape[0]
     if t == 0:
         return
-    assert key.stride(-1) == 1 and value.stride(-1) == 1 and kv_cache.stride(-1) == 1
+    assert key.stride(-1) == 1 and value.stride(-1) == 1
     assert kv_cache.dtype == torch.uint8 and kv_cache.shape[3] == p.layout.slot_bytes
     check_cache_alignment(kv_cache)
     lay = p.layout
@@ -321,11 +322,11 @@ def tq_store(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
         key, value, kv_cache, slot_mapping, rot_mat,
         p.key_centroids, p.key_bounds, p.value_centroids, p.value_bounds,
         sk, sv, stag, schk, rows, pos, send, idx, rk, rv, dk, dv, dsc, dkc, dvc,
-        t, rot_scale, kv_cache.shape[1], w, hkv,
-        key.stride(0), key.stride(1), value.stride(0), value.stride(1),
-        kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2),
+        t, rot_scale, w, hkv,
+        key.stride(0), key.stride(1), value.stride(0), value.stride(1), kv_cache.stride(0),
         D=d, KBITS=p.key_bits, VBITS=p.value_bits, LSQ=p.scale_mode == "lsq",
-        V_OFF=lay.v_codes_offset, KS_OFF=lay.k_scale_offset, BLOCK_T=block_t,
+        SLOT=lay.slot_bytes, V_OFF=lay.v_codes_offset, KS_OFF=lay.k_scale_offset,
+        BS=kv_cache.shape[1], ALIGN_B=page_align(kv_cache, lay), BLOCK_T=block_t,
         HAS_SIDE=has_side,
         ROT=rot_code, HALVES=halves, IDX=token_index is not None, ROT_OUT=rot_out is not None,
         DEQ_OUT=deq_out is not None, num_warps=num_warps)

@@ -12,7 +12,7 @@ import torch
 
 from vllm_turboquant.codec import (DEFAULT_PRESET, PRESETS, SlotLayout, TQConfig, TQLayerCodec,
                                    codebook, expected_mse, pack_codes, rotation,
-                                   rotation_matrix, unpack_codes)
+                                   rotation_matrix, sign_magnitude, unpack_codes)
 
 # TurboQuant (Zandieh et al.), Theorem 1 / Table: MSE of a unit vector at b bits, d large.
 PAPER_MSE = {1: 0.36, 2: 0.117, 3: 0.03, 4: 0.009}
@@ -64,12 +64,27 @@ def test_pack_unpack_round_trip(bits, d):
 
 
 def test_four_bit_plane_layout():
-    """docs/design-notes.md: for 4 bits, byte j = code[j] | code[j + D/2] << 4."""
+    """docs/layout.md: for 4 bits, byte j = s[j] | s[j + D/2] << 4, s = the sign-magnitude
+    code: index v >= 8 stays v, v < 8 becomes 7 - v (bit 3 = sign, bits 0-2 = |level| rank)."""
     d = 64
     codes = torch.arange(d) % 16
     packed = pack_codes(codes, 4)
-    expect = (codes[:d // 2] | (codes[d // 2:] << 4)).to(torch.uint8)
+    stored = torch.where(codes >= 8, codes, 7 - codes)
+    expect = (stored[:d // 2] | (stored[d // 2:] << 4)).to(torch.uint8)
     assert torch.equal(packed, expect)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_sign_magnitude_code_reads_the_level_magnitude(bits):
+    """The stored code's low bits index |C| from the center out; its top bit is the sign."""
+    cb = codebook.lloyd_max_codebook(128, bits)[0]
+    half = 1 << (bits - 1)
+    v = torch.arange(1 << bits)
+    s = sign_magnitude(v, bits)
+    assert torch.equal(sign_magnitude(s, bits), v)                 # its own inverse
+    mags = cb[half:]                                               # |C| ascending
+    assert torch.allclose(cb[v].abs(), mags[s % half])
+    assert torch.equal(cb[v] > 0, s >= half)
 
 
 _ENCODE_SNIPPET = """

@@ -1,10 +1,11 @@
 """The decode kernel's code as the GPU would run it, compiled for sm_90 on the CPU.
 
 benchmarks/kernel_sass.py (run in a subprocess: the tests' own triton is the interpreter)
-compiles the decode split kernel with and without int32 word loads. What it pins:
-word loads leave no one-byte global load in the tile loop and fewer instructions, the byte
-tile has its one-byte loads (what docs/kernels-notes.md, "2026-12-02 late", describes), and
-the figures the docs cite come from a script that runs.
+compiles the decode split kernel in several configs. What it pins: with head-major pages
+(docs/layout.md, "One page") no config has a one-byte global load in its tile loop, the
+default loads its code rows as 16-byte vectors with almost no 4-byte loads left (the
+slot-order pages took 34 four-byte loads per thread per tile), it needs fewer instructions
+than the byte tile, and the figures the docs cite come from a script that runs.
 """
 
 from __future__ import annotations
@@ -44,10 +45,11 @@ def test_word_loads_remove_the_byte_loads_of_the_decode_loop(tmp_path):
            for r in rows if r["kernel"] == "decode split"}
     words, byte_tile = dec[(True, False, 64, 4, 2)], dec[(False, False, 64, 4, 2)]
     default = dec[(True, True, 128, 4, 1)]          # decode.decode_defaults for 4-bit, head 128
-    assert (default["instructions_per_64_tokens_all_warps"]
-            < 0.5 * byte_tile["instructions_per_64_tokens_all_warps"]), (default, byte_tile)
-    assert byte_tile["byte_loads"] >= 32, byte_tile
-    assert all(r["byte_loads"] == 0 for k, r in dec.items() if k[0]), dec
-    assert all(r["byte_loads"] > 0 for k, r in dec.items() if not k[0]), dec
-    assert words["loop_instructions"] < 0.75 * byte_tile["loop_instructions"], (words, byte_tile)
+    per64 = "instructions_per_64_tokens_all_warps"
+    assert default[per64] < 0.7 * byte_tile[per64], (default, byte_tile)
+    assert all(r["byte_loads"] == 0 for r in dec.values()), dec
+    # head 128, 128-token tile, 128 threads: 4 x 16 B of key codes and 4 of value codes each;
+    # 4-byte loads only for the scale word and the block-table entry
+    assert default["vector16_loads"] >= 8 and default["word_loads"] <= 4, default
+    assert words["loop_instructions"] < byte_tile["loop_instructions"], (words, byte_tile)
     assert all(r["stack_bytes"] == 0 for r in dec.values() if r["block_n"] == 64), dec

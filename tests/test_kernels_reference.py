@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from vllm_turboquant.codec import TQConfig, TQLayerCodec
-from vllm_turboquant.kernels import TQLayerParams, TQSide
+from vllm_turboquant.kernels import TQLayerParams, TQSide, read_slots, write_slots
 from vllm_turboquant.kernels.reference import (decode_slots, encode_slots, scale_check,
                                                 tq_decode_ref, tq_prefill_ref, tq_store_ref)
 
@@ -84,12 +84,43 @@ def test_store_ref_writes_codec_bytes_and_skips_padding(codec, permuted):
     slots = torch.tensor([3, -1, 17, 0, -1, 9])
     tq_store_ref(k, v, cache, slots, params)
     want = codec.encode(k, v)
+    lay = codec.layout
+    every = torch.arange(5 * bs)
+    stored = read_slots(cache, lay, every // bs, every % bs)          # [slots, Hkv, bytes]
     for t, s in enumerate(slots.tolist()):
         if s >= 0:
-            assert torch.equal(cache[s // bs, s % bs], want[t])
+            assert torch.equal(stored[s], want[t])
     written = {s for s in slots.tolist() if s >= 0}
     untouched = [s for s in range(5 * bs) if s not in written]
-    assert all((cache[s // bs, s % bs] == 7).all() for s in untouched)
+    assert all((stored[s] == 7).all() for s in untouched)
+
+
+@pytest.mark.parametrize("permuted", [False, True])
+def test_page_layout_is_head_major_planes(codec, permuted):
+    """docs/layout.md, "One page": block n, KV head h is one run of bs * slot_bytes bytes at
+    n * page + h * bs * slot_bytes: bs key-code rows, then bs value-code rows, then bs scale
+    words; whatever order the view's last three dims have."""
+    lay = codec.layout
+    hkv, bs, nb = 3, 4, 2
+    sb = lay.slot_bytes
+    cache = make_cache(nb, bs, hkv, sb, permuted)
+    gen = torch.Generator().manual_seed(3)
+    slots = torch.randint(0, 256, (nb * bs, hkv, sb), generator=gen, dtype=torch.uint8)
+    every = torch.arange(nb * bs)
+    write_slots(cache, lay, every // bs, every % bs, slots)
+    assert torch.equal(read_slots(cache, lay, every // bs, every % bs), slots)
+    flat = cache.as_strided((nb * bs * hkv * sb,), (1,))          # the raw bytes
+    kw, vw = lay.v_codes_offset, lay.k_scale_offset - lay.v_codes_offset
+    sw = sb - lay.k_scale_offset
+    for s_id in (0, 5, nb * bs - 1):
+        n, t = divmod(s_id, bs)
+        for h in range(hkv):
+            head = n * bs * hkv * sb + h * bs * sb
+            assert torch.equal(flat[head + t * kw:head + (t + 1) * kw], slots[s_id, h, :kw])
+            v0 = head + bs * kw + t * vw
+            assert torch.equal(flat[v0:v0 + vw], slots[s_id, h, kw:kw + vw])
+            s0 = head + bs * (kw + vw) + t * sw
+            assert torch.equal(flat[s0:s0 + sw], slots[s_id, h, kw + vw:])
 
 
 @pytest.mark.parametrize("lens,hq,hkv,bs", [([1, 7, 33], 4, 2, 4), ([20], 3, 1, 16)])
@@ -201,7 +232,8 @@ def test_window_side_is_exact_and_tag_checked():
     # Only the last 4 positions were copied; the ring holds their slot ids and scale bytes.
     assert sorted(side.tag[0].tolist()) == sorted(slots[-4:].tolist())
     assert torch.equal(side.check[0, pos[-4:] % 4, 0],
-                       scale_check(params, cache[slots[-4:] // bs, slots[-4:] % bs, 0]))
+                       scale_check(params, read_slots(cache, params.layout, slots[-4:] // bs,
+                                                      slots[-4:] % bs)[:, 0]))
     q = torch.randn(1, 2, 64, generator=gen)
     lens = torch.tensor([n], dtype=torch.int32)
     got = tq_decode_ref(q, cache, bt, lens, params, 0.125, side)
@@ -254,12 +286,13 @@ def _run_ptx(asm: str, inputs: dict[int, int]) -> list[int]:
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_prmt_dequant_asm_matches_codebook(d, dtype):
-    from vllm_turboquant.kernels._common import prmt_dequant_asm
+    from vllm_turboquant.kernels._common import prmt_dequant_asm, stored_order
     codec = TQLayerCodec(TQConfig.from_name("turboquant"), d, layer=0)
     cent = codec.key_centroids
     asm = prmt_dequant_asm(cent, dtype)
     assert asm is not None
-    want = cent.to(dtype).view(torch.int16).to(torch.int64) & 0xFFFF
+    # a nibble is a stored (sign-magnitude) code: it decodes to C[sign_magnitude(nibble)]
+    want = stored_order(cent).to(dtype).view(torch.int16).to(torch.int64) & 0xFFFF
     gen = torch.Generator().manual_seed(0)
     words = torch.randint(0, 2 ** 32, (300,), generator=gen, dtype=torch.int64).tolist()
     words += [0, 0xFFFFFFFF, 0x0F0F0F0F, 0xF0F0F0F0, 0x87654321, 0x12345678]

@@ -67,7 +67,9 @@ def batch_invariant() -> bool:
 
 def cache_view(kv_cache):
     """This layer's packed cache as the kernels' logical [blocks, block_size, heads, slot]
-    view (the kernels take the strides, so no copy).
+    view, no copy. The kernels read each block as one dense head-major page (docs/layout.md)
+    and take only the base pointer and the block stride, so the view's order of the last three
+    dims does not matter; its shape tells them block_size and heads.
 
     0.25: our ``get_kv_cache_shape`` returns exactly that shape. 0.32: vLLM hands every backend
     a [blocks, heads, tokens, bytes] view whose strides follow the resolved layout.
