@@ -752,20 +752,29 @@ def worker(spec: dict, out_path: str | None = None) -> dict:
 
 
 # -- the driver ----------------------------------------------------------------------------------
-def run_dtype(dtype: str, spec: dict, out_dir: Path, timeout_s: float) -> dict:
+def run_in_process_worker(script: str, prefix: str, dtype: str, spec: dict, out_dir: Path,
+                          timeout_s: float, extra_env: dict | None = None) -> dict:
+    """`script --worker SPEC` for one kv-cache dtype in a fresh process whose vLLM engine runs
+    in-process (the profiler and the step hooks must see the model runner and the scheduler);
+    result in out_dir/PREFIX_DTYPE.json, log beside it. Shared with step_log.py."""
     spec = {**spec, "dtype": dtype}
-    result_path = out_dir / f"profile_{dtype}.json"
-    log_path = out_dir / f"profile_{dtype}.log"
+    result_path = out_dir / f"{prefix}_{dtype}.json"
+    log_path = out_dir / f"{prefix}_{dtype}.log"
     env = {**os.environ, **plugin_env(), **runner_env(dtype),
-           "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CUSTOM_SCOPES_FOR_PROFILING": "1"}
+           "VLLM_ENABLE_V1_MULTIPROCESSING": "0", **(extra_env or {})}
     env.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")  # as gpu_suite.sh (ours fails on V2)
     env.pop("VLLM_CPU_KVCACHE_SPACE", None)  # would override kv_cache_memory_bytes on CPU
-    cmd = [sys.executable, __file__, "--worker", json.dumps(spec), "--worker-out",
+    cmd = [sys.executable, script, "--worker", json.dumps(spec), "--worker-out",
            str(result_path)]
     t0 = time.perf_counter()
     row = {"dtype": dtype, **run_worker(cmd, result_path, log_path, env, timeout_s)}
     row["driver_wall_s"] = time.perf_counter() - t0
     return row
+
+
+def run_dtype(dtype: str, spec: dict, out_dir: Path, timeout_s: float) -> dict:
+    return run_in_process_worker(__file__, "profile", dtype, spec, out_dir, timeout_s,
+                                 {"VLLM_CUSTOM_SCOPES_FOR_PROFILING": "1"})
 
 
 def write_report(results: list[dict], info: dict, meta: dict, out_dir: Path) -> str:

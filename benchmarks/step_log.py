@@ -7,7 +7,8 @@ once per kv-cache dtype and logs each engine step: how many requests, tokens, pr
 split into steps with prompt tokens ("mixed") and pure decode steps by batch size.
 
 GPU, one device call after the vLLM bundle bootstrap (../shared/device/README.md); about
-4 minutes on an H200 (two engine starts with CUDA graphs, ~60-90 s each, and the workload):
+3 minutes on an H200 (per dtype: imports, an engine start with CUDA graphs of 35-70 s as in
+e2e.py's H200 runs, the warm-up and the workload, ~10-20 s in-process):
 
     source /opt/tqb/env.sh
     export VLLM_TURBOQUANT_CACHE=$PWD/.data VLLM_USE_V2_MODEL_RUNNER=0 PYTHONUNBUFFERED=1
@@ -15,7 +16,10 @@ GPU, one device call after the vLLM bundle bootstrap (../shared/device/README.md
     timeout 580 python3 benchmarks/step_log.py --model $TQ_MODEL --budget-s 540 \
         --out-dir $OUT --json $OUT/step_log.json --md $OUT/step_log.md
 
-CPU smoke run (e2e.py's cpu sizes: 2 x (192 in, 4 out) at 32 MiB, eager; ~1 min per dtype):
+(the prompts are e2e.py's English text, .data/text/austen.txt: carry that folder to the
+device, as gpu_suite.sh does, or pass --prompts synthetic)
+
+CPU smoke run (e2e.py's cpu sizes: 2 x (192 in, 4 out) at 32 MiB, eager; ~25 s per dtype):
 
     python benchmarks/step_log.py --sizes cpu --json /tmp/step_log.json
 
@@ -28,7 +32,7 @@ e2e.py does (the first 2 prompts, 4 output tokens), then runs the workload once 
 
 Engine in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``): vLLM 0.25 and 0.32 then give
 ``llm.llm_engine.engine_core`` = ``InprocClient``, whose ``.engine_core`` is the
-``EngineCore`` with the ``.scheduler``. Three wrappers, on instances only:
+``EngineCore`` with the ``.scheduler``. Four wrappers, on instances only:
 
   ``llm.llm_engine.step``        (profile_step.StepHook) t_start and wall of each step call:
                                  the engine core step plus the frontend's output processing
@@ -54,8 +58,8 @@ length comes from the request's first ``NewRequestData``, else the scheduler's R
 
 Caveats: in-process, each step also does the frontend's output processing (e2e.py's
 multiprocess engine overlaps it with the next step), so tok/s here is lower than e2e.py's
-for every dtype; ``frontend_ms`` (wall - core) shows how much. The Python wrappers add a
-few microseconds per step.
+for every dtype; wall_ms - core_ms per step (the table's "frontend s") shows how much. The
+Python wrappers add a few microseconds per step.
 
 Output: ``--json`` (machine, versions, engine settings as vLLM resolved them, capacity, per
 dtype: wall, output tok/s, every step, the summaries), a markdown table of the summaries
@@ -68,9 +72,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import signal
+import subprocess
 import sys
 import time
 import traceback
@@ -82,8 +86,7 @@ HERE = Path(__file__).resolve().parent
 # kernels package. (Run as a script, benchmarks/ is sys.path[0] anyway.)
 sys.path.extend(p for p in (str(HERE), str(HERE.parent)) if p not in sys.path)
 
-from serving_common import (header_lines, machine_info, markdown_table, on_gpu,  # noqa: E402
-                            plugin_env, run_worker, runner_env)
+from serving_common import header_lines, machine_info, markdown_table, on_gpu  # noqa: E402
 
 GiB, MiB = 1 << 30, 1 << 20
 DEFAULT_DTYPES = "turboquant,auto"
@@ -390,11 +393,12 @@ class StepRecorder:
                     self.outside += 1
             return so
 
-        def update_hook(so, *a, **kw):
+        def update_hook(*a, **kw):
+            so = a[0] if a else kw.get("scheduler_output")
             batch = self._batch_of.pop(id(so), None)
             if batch is not None and self._cur is not None:
                 self._cur["done"].append(batch)
-            return update(so, *a, **kw)
+            return update(*a, **kw)
 
         def step_fn_hook(*a, **kw):
             t = time.perf_counter()
@@ -513,30 +517,27 @@ def worker(spec: dict, out_path: str | None = None) -> dict:
 # -- the driver ----------------------------------------------------------------------------------
 def run_dtype(dtype: str, spec: dict, out_dir: Path, timeout_s: float) -> dict:
     """`worker` for `dtype` in a fresh process, engine in-process; log in out_dir."""
-    spec = {**spec, "dtype": dtype}
-    result_path = out_dir / f"step_log_{dtype}.json"
-    log_path = out_dir / f"step_log_{dtype}.log"
-    env = {**os.environ, **plugin_env(), **runner_env(dtype),
-           "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}  # the scheduler must be in this process
-    env.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")  # as gpu_suite.sh (ours fails on V2)
-    env.pop("VLLM_CPU_KVCACHE_SPACE", None)  # would override kv_cache_memory_bytes on CPU
-    cmd = [sys.executable, __file__, "--worker", json.dumps(spec), "--worker-out",
-           str(result_path)]
-    t0 = time.perf_counter()
-    row = {"dtype": dtype, **run_worker(cmd, result_path, log_path, env, timeout_s)}
+    from profile_step import run_in_process_worker
+    row = run_in_process_worker(__file__, "step_log", dtype, spec, out_dir, timeout_s)
     if "timed out" in row.get("error", ""):
         row["error"] += " (its share of the budget)"
-    row["driver_wall_s"] = time.perf_counter() - t0
     return row
 
 
 def versions() -> dict:
+    """Versions machine_info leaves out, and whether the checkout has uncommitted changes."""
     out = {}
     for name in ("triton", "transformers"):
         try:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             out[name] = None
+    try:
+        out["git_dirty"] = bool(subprocess.run(
+            ["git", "-C", str(HERE.parent), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True, text=True, timeout=10).stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        out["git_dirty"] = None
     return out
 
 
@@ -609,6 +610,8 @@ def main(argv=None) -> dict:
             "engine": f"max_num_seqs {profile['max_num_seqs']}, max_model_len "
                       f"{profile['max_model_len']}, max_num_batched_tokens vLLM's default, "
                       "prefix caching off, engine in-process"}
+    if info.get("git_dirty"):
+        meta["checkout"] = f"{info.get('git_sha')} with uncommitted changes"
     if threading_is_main():
         signal.signal(signal.SIGTERM, _on_sigterm)
     results: list[dict] = []

@@ -21,7 +21,8 @@ import triton
 import triton.language as tl
 
 from ._common import (TQSide, as_params, cached, check_cache_alignment, default_num_splits,
-                      next_pow2, page_align, pair_table, prmt_dequant_asm, stored_order)
+                      next_pow2, page_align, pair_table, prmt_dequant_asm, stored_order,
+                      unused_arg)
 from ._launch import launch
 from ._tl import (decode_bytes, dequant_halves, interpreting, load_code_bytes, mma,
                   slot_ptrs)
@@ -68,7 +69,9 @@ def _online_softmax(s, m_i, l_i):
     return p, alpha, m_new, l_i * alpha + tl.sum(p, axis=1)
 
 
-@triton.jit
+# num_splits follows the step's decode count (backend/impl.decode_splits) and mixed steps run
+# this kernel eagerly: left unspecialized, so a new batch size compiles nothing mid-serving.
+@triton.jit(do_not_specialize=["num_splits"])
 def _tq_decode_split_kernel(
     q_ptr,              # [B, Hq, D] dot dtype: rotated q * softmax_scale * log2(e)
     cache_ptr,          # [num_blocks, block_size, Hkv, slot_bytes] uint8, head-major pages
@@ -256,7 +259,7 @@ def _tq_decode_split_kernel(
     tl.store(part_lse_ptr + row, lse, mask=gmask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _tq_decode_merge_kernel(
     part_o_ptr,         # [B, Hq, S, D] float32
     part_lse_ptr,       # [B, Hq, S] float32
@@ -310,11 +313,12 @@ def default_block_n(head_size: int) -> int:
 def decode_defaults(head_size: int, tables: bool) -> dict:
     """tq_decode's default launch config. With byte tables (4-bit keys and values) at head
     sizes 64 and 128: code bytes as int32 words, the next tile's bytes prefetched into
-    registers, 128-token tiles, 1 stage. H200, CUDA graph p50, `benchmarks/kernels.py --only
-    decode_ab` (benchmarks/results/h200-20261202f/): 494 us vs 560 for the byte tiles at batch
-    32 x 16K head 128 (FA3: 493 on 2026-12-02e), 518 vs 529 at 128 x 4K, 63.7 vs 62.6 at
-    1 x 32K, 128 vs 135 at 32 x 16K head 64 (SmolLM2's). Otherwise (3-bit codes, the generic
-    mode, head 256: not measured with words) byte loads, 64-token tiles, 2 stages."""
+    registers, 128-token tiles, 1 stage. H200, CUDA graph p50, head-major pages, 16-token
+    blocks, `benchmarks/kernels.py --only decode_ab` (benchmarks/results/h200-20261203b/):
+    412 us vs 474 for the byte tiles at batch 32 x 16K head 128 (FA3 bf16: 503 in the same
+    session), 419 vs 448 at 128 x 4K, 55.9 vs 57.1 at 1 x 32K (64-token tiles: 55.5), 107 vs
+    125 at 32 x 16K head 64 (SmolLM2's). Otherwise (3-bit codes, the generic mode, head 256:
+    not measured with words) byte loads, 64-token tiles, 2 stages."""
     if tables and head_size <= 128:
         return dict(block_n=128, num_stages=1, prefetch=True, words=True)
     return dict(block_n=default_block_n(head_size), num_stages=2, prefetch=False, words=False)
@@ -421,7 +425,7 @@ def tq_decode(query: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Te
         assert all(x.is_contiguous() for x in side)
         sk, sv, stag, schk, w = *side, side.window
     else:
-        sk = sv = stag = schk = seq_lens
+        sk = sv = stag = schk = unused_arg(p, query.device)
         w = 1
     lay = p.layout
     block_g = max(16, next_pow2(g))   # tl.dot needs M >= 16; padded rows load zeros
@@ -440,6 +444,8 @@ def tq_decode(query: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Te
     launch(_tq_decode_merge_kernel, (bsz, hkv),
         part_o, part_lse, p.rotation_pm1, out,
         num_splits, g, hkv, p.rotation_scale, out.stride(0), out.stride(1),
-        D=d, BLOCK_G=block_g, BLOCK_S=max(2, next_pow2(num_splits)), COLS=min(d, 64),
+        # BLOCK_S: one value for every split count up to 64 (default_num_splits' cap), so a
+        # new count is no new compile (its lse row is 64 floats per head: nothing to save)
+        D=d, BLOCK_G=block_g, BLOCK_S=max(64, next_pow2(num_splits)), COLS=min(d, 64),
         F32=f32, num_warps=4)
     return out

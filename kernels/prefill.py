@@ -24,7 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import TQSide, as_params, check_cache_alignment, next_pow2, page_align
+from ._common import (TQSide, as_params, check_cache_alignment, next_pow2, page_align,
+                      unused_arg)
 from ._launch import launch
 from ._tl import dequant_halves, interpreting, mma
 from .decode import _tile_base, lookup_tables, rotate_query
@@ -170,7 +171,12 @@ def _invariant_tiles(q_lo, q_hi, k_ptr, v_ptr, cache_ptr, bt_row, kcent_ptr,
     return m_i, l_i, acc_lo, acc_hi
 
 
-@triton.jit
+# A mixed step hands this kernel its batch rows from nd on (backend/impl.py): seq_lens[nd:] and
+# the deq scale words [nd:] start 16-byte aligned or not depending on nd. Their loads are
+# scalar, so alignment buys nothing; specializing on it compiled a second variant the first
+# time nd % 4 != 0 (2.4 s in a served step, H200, 2026-12-03).
+@triton.jit(do_not_specialize_on_alignment=["cu_q_ptr", "seq_lens_ptr", "block_table_ptr",
+                                            "deq_s_ptr", "side_tag_ptr", "side_check_ptr"])
 def _tq_prefill_kernel(
     q_ptr,              # [T, Hq, D] dot dtype: rotated q * softmax_scale * log2(e)
     k_ptr, v_ptr,       # [T, Hkv, D] dot dtype: the chunk's rotated K/V (contiguous)
@@ -418,8 +424,9 @@ def tq_prefill(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     query [T, Hq, D]; key, value [T, Hkv, D] (the chunk's own K/V; rotated=True: already
     rotated, in query.dtype, contiguous, e.g. tq_store's rot_out); cu_seqlens_q int32 [B+1];
     seq_lens int32 [B] = prefix + chunk; kv_cache uint8 [num_blocks, block_size, Hkv,
-    slot_bytes] (head-major dense pages, docs/layout.md); block_table int32 [B, max_blocks]. max_query_len: the longest chunk (pass it
-    to avoid a device->host sync). Returns [T, Hq, D] in query.dtype.
+    slot_bytes] (head-major dense pages, docs/layout.md); block_table int32 [B, max_blocks].
+    max_query_len: the longest chunk (pass it to avoid a device->host sync). Returns
+    [T, Hq, D] in query.dtype.
     deq: optional (dk, dv, scales), the store's deq_out for these T tokens (dk, dv in
     query.dtype): the chunk's own tokens older than the window are then read from it instead
     of their packed slots (same values, contiguous loads; deq_stages pipelines them).
@@ -481,7 +488,7 @@ def tq_prefill(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
         sk, sv, stag, schk, w = *side, side.window
         win = w
     else:
-        sk = sv = stag = schk = seq_lens
+        sk = sv = stag = schk = unused_arg(p, query.device)
         w, win = 1, 0          # ring size (unused), precision window (none)
     if invariant and deq is not None:
         raise ValueError("tq_prefill: invariant=True reads every packed key from its slot; "
@@ -492,7 +499,7 @@ def tq_prefill(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
         assert dk.dtype == dv.dtype == dot_dtype and dsc.dtype == torch.int32
         assert all(x.is_contiguous() for x in deq)
     else:
-        dk = dv = dsc = seq_lens
+        dk = dv = dsc = unused_arg(p, query.device)
     if deq_stages is None:
         # Pipeline depth of the deq loop's loads (benchmarks/layer_step.py --sweep, H200,
         # 2026-12-02, benchmarks/results/h200-20261202b/): head 64 fresh 7,700-token prompt

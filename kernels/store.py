@@ -160,7 +160,10 @@ def _encode_half(src, dst, valid, rot_ptr, rot_scale, cent_ptr, bound_ptr,
     return scale.to(tl.float16)
 
 
-@triton.jit
+# T (the step's token count) changes every mixed step: left unspecialized, so T % 16 == 0 and
+# T == 1 do not compile variants of their own in the middle of serving (docs/kernels-notes.md,
+# "Compiles during serving").
+@triton.jit(do_not_specialize=["T"])
 def _tq_store_kernel(
     key_ptr,            # [T, Hkv, D] fp16/bf16/fp32
     value_ptr,          # [T, Hkv, D] same dtype

@@ -378,6 +378,8 @@ def test_prefill_batch_invariant_same_bits_however_chunked(d, hq, hkv):
 _ROW_CHECK = r"""
 import json, sys, torch
 sys.path.insert(0, sys.argv[1])
+sys.path.insert(0, sys.argv[1] + "/tests")
+import conftest  # noqa: F401  (maps kernels/ to vllm_turboquant.kernels when not installed)
 from vllm_turboquant.codec import TQConfig, TQLayerCodec
 from vllm_turboquant.kernels import TQLayerParams
 from vllm_turboquant.kernels.decode import rotate_query
@@ -516,3 +518,51 @@ def test_aligned_prefix_hit_reads_what_a_miss_reads(d, hq, hkv):
                                      wipe_side_at=wipe)
         bad = (got != whole).any(-1).any(-1).nonzero().flatten()
         assert bad.numel() == 0, f"wiped at {wipe}: positions {bad[:10].tolist()} differ"
+
+
+def _compiled_variants(kernel) -> int:
+    """How many variants of a @triton.jit kernel this process compiled (Triton 3.6's
+    JITFunction.device_caches: device -> (kernel cache, ...))."""
+    caches = getattr(kernel, "device_caches", None)
+    if caches is None:
+        pytest.skip("this triton keeps no device_caches")
+    return sum(len(c[0]) for c in caches.values())
+
+
+def test_step_composition_compiles_no_new_variants():
+    """What a mixed serving step changes from one step to the next (its token count, its
+    decode count and so the split count, the batch row its chunks start at) must not compile
+    new kernel variants: on the H200 (2026-12-03) the first steps of the long e2e workload
+    took 2.3 and 2.4 s each, compiling variants for T % 16 == 0 and for seq_lens[nd:] not
+    16-byte aligned, while later steps took ~60 ms (benchmarks/results/h200-20261203b/)."""
+    from vllm_turboquant.kernels import decode as dmod, prefill as pmod, store as smod
+    d, hq, hkv, bs, dtype = 64, 9, 3, 128, torch.bfloat16
+    codec, params = _params("turboquant", d, window=64, align=128)
+    lens = [300, 500, 700, 900, 200]
+    cache, bt, chunks = _paged(lens, hkv, d, bs, params, dtype)
+    sl = torch.tensor(lens, dtype=torch.int32, device=DEV)
+
+    def step(t, nd, splits):
+        k = torch.randn(t, hkv, d, device=DEV, dtype=dtype)
+        slots = torch.arange(t, device=DEV) + bt[0, 0].long() * bs
+        tq_store(k, k, cache, slots, params)
+        q = torch.randn(len(lens), hq, d, device=DEV, dtype=dtype)
+        tq_decode(q[:nd], cache, bt[:nd], sl[:nd], params, 0.125, num_splits=splits)
+        m = len(lens) - nd                         # one-token "chunks" for the rest
+        cu = torch.arange(m + 1, dtype=torch.int32, device=DEV)
+        kq = torch.randn(m, hkv, d, device=DEV, dtype=dtype)
+        tq_prefill(q[nd:], kq, kq, cu, sl[nd:], cache, bt[nd:], params, 0.125,
+                   max_query_len=1)
+
+    step(17, 2, 3)                                  # compiles what the steps need
+    torch.cuda.synchronize()
+    before = [_compiled_variants(x) for x in (smod._tq_store_kernel,
+              dmod._tq_decode_split_kernel, dmod._tq_decode_merge_kernel,
+              pmod._tq_prefill_kernel)]
+    for t, nd, splits in [(32, 1, 16), (1, 3, 1), (48, 4, 32), (33, 1, 7)]:
+        step(t, nd, splits)
+    torch.cuda.synchronize()
+    after = [_compiled_variants(x) for x in (smod._tq_store_kernel,
+             dmod._tq_decode_split_kernel, dmod._tq_decode_merge_kernel,
+             pmod._tq_prefill_kernel)]
+    assert after == before, ("store, split, merge, prefill variants", before, after)
