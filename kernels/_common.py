@@ -246,14 +246,32 @@ def check_cache_alignment(kv_cache: torch.Tensor) -> None:
         raise ValueError("kv_cache base and block stride must be multiples of 4 bytes")
 
 
+_PAGE_ALIGN: dict = {}
+
+
 def page_align(kv_cache: torch.Tensor, layout: SlotLayout) -> int:
-    """Byte alignment (16 or 4) the kernels may assume for every token's code rows: 16 when the
-    base, block stride, per-head plane and code widths are multiples of 16 (then rows load as
-    16-byte vectors), else 4."""
-    bs = kv_cache.shape[1]
-    sizes = (kv_cache.data_ptr(), kv_cache.stride(0), bs * layout.slot_bytes,
-             layout.v_codes_offset, layout.k_scale_offset - layout.v_codes_offset)
-    return 16 if all(x % 16 == 0 for x in sizes) else 4
+    """Validate a cache for the kernels (check_cache_alignment) and return the byte alignment
+    (16 or 4) they may assume for every token's code rows: 16 when the base, block stride,
+    per-head plane and code widths are multiples of 16 (then rows load as 16-byte vectors),
+    else 4. Every launch calls it: memoized per (pointer, shape, strides, layout), since the
+    stride checks cost ~7 us of Python per call on our CI CPU."""
+    key = (kv_cache.data_ptr(), kv_cache.shape, kv_cache.stride(), layout)
+    align = _PAGE_ALIGN.get(key)
+    if align is None:
+        check_cache_alignment(kv_cache)
+        bs = kv_cache.shape[1]
+        sizes = (kv_cache.data_ptr(), kv_cache.stride(0), bs * layout.slot_bytes,
+                 layout.v_codes_offset, layout.k_scale_offset - layout.v_codes_offset)
+        align = 16 if all(x % 16 == 0 for x in sizes) else 4
+        if len(_PAGE_ALIGN) >= 1024:        # tests make many caches; serving, a few
+            _PAGE_ALIGN.clear()
+        _PAGE_ALIGN[key] = align
+    return align
+
+
+def _plane_cuts(layout: SlotLayout) -> tuple[int, int, int, int]:
+    """Slot byte offsets where the page's three planes start, and the slot's end."""
+    return (0, layout.v_codes_offset, layout.k_scale_offset, layout.slot_bytes)
 
 
 def page_planes(kv_cache: torch.Tensor, layout: SlotLayout):
@@ -267,7 +285,7 @@ def page_planes(kv_cache: torch.Tensor, layout: SlotLayout):
         raise ValueError(f"kv_cache slot bytes {sb} != the layout's {layout.slot_bytes}")
     if not page_layout_ok(kv_cache):
         raise ValueError("kv_cache blocks must be dense pages")
-    cuts = (0, layout.v_codes_offset, layout.k_scale_offset, sb)
+    cuts = _plane_cuts(layout)
     return tuple(kv_cache.as_strided((nb, hkv, bs, b - a), (kv_cache.stride(0), bs * sb, b - a, 1),
                                      kv_cache.storage_offset() + bs * a)
                  for a, b in zip(cuts, cuts[1:]))
@@ -283,7 +301,7 @@ def read_slots(kv_cache: torch.Tensor, layout: SlotLayout, blocks: torch.Tensor,
 def write_slots(kv_cache: torch.Tensor, layout: SlotLayout, blocks: torch.Tensor,
                 rows: torch.Tensor, slots: torch.Tensor) -> None:
     """Inverse of read_slots: slots uint8 [n, Hkv, slot_bytes] into their pages, in place."""
-    cuts = (0, layout.v_codes_offset, layout.k_scale_offset, layout.slot_bytes)
+    cuts = _plane_cuts(layout)
     for plane, a, b in zip(page_planes(kv_cache, layout), cuts, cuts[1:]):
         plane[blocks, :, rows] = slots[..., a:b]
 

@@ -20,9 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (TQSide, as_params, cached, check_cache_alignment, default_num_splits,
-                      next_pow2, page_align, pair_table, prmt_dequant_asm, stored_order,
-                      unused_arg)
+from ._common import (TQSide, as_params, cached, default_num_splits, next_pow2, page_align,
+                      pair_table, prmt_dequant_asm, stored_order, unused_arg)
 from ._launch import launch
 from ._tl import (decode_bytes, dequant_halves, interpreting, load_code_bytes, mma,
                   slot_ptrs)
@@ -396,7 +395,7 @@ def tq_decode(query: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Te
     hkv = kv_cache.shape[2]
     g = hq // hkv
     assert g * hkv == hq and kv_cache.stride(-1) == 1
-    check_cache_alignment(kv_cache)
+    align_b = page_align(kv_cache, p.layout)     # also validates the cache
     f32 = query.dtype == torch.float32 or interpreting(_tq_decode_split_kernel)
     dot_dtype = query.dtype          # fp32 queries compute in fp32
     q = rotate_query(query, p, scale)
@@ -439,7 +438,7 @@ def tq_decode(query: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Te
         HAS_SIDE=has_side,
         F32=f32, KMODE=kmode, VMODE=vmode, KASM=kasm, VASM=vasm, KT=bool(kt),
         PREFETCH=prefetch, WORDS=words, ALIGN=p.align if has_side else 0,
-        ALIGN_B=page_align(kv_cache, lay),
+        ALIGN_B=align_b,
         num_warps=num_warps, num_stages=num_stages)
     launch(_tq_decode_merge_kernel, (bsz, hkv),
         part_o, part_lse, p.rotation_pm1, out,

@@ -24,8 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (TQSide, as_params, check_cache_alignment, next_pow2, page_align,
-                      unused_arg)
+from ._common import TQSide, as_params, next_pow2, page_align, unused_arg
 from ._launch import launch
 from ._tl import dequant_halves, interpreting, mma
 from .decode import _tile_base, lookup_tables, rotate_query
@@ -448,7 +447,7 @@ def tq_prefill(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     hkv = key.shape[1]
     g = hq // hkv
     assert g * hkv == hq and kv_cache.stride(-1) == 1
-    check_cache_alignment(kv_cache)
+    align_b = page_align(kv_cache, p.layout)     # also validates the cache
     if out is None:
         out = torch.empty_like(query)
     bsz = seq_lens.shape[0]
@@ -532,6 +531,6 @@ def tq_prefill(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
         HAS_SIDE=has_side, F32=f32, COLS=min(d, 64), WIN=win, KMODE=kmode, VMODE=vmode,
         KASM=kasm, VASM=vasm, DEQ=deq is not None, DEQ_STAGES=deq_stages,
         INVARIANT=invariant, ALIGN=p.align if has_side else 0,
-        ALIGN_B=page_align(kv_cache, lay), num_warps=num_warps,
+        ALIGN_B=align_b, num_warps=num_warps,
         num_stages=num_stages)
     return out

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import TQSide, as_params, cached, check_cache_alignment, page_align
+from ._common import TQSide, as_params, cached, page_align
 from ._launch import launch
 from ._tl import interpreting, sign_magnitude, slot_ptrs, store_codes
 
@@ -162,7 +162,7 @@ def _encode_half(src, dst, valid, rot_ptr, rot_scale, cent_ptr, bound_ptr,
 
 # T (the step's token count) changes every mixed step: left unspecialized, so T % 16 == 0 and
 # T == 1 do not compile variants of their own in the middle of serving (docs/kernels-notes.md,
-# "Compiles during serving").
+# "Compiles in the middle of serving").
 @triton.jit(do_not_specialize=["T"])
 def _tq_store_kernel(
     key_ptr,            # [T, Hkv, D] fp16/bf16/fp32
@@ -280,7 +280,7 @@ def tq_store(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
         return
     assert key.stride(-1) == 1 and value.stride(-1) == 1
     assert kv_cache.dtype == torch.uint8 and kv_cache.shape[3] == p.layout.slot_bytes
-    check_cache_alignment(kv_cache)
+    align_b = page_align(kv_cache, p.layout)     # also validates the cache
     lay = p.layout
     has_side = side is not None and side.window > 0
     if has_side:
@@ -329,7 +329,7 @@ def tq_store(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
         key.stride(0), key.stride(1), value.stride(0), value.stride(1), kv_cache.stride(0),
         D=d, KBITS=p.key_bits, VBITS=p.value_bits, LSQ=p.scale_mode == "lsq",
         SLOT=lay.slot_bytes, V_OFF=lay.v_codes_offset, KS_OFF=lay.k_scale_offset,
-        BS=kv_cache.shape[1], ALIGN_B=page_align(kv_cache, lay), BLOCK_T=block_t,
+        BS=kv_cache.shape[1], ALIGN_B=align_b, BLOCK_T=block_t,
         HAS_SIDE=has_side,
         ROT=rot_code, HALVES=halves, IDX=token_index is not None, ROT_OUT=rot_out is not None,
         DEQ_OUT=deq_out is not None, num_warps=num_warps)

@@ -29,7 +29,7 @@ except ImportError:  # pragma: no cover
 
 @pytest.mark.skipif(NVDISASM is None or not NVDISASM.exists(),
                     reason="triton's bundled nvdisasm is not installed")
-def test_word_loads_remove_the_byte_loads_of_the_decode_loop(tmp_path):
+def test_decode_loop_loads_code_rows_as_vectors(tmp_path):
     env = dict(os.environ, TRITON_INTERPRET="0")   # "0", not unset: conftest would set "1"
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "tests"), str(ROOT),
                                          env.get("PYTHONPATH", "")])

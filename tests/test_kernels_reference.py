@@ -123,6 +123,22 @@ def test_page_layout_is_head_major_planes(codec, permuted):
             assert torch.equal(flat[s0:s0 + sw], slots[s_id, h, kw + vw:])
 
 
+def test_page_align_validates_the_cache(codec):
+    """What every launcher calls first: dense blocks in any dim order are taken (16-byte code
+    rows when sizes allow), a block that is not one dense run is refused, not misread."""
+    from vllm_turboquant.kernels._common import page_align
+    lay = codec.layout
+    sb = lay.slot_bytes
+    assert page_align(make_cache(3, 16, 2, sb), lay) == 16
+    assert page_align(make_cache(3, 16, 2, sb, permuted=True), lay) == 16
+    assert page_align(make_cache(3, 1, 1, sb), lay) == 4        # 1 * slot_bytes % 16 != 0
+    wide = torch.zeros(3, 16, 2, 2 * sb, dtype=torch.uint8)[..., :sb]   # gaps between slots
+    with pytest.raises(ValueError, match="dense pages"):
+        page_align(wide, lay)
+    with pytest.raises(ValueError, match="dense pages"):
+        read_slots(wide, lay, torch.tensor([0]), torch.tensor([0]))
+
+
 @pytest.mark.parametrize("lens,hq,hkv,bs", [([1, 7, 33], 4, 2, 4), ([20], 3, 1, 16)])
 def test_decode_ref_matches_naive(codec, lens, hq, hkv, bs):
     params = TQLayerParams.from_codec(codec)
