@@ -398,6 +398,12 @@ DECODE_AB = [  # tq_decode keyword arguments; the first is the default config (d
     {"block_n": 32, "num_warps": 2},
     {"block_n": 16, "num_warps": 1},
     {"words": False, "prefetch": False, "block_n": 16, "num_stages": 1, "num_warps": 1},
+    # Twice the warps per program, to hide more latency per SM (sm_90 SASS, triton 3.6,
+    # instructions per 64 tokens, registers: head 64 1,936 at 114 regs and 1,508 at 128 with
+    # 256-token tiles vs the default's 1,426 at 128; head 128 2,788 at 128 regs (16 B of
+    # stack) and 2,318 at 220 vs 2,244 at 247).
+    {"num_warps": 8},
+    {"block_n": 256, "num_warps": 8},
 ]
 
 

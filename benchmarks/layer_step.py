@@ -88,7 +88,23 @@ def build_step(nd: int, dec_ctx: int, chunk: int, prefix: int, hq=9, hkv=3, d=64
         side=TQSide.empty(128, window, hkv, d, dtype, device) if window else None,
         side_tok=side_tok.to(device), side_slots=slots[side_tok].to(device),
         side_rows=rows[side_tok].to(**i32), side_pos=pos[side_tok].to(**i32),
-        side_end=send[side_tok].to(**i32), out=torch.empty_like(q), scale=d ** -0.5)
+        side_end=send[side_tok].to(**i32), out=torch.empty_like(q), scale=d ** -0.5,
+        window=window, qlens=qlens, **_own_rows(qlens, nd, window, device))
+
+
+def _own_rows(qlens, nd, window, device) -> dict:
+    """What the metadata builder gives a step whose chunks' own packed keys go through
+    FlashAttention (backend/own_attention.py): each token's row in the compact copy, and the
+    key starts per request (all rows) and per chunk (the split path's rows nd on)."""
+    keys = [max(n - window, 0) for n in qlens]
+    idx = []
+    start = 0
+    for n, k in zip(qlens, keys):
+        idx += [start + i if i < k else -1 for i in range(n)]
+        start += k
+    cu_k = torch.tensor([0] + keys, device=device).cumsum(0).to(torch.int32)
+    return dict(own_index=torch.tensor(idx, dtype=torch.int32, device=device), own_cu_k=cu_k,
+                own_cu_k_p=cu_k[nd:])
 
 
 def new_rot(s) -> tuple[torch.Tensor, tuple]:
@@ -150,9 +166,61 @@ def ops(s):
         unified()
         side_store()
 
-    return {"store": store, "decode": decode, "decode_rotation": decode_rotation,
-            "prefill": prefill, "side_store": side_store,
-            "unified_prefill": unified, "forward_split": forward_split, "forward": forward}
+    res = {"store": store, "decode": decode, "decode_rotation": decode_rotation,
+           "prefill": prefill, "side_store": side_store,
+           "unified_prefill": unified, "forward_split": forward_split, "forward": forward}
+    from vllm_turboquant.backend import own_attention
+    if own_attention.enabled(s["q"].device):
+        res.update(_own_ops(s, rot, deq, splits, side_p, store, decode, side_store))
+    return res
+
+
+def _own_ops(s, rot, deq, splits, side_p, store, decode, side_store):
+    """The same steps with the chunks' own packed keys through FlashAttention (what
+    impl.forward does when backend/own_attention.py is enabled): the store also writes the
+    compact copy, FlashAttention runs over it, the prefill kernel is seeded with its result."""
+    from vllm_turboquant.backend import own_attention
+    nd, w, mq = s["nd"], s["window"], max(s["chunk"], 1)
+    buf = torch.empty((2,) + tuple(s["k"].shape), dtype=s["q"].dtype, device=s["q"].device)
+
+    def store_own():
+        tq_store(s["k"], s["v"], s["cache"], s["slots"], s["params"], s["side"], s["rows"],
+                 s["pos"], s["store_end"], rot_out=(rot[0], rot[1]), deq_out=deq,
+                 own_out=(buf[0], buf[1], s["own_index"]))
+
+    def own_fa():            # the FlashAttention call alone (split path: the chunk's rows)
+        q_rot = rotate_query(s["q"][nd:], s["params"], s["scale"])
+        return q_rot, own_attention.attend(q_rot, buf[0], buf[1], s["prefill_qsl"],
+                                           s["own_cu_k_p"], mq, w)
+
+    def prefill_own():
+        q_rot, own = own_fa()
+        tq_prefill(s["q"][nd:], rot[0, nd:], rot[1, nd:], s["prefill_qsl"], s["seq_lens"][nd:],
+                   s["cache"], s["bt"][nd:], s["params"], s["scale"], side_p,
+                   max_query_len=s["chunk"], out=s["out"][nd:], rotated=True,
+                   deq=tuple(x[nd:] for x in deq), own=own, q_rotated=q_rot)
+
+    def unified_own():
+        q_rot = rotate_query(s["q"], s["params"], s["scale"])
+        own = own_attention.attend(q_rot, buf[0], buf[1], s["qsl"], s["own_cu_k"], mq, w)
+        tq_prefill(s["q"], rot[0], rot[1], s["qsl"], s["seq_lens"], s["cache"], s["bt"],
+                   s["params"], s["scale"], s["side"], max_query_len=s["chunk"], out=s["out"],
+                   rotated=True, deq=deq, own=own, q_rotated=q_rot)
+
+    def forward_split_own():
+        store_own()
+        decode()
+        prefill_own()
+        side_store()
+
+    def forward_own():
+        store_own()
+        unified_own()
+        side_store()
+
+    return {"store_own": store_own, "own_fa": own_fa, "prefill_own": prefill_own,
+            "unified_prefill_own": unified_own, "forward_split_own": forward_split_own,
+            "forward_own": forward_own}
 
 
 def fa_ops(s):
@@ -275,6 +343,8 @@ def main():
                     help="what the decode split count comes from (the backend takes vLLM's "
                          "max_model_len; e2e.py's engines use 8192)")
     ap.add_argument("--sweep", action="store_true", help="prefill launch configs (GPU)")
+    ap.add_argument("--cases", default=None,
+                    help="comma list of substrings: run only the cases whose name has one")
     ap.add_argument("--ab-launch", action="store_true",
                     help="time every op also with Triton's plain launch (kernels/_launch.py off)")
     ap.add_argument("--best", metavar="JSON", help="print the fastest correct SmolLM2 prefill "
@@ -291,10 +361,17 @@ def main():
               ("mixed 16 dec x 1K + 2032 chunk fresh", 16, 1024, 2032, 0),
               ("mixed 96 dec x 8K + 2048 chunk @ 4K prefix", 96, 8084, 2048, 4096),
               ("fresh 7700-token prompt", 0, 1, 7700, 0),
+              # the long e2e workload's mixed steps (96 x 7,700-token prompts, 16,384 tokens
+              # per step): a fresh prompt beside the running decodes, and a prompt's second
+              # chunk over its packed first one
+              ("long mixed 47 dec x 8K + 7700 chunk fresh", 47, 8084, 7700, 0),
+              ("continuation 7700 chunk @ 7700 prefix", 0, 1, 7700, 7700),
               ("decode only 128 x 1K (eager)", 128, 1024, 0, 0),
               # e2e.py's TPOT shapes: 1 and 16 requests at 2K context
               ("decode only 1 x 2K (TPOT c=1)", 1, 2048, 0, 0),
               ("decode only 16 x 2K (TPOT c=16)", 16, 2048, 0, 0)])
+    if args.cases:
+        cases = [c for c in cases if any(w in c[0] for w in args.cases.split(","))]
     reps = 2 if args.smoke else args.reps
     result = {"device": torch.cuda.get_device_name() if cuda else "cpu",
               "torch": torch.__version__, "triton": __import__("triton").__version__,

@@ -175,7 +175,10 @@ def _invariant_tiles(q_lo, q_hi, k_ptr, v_ptr, cache_ptr, bt_row, kcent_ptr,
 # scalar, so alignment buys nothing; specializing on it compiled a second variant the first
 # time nd % 4 != 0 (2.4 s in a served step, H200, 2026-12-03).
 @triton.jit(do_not_specialize_on_alignment=["cu_q_ptr", "seq_lens_ptr", "block_table_ptr",
-                                            "deq_s_ptr", "side_tag_ptr", "side_check_ptr"])
+                                            "deq_s_ptr", "side_tag_ptr", "side_check_ptr",
+                                            "own_lse_ptr"],
+            # own_lse is [Hq, T]: its head stride is this step's token count
+            do_not_specialize=["stride_lh", "stride_lt"])
 def _tq_prefill_kernel(
     q_ptr,              # [T, Hq, D] dot dtype: rotated q * softmax_scale * log2(e)
     k_ptr, v_ptr,       # [T, Hkv, D] dot dtype: the chunk's rotated K/V (contiguous)
@@ -190,9 +193,11 @@ def _tq_prefill_kernel(
     side_k_ptr, side_v_ptr, side_tag_ptr, side_check_ptr,  # TQSide (contiguous)
     deq_k_ptr, deq_v_ptr,    # [T, Hkv, D] dot dtype: the chunk's centroids C[code] (when DEQ)
     deq_s_ptr,          # [T, Hkv] int32: the chunk's slot scale words (when DEQ)
+    own_o_ptr,          # [T, Hq, D] dot dtype: attention over the own keys j <= t - WIN (OWN)
+    own_lse_ptr,        # [Hq, T] float32: its natural log-sum-exp, +-inf = no key (OWN)
     G, W, num_kv_heads, rot_scale,
     stride_qt, stride_qh, stride_ot, stride_oh, stride_bt,
-    stride_cb,
+    stride_cb, stride_lh, stride_lt,
     D: tl.constexpr, KBITS: tl.constexpr, VBITS: tl.constexpr, SLOT: tl.constexpr,
     V_OFF: tl.constexpr, KS_OFF: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, G_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -200,7 +205,13 @@ def _tq_prefill_kernel(
     KMODE: tl.constexpr, VMODE: tl.constexpr, KASM: tl.constexpr = "", VASM: tl.constexpr = "",
     DEQ: tl.constexpr = False, DEQ_STAGES: tl.constexpr = 1,
     INVARIANT: tl.constexpr = False, ALIGN: tl.constexpr = 0, ALIGN_B: tl.constexpr = 4,
+    OWN: tl.constexpr = False,
 ):
+    """OWN (with DEQ): the attention of each row over its chunk's own keys j <= t - WIN comes
+    precomputed (own_o, own_lse: FlashAttention over the chunk's dequantized copy, in the
+    rotated space, with softmax scale ln 2 on these prescaled queries) and seeds the online
+    softmax; the deq loop then covers only the keys in (t - WIN, last_packed(t)], which the
+    aligned window reads packed (none for an unaligned one)."""
     b = tl.program_id(0)
     # Longest rows first: under causal masking the last blocks of a chunk do the most tiles,
     # and the GPU starts programs in launch order.
@@ -232,6 +243,20 @@ def _tq_prefill_kernel(
     l_i = tl.zeros([ROWS], dtype=tl.float32)
     acc_lo = tl.zeros([ROWS, HALF], dtype=tl.float32)
     acc_hi = tl.zeros([ROWS, HALF], dtype=tl.float32)
+    if OWN:
+        # FlashAttention's normalized output o with lse = ln(sum exp(ln2 * s)): in base 2
+        # that is m = lse * log2(e), l = 1, acc = o. A row with no key there (the first WIN
+        # rows) has lse = +inf (or -inf): it starts empty.
+        lse = tl.load(own_lse_ptr + qh * stride_lh + t64 * stride_lt, mask=rmask,
+                      other=float("inf"))
+        has = (lse == lse) & (tl.abs(lse) < float("inf"))
+        m_i = tl.where(has, lse * 1.4426950408889634, float("-inf"))
+        l_i = tl.where(has, 1.0, 0.0)
+        o_row = own_o_ptr + t64[:, None] * stride_qt + qh[:, None] * stride_qh
+        o_lo = tl.load(o_row + offs_lo[None, :], mask=rmask[:, None] & has[:, None], other=0.0)
+        o_hi = tl.load(o_row + offs_hi[None, :], mask=rmask[:, None] & has[:, None], other=0.0)
+        acc_lo = o_lo.to(tl.float32)
+        acc_hi = o_hi.to(tl.float32)
     bt_row = block_table_ptr + b.to(tl.int64) * stride_bt
     # Precision policy (the decode step's): query position t reads key j exactly iff
     # j >= _win_lo(t) (j > t - WIN, clipped to t's own ALIGN-token block), else its packed
@@ -323,7 +348,10 @@ def _tq_prefill_kernel(
         # contiguous tiles: no block-table gather, no unpacking, pipelined loads.
         if DEQ:
             own_end = packed_end - prefix                      # chunk-local
-            for n0 in tl.range(0, own_end, BLOCK_N, num_stages=DEQ_STAGES):
+            own_lo = 0
+            if OWN:   # keys j <= t - WIN came with own_o; only (t - WIN, last_packed] remain
+                own_lo = (tl.maximum(mb * BLOCK_M - WIN + 1, 0) // BLOCK_N) * BLOCK_N
+            for n0 in tl.range(own_lo, own_end, BLOCK_N, num_stages=DEQ_STAGES):
                 offs_n = n0 + tl.arange(0, BLOCK_N)
                 nmask = offs_n < own_end
                 row = (q_start + offs_n).to(tl.int64) * num_kv_heads + h
@@ -337,6 +365,8 @@ def _tq_prefill_kernel(
                 s = mma(q_lo, tl.trans(k_lo), F32) + mma(q_hi, tl.trans(k_hi), F32)
                 s = s * ks.to(tl.float32)[None, :]
                 keep = nmask[None, :] & (offs_n[None, :] + prefix <= last_packed[:, None])
+                if OWN:
+                    keep = keep & (offs_n[None, :] + WIN > tok[:, None])
                 s = tl.where(keep, s, float("-inf"))
                 p, alpha, m_new, l_i = _softmax_step(s, m_i, l_i)
                 pv = (p * vs.to(tl.float32)[None, :]).to(dt)
@@ -417,7 +447,8 @@ def tq_prefill(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                rotated: bool = False, block_m: int | None = None, block_n: int | None = None,
                num_warps: int | None = None, num_stages: int = 1,
                lookup: int = 3, deq=None, deq_stages: int | None = None,
-               invariant: bool = False) -> torch.Tensor:
+               invariant: bool = False, own=None,
+               q_rotated: torch.Tensor | None = None) -> torch.Tensor:
     """Triton prefill over packed pages; same contract as `reference.tq_prefill_ref`.
 
     query [T, Hq, D]; key, value [T, Hkv, D] (the chunk's own K/V; rotated=True: already
@@ -429,6 +460,12 @@ def tq_prefill(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     deq: optional (dk, dv, scales), the store's deq_out for these T tokens (dk, dv in
     query.dtype): the chunk's own tokens older than the window are then read from it instead
     of their packed slots (same values, contiguous loads; deq_stages pipelines them).
+    own: optional (own_o [T, Hq, D] in query.dtype, own_lse [Hq, T] float32, any strides),
+    with deq: each row's attention over its chunk's own keys j <= t - W (W the window, 0
+    without one), dequantized (C[code] * scale), with q_rotated as queries and softmax scale
+    ln 2 (FlashAttention's output and natural log-sum-exp, +inf for a row without keys):
+    the kernel then reads only the remaining own keys (see _tq_prefill_kernel's OWN).
+    q_rotated: rotate_query(query, params, scale), when the caller has it already.
     invariant: batch-invariant order (vLLM's VLLM_BATCH_INVARIANT; see _invariant_tiles):
     a row's output is bit for bit the same however its prompt was chunked; takes no deq
     (the chunk's own older tokens are unpacked from their slots like the prefix's).
@@ -463,7 +500,7 @@ def tq_prefill(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     # in the interpreter; one-token chunks are decodes in the backend. Rotating q inside the
     # kernel (a tl.dot feeding the score dots) gave wrong output on the H200 (triton 3.6,
     # 2026-12-02, tests/gpu/crash_matrix.py "inv" cases): not used.
-    q = rotate_query(query, p, scale)
+    q = rotate_query(query, p, scale) if q_rotated is None else q_rotated
     if rotated:   # the store already wrote them rotated (the backend's path: no extra ops)
         assert key.dtype == value.dtype == dot_dtype
         assert key.is_contiguous() and value.is_contiguous()
@@ -499,6 +536,17 @@ def tq_prefill(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
         assert all(x.is_contiguous() for x in deq)
     else:
         dk = dv = dsc = unused_arg(p, query.device)
+    if own is not None:
+        if deq is None or invariant:
+            raise ValueError("tq_prefill: own needs deq (and is not batch-invariant)")
+        own_o, own_lse = own
+        assert own_o.shape == (t, hq, d) and own_o.dtype == dot_dtype
+        assert own_o.stride() == q.stride() and own_lse.shape == (hq, t)
+        assert own_lse.dtype == torch.float32
+        lse_strides = own_lse.stride()
+    else:
+        own_o = own_lse = unused_arg(p, query.device)
+        lse_strides = (0, 0)
     if deq_stages is None:
         # Pipeline depth of the deq loop's loads (benchmarks/layer_step.py --sweep, H200,
         # 2026-12-02, benchmarks/results/h200-20261202b/): head 64 fresh 7,700-token prompt
@@ -520,17 +568,17 @@ def tq_prefill(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     launch(_tq_prefill_kernel, grid,
         q, k, v, out, cu_seqlens_q, seq_lens, kv_cache, block_table,
         p.key_centroids, p.value_centroids, kpair, vpair, p.rotation_pm1,
-        sk, sv, stag, schk, dk, dv, dsc,
+        sk, sv, stag, schk, dk, dv, dsc, own_o, own_lse,
         g, w, hkv, p.rotation_scale,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_table.stride(0),
-        kv_cache.stride(0),
+        kv_cache.stride(0), *lse_strides,
         D=d, KBITS=p.key_bits, VBITS=p.value_bits, SLOT=lay.slot_bytes,
         V_OFF=lay.v_codes_offset,
         KS_OFF=lay.k_scale_offset, BLOCK_SIZE=kv_cache.shape[1], BLOCK_M=block_m, G_PAD=g_pad,
         BLOCK_N=block_n,
         HAS_SIDE=has_side, F32=f32, COLS=min(d, 64), WIN=win, KMODE=kmode, VMODE=vmode,
         KASM=kasm, VASM=vasm, DEQ=deq is not None, DEQ_STAGES=deq_stages,
-        INVARIANT=invariant, ALIGN=p.align if has_side else 0,
+        INVARIANT=invariant, OWN=own is not None, ALIGN=p.align if has_side else 0,
         ALIGN_B=align_b, num_warps=num_warps,
         num_stages=num_stages)
     return out

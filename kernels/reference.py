@@ -18,6 +18,8 @@ un-rotated once (acc @ R). GQA: query head h reads KV head h // (Hq // Hkv).
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from vllm_turboquant.codec import unpack_codes
@@ -87,6 +89,7 @@ def tq_store_ref(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
                  token_index: torch.Tensor | None = None,
                  rot_out: tuple[torch.Tensor, torch.Tensor] | None = None,
                  deq_out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+                 own_out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
                  ) -> None:
     """Quantize-on-write: encode each token's K/V and write its packed slot, in place.
 
@@ -103,6 +106,10 @@ def tq_store_ref(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
     deq_out        optional (dk, dv [T, Hkv, D], scales int32 [T, Hkv]): the centroids C[code]
                    of each token's packed K/V (in dk's dtype) and its slot's scale word
                    (K fp16 | V fp16 << 16); zeros for padding tokens. tq_prefill's `deq`.
+    own_out        optional (ok, ov [T_own, Hkv, D], own_index int32 [T]), with deq_out: token
+                   i (valid, own_index[i] >= 0) writes C[code] * its fp16 scale (in ok's dtype)
+                   at row own_index[i]; other rows are left alone. The chunks' own packed
+                   keys/values for FlashAttention (backend/own_attention.py).
     """
     p = as_params(params, kv_cache.device)
     block_size = kv_cache.shape[1]
@@ -125,6 +132,19 @@ def tq_store_ref(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
         deq_out[0].copy_(torch.where(keep, p.key_centroids[kc], 0))
         deq_out[1].copy_(torch.where(keep, p.value_centroids[vc], 0))
         deq_out[2].copy_(torch.where(valid[:, None], scale_check(p, slots), 0))
+        if own_out is not None:
+            ok, ov, own_idx = own_out
+            rows = own_idx.long()
+            take = valid & (rows >= 0)
+            words = scale_check(p, slots)[take]
+            k_s = (words & 0xFFFF).to(torch.int16).view(torch.float16).float()
+            v_s = ((words >> 16) & 0xFFFF).to(torch.int16).view(torch.float16).float()
+            ok[rows[take]] = (p.key_centroids[kc[take]].to(ok.dtype).float()
+                              * k_s[..., None]).to(ok.dtype)
+            ov[rows[take]] = (p.value_centroids[vc[take]].to(ov.dtype).float()
+                              * v_s[..., None]).to(ov.dtype)
+    elif own_out is not None:
+        raise ValueError("own_out needs deq_out")
     if rot_out is None and not has_side:
         return
     # What attention sees of a non-finite vector: zeros, as the codec stores it.
@@ -299,3 +319,40 @@ def tq_prefill_ref(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
              + torch.einsum("kgmn,nkd->kgmd", prob * (1 - sel), vq))         # [Hkv, G, M, D]
         out[s0:s1] = o.permute(2, 0, 1, 3).reshape(m, hq, d) @ p.rotation
     return out.to(query.dtype)
+
+
+# -- the chunks' own packed keys, as FlashAttention runs them -------------------------------------
+def own_attention_ref(q_rot: torch.Tensor, own_k: torch.Tensor, own_v: torch.Tensor,
+                      cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
+                      window: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """What tq_prefill's `own` takes, computed in torch: the FlashAttention call of
+    backend/own_attention.py (varlen, causal, bottom-right aligned, softmax scale ln 2).
+
+    q_rot [T, Hq, D]: rotated, prescaled queries (decode.rotate_query); own_k, own_v
+    [T_own, Hkv, D]: chunk b's first max(L_b - window, 0) tokens dequantized, at rows
+    cu_seqlens_k[b]..cu_seqlens_k[b + 1] (tq_store's own_out); cu_seqlens_q int32 [B + 1].
+    Query i of chunk b attends its keys j <= i - window. Returns (out [T, Hq, D] in q_rot's
+    dtype, lse [Hq, T] float32: natural log-sum-exp, +inf for a row without keys, as
+    FlashAttention reports it; out 0 there)."""
+    t, hq, d = q_rot.shape
+    g = hq // own_k.shape[1]
+    out = torch.zeros(t, hq, d, dtype=torch.float32, device=q_rot.device)
+    lse = torch.full((hq, t), float("inf"), dtype=torch.float32, device=q_rot.device)
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    for b in range(len(cq) - 1):
+        q0, q1, k0, k1 = int(cq[b]), int(cq[b + 1]), int(ck[b]), int(ck[b + 1])
+        if q1 <= q0 or k1 <= k0:
+            continue
+        q = q_rot[q0:q1].float()
+        k = own_k[k0:k1].float().repeat_interleave(g, dim=1)
+        v = own_v[k0:k1].float().repeat_interleave(g, dim=1)
+        s = torch.einsum("qhd,khd->hqk", q, k) * math.log(2.0)
+        i = torch.arange(q1 - q0, device=q.device)[:, None]
+        j = torch.arange(k1 - k0, device=q.device)[None, :]
+        s = s.masked_fill(~(j <= i - window), float("-inf"))
+        row_lse = torch.logsumexp(s, dim=-1)                                   # [H, q]
+        has = torch.isfinite(row_lse)
+        p = torch.where(has[..., None], torch.exp(s - row_lse[..., None]), 0.0)
+        out[q0:q1] = torch.einsum("hqk,khd->qhd", p, v)
+        lse[:, q0:q1] = torch.where(has, row_lse, float("inf"))
+    return out.to(q_rot.dtype), lse

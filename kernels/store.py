@@ -116,10 +116,11 @@ def _store_rows(ptr, row_off, cols, y, mask):
 @triton.jit
 def _encode_half(src, dst, valid, rot_ptr, rot_scale, cent_ptr, bound_ptr,
                  side_ptr, side_off, sel, offs_d, offs_lo, offs_hi, rot_out_ptr, rot_off,
-                 in_range, deq_ptr, dcent_ptr,
+                 in_range, deq_ptr, dcent_ptr, own_ptr, own_off, own_sel,
                  BITS: tl.constexpr, D: tl.constexpr, LSQ: tl.constexpr,
                  ROT: tl.constexpr, DT16: tl.constexpr, HAS_SIDE: tl.constexpr,
-                 HALVES: tl.constexpr, ROT_OUT: tl.constexpr, DEQ_OUT: tl.constexpr):
+                 HALVES: tl.constexpr, ROT_OUT: tl.constexpr, DEQ_OUT: tl.constexpr,
+                 OWN_OUT: tl.constexpr):
     """Encode one of K/V for N tokens: src [N, D] float32 rows -> packed codes at dst [N];
     returns the fp16 scale [N]. Writes the rotated vector to the side copy where sel, and to
     rot_out_ptr + rot_off [N] (in its dtype) for every row in_range when ROT_OUT (padding
@@ -127,7 +128,10 @@ def _encode_half(src, dst, valid, rot_ptr, rot_scale, cent_ptr, bound_ptr,
     DEQ_OUT, the centroids C[code] (what attention dequantizes the packed slot to, before its
     scale) to deq_ptr + rot_off, zeros for padding rows: looked up in dcent_ptr, the codebook
     already in deq_ptr's dtype, so they are bit for bit the values the attention kernels'
-    lookups produce (the interpreter's fp32 -> bf16 cast does not round as CUDA's does)."""
+    lookups produce (the interpreter's fp32 -> bf16 cast does not round as CUDA's does).
+    OWN_OUT (with DEQ_OUT): also the dequantized vector C[code] * scale (the fp16 scale the
+    slot stores), in own_ptr's dtype, to own_ptr + own_off where own_sel: the operands of the
+    chunk's own packed attention run by FlashAttention (tq_store's own_out)."""
     if BITS == 4 and HALVES:
         y_lo = _rotate(src, rot_ptr, offs_lo, offs_d, rot_scale, D, ROT, DT16)
         y_hi = _rotate(src, rot_ptr, offs_hi, offs_d, rot_scale, D, ROT, DT16)
@@ -146,6 +150,10 @@ def _encode_half(src, dst, valid, rot_ptr, rot_scale, cent_ptr, bound_ptr,
                         in_range)
             _store_rows(deq_ptr, rot_off, offs_hi, tl.where(valid[:, None], c_hi, 0.0),
                         in_range)
+            if OWN_OUT:
+                s16 = scale.to(tl.float16).to(tl.float32)[:, None]
+                _store_rows(own_ptr, own_off, offs_lo, c_lo.to(tl.float32) * s16, own_sel)
+                _store_rows(own_ptr, own_off, offs_hi, c_hi.to(tl.float32) * s16, own_sel)
     else:
         y = _rotate(src, rot_ptr, offs_d, offs_d, rot_scale, D, ROT, DT16)
         codes, scale, y = _quantize(y, cent_ptr, bound_ptr, 1 << BITS, LSQ)
@@ -157,6 +165,9 @@ def _encode_half(src, dst, valid, rot_ptr, rot_scale, cent_ptr, bound_ptr,
         if DEQ_OUT:
             c = tl.load(dcent_ptr + codes)
             _store_rows(deq_ptr, rot_off, offs_d, tl.where(valid[:, None], c, 0.0), in_range)
+            if OWN_OUT:
+                s16 = scale.to(tl.float16).to(tl.float32)[:, None]
+                _store_rows(own_ptr, own_off, offs_d, c.to(tl.float32) * s16, own_sel)
     return scale.to(tl.float16)
 
 
@@ -181,6 +192,8 @@ def _tq_store_kernel(
     deq_k_ptr, deq_v_ptr,    # [T, Hkv, D] contiguous: centroids C[code] out (when DEQ_OUT)
     deq_s_ptr,          # [T, Hkv] int32: the slot's scale word (K | V << 16) (when DEQ_OUT)
     dkcent_ptr, dvcent_ptr,  # codebooks in deq_k's dtype (when DEQ_OUT)
+    own_k_ptr, own_v_ptr,    # [T_own, Hkv, D]: C[code] * scale out (when OWN_OUT)
+    own_idx_ptr,        # [T] int32: each token's row there, < 0 = none (when OWN_OUT)
     T, rot_scale, W, num_kv_heads,
     stride_kt, stride_kh, stride_vt, stride_vh, stride_cb,
     D: tl.constexpr, KBITS: tl.constexpr, VBITS: tl.constexpr, LSQ: tl.constexpr,
@@ -188,6 +201,7 @@ def _tq_store_kernel(
     ALIGN_B: tl.constexpr, BLOCK_T: tl.constexpr,
     HAS_SIDE: tl.constexpr, ROT: tl.constexpr, HALVES: tl.constexpr = True,
     IDX: tl.constexpr = False, ROT_OUT: tl.constexpr = False, DEQ_OUT: tl.constexpr = False,
+    OWN_OUT: tl.constexpr = False,
 ):
     pid_t = tl.program_id(0)
     h = tl.program_id(1)
@@ -223,18 +237,26 @@ def _tq_store_kernel(
     if IDX:
         src = tl.load(idx_ptr + offs_t, mask=valid, other=0).to(tl.int64)
     rot_off = (t64 * num_kv_heads + h) * D
+    own_sel = offs_t < 0
+    own_off = t64
+    if OWN_OUT:
+        own_row = tl.load(own_idx_ptr + offs_t, mask=offs_t < T, other=-1).to(tl.int64)
+        own_sel = valid & (own_row >= 0)
+        own_off = (own_row * num_kv_heads + h) * D
     x = tl.load(key_ptr + src[:, None] * stride_kt + h * stride_kh + offs_d[None, :],
                 mask=valid[:, None], other=0.0).to(tl.float32)
     ks16 = _encode_half(x, kdst, valid, rot_ptr, rot_scale, kcent_ptr, kbound_ptr,
                         side_k_ptr, side_off, sel, offs_d, offs_lo, offs_hi, rot_k_ptr, rot_off,
-                        offs_t < T, deq_k_ptr, dkcent_ptr, KBITS, D, LSQ, ROT,
-                        key_ptr.dtype.element_ty, HAS_SIDE, HALVES, ROT_OUT, DEQ_OUT)
+                        offs_t < T, deq_k_ptr, dkcent_ptr, own_k_ptr, own_off, own_sel, KBITS,
+                        D, LSQ, ROT, key_ptr.dtype.element_ty, HAS_SIDE, HALVES, ROT_OUT,
+                        DEQ_OUT, OWN_OUT)
     x = tl.load(value_ptr + src[:, None] * stride_vt + h * stride_vh + offs_d[None, :],
                 mask=valid[:, None], other=0.0).to(tl.float32)
     vs16 = _encode_half(x, vdst, valid, rot_ptr, rot_scale, vcent_ptr,
                         vbound_ptr, side_v_ptr, side_off, sel, offs_d, offs_lo, offs_hi,
-                        rot_v_ptr, rot_off, offs_t < T, deq_v_ptr, dvcent_ptr, VBITS, D, LSQ, ROT,
-                        key_ptr.dtype.element_ty, HAS_SIDE, HALVES, ROT_OUT, DEQ_OUT)
+                        rot_v_ptr, rot_off, offs_t < T, deq_v_ptr, dvcent_ptr, own_v_ptr,
+                        own_off, own_sel, VBITS, D, LSQ, ROT, key_ptr.dtype.element_ty,
+                        HAS_SIDE, HALVES, ROT_OUT, DEQ_OUT, OWN_OUT)
     kbits = ks16.to(tl.uint16, bitcast=True).to(tl.int32)
     vbits = vs16.to(tl.uint16, bitcast=True).to(tl.int32)
     both = kbits | (vbits << 16)                   # K scale | V scale, little endian
@@ -253,6 +275,7 @@ def tq_store(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
              token_seq_end: torch.Tensor | None = None, token_index: torch.Tensor | None = None,
              rot_out: tuple[torch.Tensor, torch.Tensor] | None = None,
              deq_out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+             own_out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
              block_t: int | None = None, num_warps: int | None = None, rot: str | None = None,
              halves: bool = True, prescaled: bool = False) -> None:
     """Triton quantize-on-write; same contract as `reference.tq_store_ref`.
@@ -269,6 +292,12 @@ def tq_store(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
                    centroids C[code] of every token's K/V (in their dtype; zeros for padding),
                    scales int32 [T, Hkv] its slot's scale word (K fp16 | V fp16 << 16; 0 for
                    padding): the packed slot, dequantized once for tq_prefill's `deq`.
+    own_out        optional (ok, ov, own_index), with deq_out: ok, ov [T_own, Hkv, D]
+                   contiguous receive C[code] * scale (the stored fp16 scale; the deq copy's
+                   dtype) of each valid token i with own_index[i] >= 0 (int32 [T]), at row
+                   own_index[i]: the keys and values FlashAttention reads for the chunks' own
+                   packed tokens (backend/own_attention.py). Rows nobody writes stay as they
+                   were.
     rot: how the rotation's dot runs: "ieee" (exact fp32 FMA), "tf32" (tensor cores, exact
     products of fp16/bf16 inputs), "dot16" (tensor cores in the input dtype); default below.
     """
@@ -309,6 +338,15 @@ def tq_store(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
         dvc = cached(p, ("cent", "v", dk.dtype), lambda: p.value_centroids.to(dk.dtype))
     else:
         dk = dv = dsc = dkc = dvc = slot_mapping
+    if own_out is not None:
+        if deq_out is None:
+            raise ValueError("tq_store: own_out needs deq_out (it reuses its centroid lookup)")
+        ok, ov, own_idx = own_out
+        assert ok.is_contiguous() and ov.is_contiguous() and ok.dtype == ov.dtype == dk.dtype
+        assert ok.shape[1:] == (hkv, d) and ov.shape == ok.shape
+        assert own_idx.shape == (t,) and own_idx.dtype == torch.int32
+    else:
+        ok = ov = own_idx = slot_mapping
     if block_t is None:
         # H100, 8K tokens x 8 heads x 128, bf16: 64 tokens / 8 warps = 153 us, 32 / 4 = 162,
         # 16 / 4 = 219. Head 256 stays at 16 (fp32 operand tiles must fit shared memory).
@@ -325,6 +363,7 @@ def tq_store(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
         key, value, kv_cache, slot_mapping, rot_mat,
         p.key_centroids, p.key_bounds, p.value_centroids, p.value_bounds,
         sk, sv, stag, schk, rows, pos, send, idx, rk, rv, dk, dv, dsc, dkc, dvc,
+        ok, ov, own_idx,
         t, rot_scale, w, hkv,
         key.stride(0), key.stride(1), value.stride(0), value.stride(1), kv_cache.stride(0),
         D=d, KBITS=p.key_bits, VBITS=p.value_bits, LSQ=p.scale_mode == "lsq",
@@ -332,4 +371,4 @@ def tq_store(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
         BS=kv_cache.shape[1], ALIGN_B=align_b, BLOCK_T=block_t,
         HAS_SIDE=has_side,
         ROT=rot_code, HALVES=halves, IDX=token_index is not None, ROT_OUT=rot_out is not None,
-        DEQ_OUT=deq_out is not None, num_warps=num_warps)
+        DEQ_OUT=deq_out is not None, OWN_OUT=own_out is not None, num_warps=num_warps)

@@ -211,6 +211,40 @@ def test_forward_matches_semantics_over_prefill_chunk_and_decode_steps(window, s
         assert set(decodes) == {1, 2} and decodes.count(1) == decodes.count(2), decodes
 
 
+@pytest.mark.skipif(os.environ.get("VLLM_TURBOQUANT_FORCE_TRITON") != "1",
+                    reason="the Triton launchers' path (run by the interpreted subprocess test)")
+@pytest.mark.parametrize("window,split,align", [(0, False, 0), (0, True, 0), (4, True, 0),
+                                               (3, False, 4)])
+def test_forward_with_own_attention_matches_semantics(window, split, align, monkeypatch):
+    """backend/own_attention.py on: the chunks' own packed keys through the FlashAttention
+    call (its torch stand-in off the GPU), the prefill kernel seeded with it; same answers."""
+    from vllm_turboquant.backend import own_attention
+
+    h = Harness(window, align=align)
+    h.builder.own_fa = True
+    h.builder.own_min_query = 2       # below it (1-token chunks: decodes) the kernel alone
+    if split:
+        h.impl.split_decode_ctx = 0
+    calls = []
+    real = own_attention.attend
+    monkeypatch.setattr(own_attention, "attend",
+                        lambda *a, **k: (calls.append(a[3].numel() - 1), real(*a, **k))[1])
+    md, res = h.step([("A", 10), ("B", 4)])
+    assert md.own_index is not None
+    _check(h, res, window)
+    md, res = h.step([("A", 1), ("B", 9)])
+    _check(h, res, window)
+    md, res = h.step([("A", 1), ("B", 1)])            # decodes only: no own attention
+    assert md.own_index is None
+    _check(h, res, window)
+    h.builder.own_min_query = 4
+    md, res = h.step([("A", 1), ("B", 3)])            # the longest chunk below the minimum
+    assert md.own_index is None
+    _check(h, res, window)
+    # one call per mixed/prefill step, over the chunks (split) or every row (one launch)
+    assert calls == ([2, 1] if split else [2, 2]), calls
+
+
 def test_split_decode_ctx_setting():
     from vllm_turboquant.backend.impl import SPLIT_DECODE_CTX, split_decode_ctx
 
@@ -365,7 +399,8 @@ def test_same_semantics_through_the_triton_launchers_interpreted():
     env = dict(os.environ, VLLM_TURBOQUANT_FORCE_TRITON="1", TRITON_INTERPRET="1")
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__,
-         "-k", "matches_semantics or window_actually or padding or padded or prefix_hit"],
+         "-k", "matches_semantics or window_actually or padding or padded or prefix_hit"
+               " or warm_up_runs or own_attention"],
         env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     assert " passed" in proc.stdout
@@ -433,3 +468,84 @@ def test_batch_invariance_through_the_triton_launchers_interpreted():
          "-k", "same_bits"], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     assert "\n1 passed" in proc.stdout
+
+
+def test_warm_up_runs_every_step_kind_and_leaves_cache_and_ring_alone(monkeypatch):
+    """backend/warmup.py: the hand-made batches reach every path of impl.forward (decode-only;
+    mixed in one prefill launch; mixed through the split-KV decode kernel; prefill-only with
+    a continuation chunk), write nothing into the KV cache, leave the window ring empty, and
+    the builder's next real step is served as before."""
+    from vllm_turboquant.backend import impl as impl_mod, warmup
+    from vllm.v1.attention.backend import CommonAttentionMetadata
+
+    h = Harness(4, num_blocks=64, align=BLOCK)
+    h.layer.kv_cache = h.kv_cache
+    h.impl.split_decode_ctx = 100         # the split path within this small cache's reach
+    calls = []
+    for name in ("store", "decode", "prefill"):
+        real = getattr(impl_mod.ops, name)
+        monkeypatch.setattr(impl_mod.ops, name,
+                            lambda *a, _n=name, _r=real, **k: (calls.append(_n), _r(*a, **k)))
+    h.kv_cache.random_(0, 256, generator=h.gen)
+    before = h.kv_cache.clone()
+    state = h.impl.layer_state(LAYER, h.kv_cache.device)
+    state.side.tag.fill_(7)
+    width = 64                            # block table row width: 64 x BLOCK = 256 tokens
+    cm = CommonAttentionMetadata(
+        query_start_loc=torch.tensor([0, 1], dtype=torch.int32),
+        query_start_loc_cpu=torch.tensor([0, 1], dtype=torch.int32),
+        seq_lens=torch.tensor([1], dtype=torch.int32), num_reqs=1, num_actual_tokens=1,
+        max_query_len=1, max_seq_len=1,
+        block_table_tensor=torch.zeros(8, width, dtype=torch.int32),
+        slot_mapping=torch.zeros(1, dtype=torch.int64))
+    ran = warmup.warm_up(h.builder, cm)
+    kinds = [r.split(": ")[1] for r in ran]
+    assert kinds == ["decode-only", "mixed-1", "mixed-4", "mixed-split-1", "mixed-split-4",
+                     "prefill-only"]
+    # per step: store + decode (decode-only); store + prefill + side store (mixed, one launch);
+    # store + decode + prefill + side store (split); store + prefill + side store (prefill)
+    assert calls == (["store", "decode"] + ["store", "prefill", "store"] * 2
+                     + ["store", "decode", "prefill", "store"] * 2
+                     + ["store", "prefill", "store"]), calls
+    assert torch.equal(h.kv_cache, before)
+    assert bool((state.side.tag == -1).all())
+    # no split path when no request of this block table can reach split_decode_ctx
+    assert "mixed-split-1" not in [c for c, _ in warmup.compositions(10_000, 128)]
+    # with FlashAttention for the chunks' own keys: each mixed and prefill kind again with
+    # chunks of its minimum length
+    names = [c for c, _ in warmup.compositions(1000, 4096, own_min=256)]
+    assert names == ["decode-only", "mixed-1", "mixed-4", "mixed-split-1", "mixed-split-4",
+                     "prefill-only", "mixed-1-own256", "mixed-4-own256", "mixed-split-1-own256",
+                     "mixed-split-4-own256", "prefill-only-own256"], names
+    # the warm-up did not disturb the builder: a real sequence of steps is served right
+    h.kv_cache.zero_()
+    _, res = h.step([("A", 10), ("B", 4)])
+    _check(h, res, 4)
+    _, res = h.step([("A", 1), ("B", 3)])
+    _check(h, res, 4)
+
+
+def test_warm_up_is_skipped_off_cuda():
+    """The CPU build serves through the torch references: nothing to compile, and the builder
+    stops asking after its first build."""
+    from vllm_turboquant.backend import warmup
+
+    h = Harness(4)
+    assert warmup.maybe_warm_up(h.builder, None) is True
+    h.step([("A", 3)])
+    assert h.builder._warmed_up is True
+
+
+def test_own_attention_is_off_unless_asked(monkeypatch):
+    """backend/own_attention.py is opt-in ($VLLM_TURBOQUANT_OWN_FA=1) until its GPU test
+    passes with the windowed preset: no other value turns it on, on any device."""
+    from vllm_turboquant.backend import own_attention
+
+    for value in (None, "", "0", "yes"):
+        if value is None:
+            monkeypatch.delenv("VLLM_TURBOQUANT_OWN_FA", raising=False)
+        else:
+            monkeypatch.setenv("VLLM_TURBOQUANT_OWN_FA", value)
+        assert own_attention.enabled("cuda") is False
+    h = Harness(4)
+    assert h.builder.own_fa is False

@@ -21,8 +21,8 @@ from vllm_turboquant.kernels import decode as _decode  # noqa: E402
 from vllm_turboquant.kernels._tl import interpreting  # noqa: E402
 from vllm_turboquant.kernels.decode import tq_decode  # noqa: E402
 from vllm_turboquant.kernels.prefill import tq_prefill  # noqa: E402
-from vllm_turboquant.kernels.reference import (tq_decode_ref, tq_prefill_ref,  # noqa: E402
-                                                tq_store_ref)
+from vllm_turboquant.kernels.reference import (own_attention_ref, tq_decode_ref,  # noqa: E402
+                                                tq_prefill_ref, tq_store_ref)
 from vllm_turboquant.kernels.store import tq_store  # noqa: E402
 
 # inf - inf in the non-finite check warns in numpy; that is the point of the check.
@@ -295,6 +295,68 @@ def test_prefill_matches_reference(dtype, g, bs, window, name):
     bad = tq_prefill(q, kr, vr, cu, sl, cache, bt, params, d ** -0.5, side, block_m=4,
                      block_n=16, rotated=True, deq=(deq[0] * 2, deq[1], deq[2]))
     assert (bad.float() - got_r.float()).norm() > 1e-2 * got_r.float().norm()
+
+
+def _own_index(cu, window):
+    """The backend's own-row index (backend/metadata.py): token i of chunk b -> row
+    cu_k[b] + i of the FlashAttention copy if i < L_b - window, else -1; and cu_k."""
+    lens = (cu[1:] - cu[:-1]).long()
+    keys = (lens - window).clamp(min=0)
+    cu_k = torch.cat([torch.zeros(1, dtype=torch.long), keys.cumsum(0)])
+    idx = []
+    for b in range(len(lens)):
+        i = torch.arange(int(lens[b]))
+        idx.append(torch.where(i < keys[b], cu_k[b] + i, -1))
+    return torch.cat(idx).int(), cu_k.int()
+
+
+@pytest.mark.parametrize("window,align,g", [(0, 0, 2), (8, 0, 3), (8, 16, 3)])
+def test_prefill_own_attention_from_flash_matches_reference(window, align, g):
+    """OWN: the chunk's own keys j <= t - W arrive as FlashAttention's (out, lse) over the
+    store's own_out copy (C[code] * scale), the kernel adds the rest (prefix, the aligned
+    window's packed band, the exact window): the policy's answer, unchanged."""
+    dtype, hkv, d, bs = torch.bfloat16, 2, 64, 16
+    codec, params = make_params("turboquant", window=window, align=align)
+    lens, qlens = [30, 45, 26, 40], [30, 20, 1, 11]   # fresh, continuation, decode-like, short
+    side = TQSide.empty(len(lens), window, hkv, d, dtype) if window else None
+    cache, bt, seqs = paged(lens, hkv, d, bs, params, dtype, side=side)
+    k = torch.cat([s_[0][n - m:] for s_, n, m in zip(seqs, lens, qlens)])
+    v = torch.cat([s_[1][n - m:] for s_, n, m in zip(seqs, lens, qlens)])
+    q = torch.randn(sum(qlens), hkv * g, d).to(dtype)
+    cu = torch.tensor([0] + torch.tensor(qlens).cumsum(0).tolist(), dtype=torch.int32)
+    sl = torch.tensor(lens, dtype=torch.int32)
+    scale = d ** -0.5
+    kr = (k.float() @ params.rotation.T).to(dtype)
+    vr = (v.float() @ params.rotation.T).to(dtype)
+    want = tq_prefill_ref(q, kr, vr, cu, sl, cache, bt, params, scale, side, rotated=True)
+    # the store's deq_out and own_out for the chunk tokens: Triton against the reference
+    own_idx, cu_k = _own_index(cu, window)
+    t = k.shape[0]
+    slots = torch.empty(t, dtype=torch.long)
+    for b in range(len(lens)):
+        pos = torch.arange(lens[b] - qlens[b], lens[b])
+        slots[int(cu[b]):int(cu[b + 1])] = bt[b].long()[pos // bs] * bs + pos % bs
+    outs = []
+    for store in (tq_store, tq_store_ref):
+        deq = (torch.empty(t, hkv, d, dtype=dtype), torch.empty(t, hkv, d, dtype=dtype),
+               torch.empty(t, hkv, dtype=torch.int32))
+        own_kv = (torch.zeros(t, hkv, d, dtype=dtype), torch.zeros(t, hkv, d, dtype=dtype))
+        store(k, v, cache, slots, params, deq_out=deq, own_out=(*own_kv, own_idx))
+        outs.append((deq, own_kv))
+    (deq, own_kv), (_, own_ref) = outs
+    n_own = int(cu_k[-1])
+    for got_kv, want_kv in zip(own_kv, own_ref):
+        assert_close(got_kv[:n_own], want_kv[:n_own], dtype, "store own_out")
+    assert own_kv[0][:n_own].abs().sum() > 0
+    q_rot = _decode.rotate_query(q, params, scale)
+    own = own_attention_ref(q_rot, *own_kv, cu, cu_k, window)
+    got = tq_prefill(q, kr, vr, cu, sl, cache, bt, params, scale, side, block_m=4, block_n=16,
+                     rotated=True, deq=deq, own=own, q_rotated=q_rot)
+    assert_close(got, want, dtype, "prefill with own attention")
+    # the kernel really takes the own part from `own`: another (out, lse) changes the answer
+    bad = tq_prefill(q, kr, vr, cu, sl, cache, bt, params, scale, side, block_m=4, block_n=16,
+                     rotated=True, deq=deq, own=(own[0] * 0.5, own[1]), q_rotated=q_rot)
+    assert (bad.float() - want.float()).norm() > 1e-2 * want.float().norm()
 
 
 def _chunk_deq(k, v, cu, seq_lens, bt, bs, params, dtype, cache):

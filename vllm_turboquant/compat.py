@@ -474,3 +474,21 @@ def apply_worker_patches() -> None:
 
 def applied() -> frozenset[str]:
     return frozenset(_APPLIED)
+
+
+# -- FlashAttention (CUDA builds only) ----------------------------------------------------------
+@functools.cache
+def flash_attn_varlen():
+    """(flash_attn_varlen_func, fa_version) of vLLM's bundled FlashAttention, or None where
+    there is none (the CPU build, ROCm). 0.25 ships it as vllm.vllm_flash_attn with the
+    version picker in vllm.v1.attention.backends.fa_utils; 0.32's CPU wheel has neither."""
+    try:
+        from vllm.v1.attention.backends.fa_utils import get_flash_attn_version
+        from vllm.vllm_flash_attn import flash_attn_varlen_func
+        version = get_flash_attn_version()
+    except Exception as e:  # noqa: BLE001 - any import or probe failure means "not here"
+        logger.debug("vllm-turboquant: no FlashAttention (%s)", e)
+        return None
+    if version is None:
+        return None
+    return flash_attn_varlen_func, version

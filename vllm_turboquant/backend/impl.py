@@ -40,9 +40,10 @@ import torch
 from vllm.v1.attention.backend import AttentionImpl, AttentionType
 
 from vllm_turboquant import compat, settings
-from vllm_turboquant.backend import ops
+from vllm_turboquant.backend import ops, own_attention
 from vllm_turboquant.backend.state import LayerState, get_layer_state, side_bytes
 from vllm_turboquant.kernels._common import TQSide, default_num_splits, next_pow2
+from vllm_turboquant.kernels.decode import rotate_query
 from vllm_turboquant.settings import TurboQuantConfigError
 
 _SPLIT_ENV = "VLLM_TURBOQUANT_SPLIT_DECODE_CTX"
@@ -194,16 +195,22 @@ class TurboQuantImpl(AttentionImpl):
         # On CUDA the store also hands back the packed slots dequantized (centroids + scale
         # words), so step 2 reads the chunk's own older tokens as contiguous tiles instead of
         # gathering and unpacking their slots.
-        deq = None
+        deq = own_kv = None
         invariant = self.batch_invariant
         if ops.wants_deq(query.device) and not invariant:
-            rot = torch.empty((4, t, hkv, d), dtype=query.dtype, device=query.device)
+            # rotated K/V (0, 1), the deq copy (2, 3) and, when the chunks' own packed keys go
+            # through FlashAttention (md.own_index, backend/own_attention.py), its copy (4, 5)
+            own = md.own_index is not None
+            rot = torch.empty((6 if own else 4, t, hkv, d), dtype=query.dtype,
+                              device=query.device)
             words = torch.empty((t, hkv), dtype=torch.int32, device=query.device)
             deq = (rot[2], rot[3], words)
+            own_kv = (rot[4], rot[5]) if own else None
         else:
             rot = torch.empty((2, t, hkv, d), dtype=query.dtype, device=query.device)
         ops.store(k, v, cache, md.slot_mapping, params, side, md.token_rows, md.token_pos,
-                  md.store_seq_end, rot_out=(rot[0], rot[1]), deq_out=deq)
+                  md.store_seq_end, rot_out=(rot[0], rot[1]), deq_out=deq,
+                  own_out=None if own_kv is None else (*own_kv, md.own_index))
         # 2. One attention launch for the whole batch: a decode is a one-token chunk, and the
         # prefill kernel applies the same per-query precision policy to it (its own token
         # exact from rot, its window from the ring, the rest packed): 2 launches and a second
@@ -214,22 +221,36 @@ class TurboQuantImpl(AttentionImpl):
             # through the prefill kernel (their batch rows from nd on, also in the ring).
             ops.decode(out[:nd], q[:nd], cache, md.block_table[:nd], md.seq_lens[:nd],
                        params, self.scale, side, num_splits=self.splits(nd, query.device))
+            q_rot, own = self._own_attention(q[nd:], own_kv, md.prefill_qsl, md.own_cu_k_p,
+                                             md.max_query_len, params)
             ops.prefill(out[nd:], q[nd:], rot[0, nd:], rot[1, nd:], md.prefill_qsl,
                         md.seq_lens[nd:], cache, md.block_table[nd:], params, self.scale,
                         None if side is None else TQSide(*(x[nd:] for x in side)),
                         max_query_len=md.max_query_len, rotated=True,
                         deq=None if deq is None else tuple(x[nd:] for x in deq),
-                        invariant=invariant)
+                        invariant=invariant, own=own, q_rotated=q_rot)
         else:
+            q_rot, own = self._own_attention(q, own_kv, md.query_start_loc, md.own_cu_k,
+                                             md.max_query_len, params)
             ops.prefill(out, q, rot[0], rot[1], md.query_start_loc, md.seq_lens, cache,
                         md.block_table, params, self.scale, side,
                         max_query_len=md.max_query_len, rotated=True, deq=deq,
-                        invariant=invariant)
+                        invariant=invariant, own=own, q_rotated=q_rot)
         # 3. The chunks' window entries: their last W tokens again (same packed bytes).
         if side is not None:
             ops.store(k, v, cache, md.side_slots, params, side, md.side_rows,
                       md.side_pos, md.side_seq_end, token_index=md.side_tokens)
         return output
+
+
+    def _own_attention(self, q, own_kv, cu_q, cu_k, max_query_len, params):
+        """(rotated query, own) for ops.prefill: FlashAttention over the chunks' own packed
+        keys (backend/own_attention.py) when this step wrote their copy, else (None, None)."""
+        if own_kv is None:
+            return None, None
+        q_rot = rotate_query(q, params, self.scale)
+        return q_rot, own_attention.attend(q_rot, *own_kv, cu_q, cu_k, max_query_len,
+                                           self.config.window)
 
 
 def _refuse(cond: bool, what: str) -> None:

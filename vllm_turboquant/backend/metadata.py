@@ -16,7 +16,8 @@ from vllm.v1.attention.backend import (AttentionCGSupport, AttentionMetadata,
                                        AttentionMetadataBuilder, CommonAttentionMetadata)
 from vllm.v1.attention.backends.utils import split_decodes_and_prefills
 
-from vllm_turboquant import settings
+from vllm_turboquant import compat, settings
+from vllm_turboquant.backend import own_attention, warmup
 
 
 @dataclass
@@ -38,6 +39,14 @@ class TurboQuantMetadata(AttentionMetadata):
     Decode-only steps: store_seq_end is token_seq_end, side_* are None.
     prefill_qsl  int32 [P + 1]: the chunks' query starts rebased to 0 (steps with decodes and
         chunks; for impl.forward's split path, see SPLIT_DECODE_CTX there).
+    Steps with prefill chunks where the chunks' own packed keys go through FlashAttention
+    (backend/own_attention.py; None otherwise):
+    own_index  int32 [T]: token i of request b (query-local index i) -> its row in the
+        compact copy, own_cu_k[b] + i, if i < L_b - W, else -1 (decode tokens included: a
+        decode has L = 1, so no row unless W = 0);
+    own_cu_k  int32 [B + 1]: row starts per request (every row of the batch, decodes too);
+    own_cu_k_p  int32 [P + 1]: the chunks' alone (the split path; a view of own_cu_k, so it
+        starts past the decodes' rows, which exist when W = 0).
     """
 
     num_actual_tokens: int
@@ -61,6 +70,9 @@ class TurboQuantMetadata(AttentionMetadata):
     side_pos: torch.Tensor | None = None
     side_seq_end: torch.Tensor | None = None
     prefill_qsl: torch.Tensor | None = None
+    own_index: torch.Tensor | None = None
+    own_cu_k: torch.Tensor | None = None
+    own_cu_k_p: torch.Tensor | None = None
 
 # store_seq_end of a prefill token in the step's first store: no position reaches
 # NO_SIDE - W, so that store writes it no window entry.
@@ -91,6 +103,11 @@ class TurboQuantMetadataBuilder(AttentionMetadataBuilder[TurboQuantMetadata]):
             self._pos = torch.zeros(self.max_tokens, dtype=torch.int32, device=device)
             self._seq_end = torch.zeros(self.max_tokens, dtype=torch.int32, device=device)
         self._create_layer_states(vllm_config, device)
+        # Mixed and prefill steps hand the chunks' own packed keys to FlashAttention (CUDA).
+        self.own_fa = (own_attention.enabled(device) and not compat.batch_invariant())
+        self.own_min_query = own_attention.min_query_len()
+        # The kernels' serving variants compile at the first build (backend/warmup.py).
+        self._warmed_up = False
 
     def _create_layer_states(self, vllm_config, device) -> None:
         """Allocate every layer's window buffers now (right after the KV cache, out of the
@@ -105,7 +122,14 @@ class TurboQuantMetadataBuilder(AttentionMetadataBuilder[TurboQuantMetadata]):
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> TurboQuantMetadata:
-        cm = common_attn_metadata
+        if not self._warmed_up:
+            # Before this step's metadata: the warm-up builds its own through _build_step
+            # (the persistent buffers below are per step, so they are overwritten after it).
+            self._warmed_up = warmup.maybe_warm_up(self, common_attn_metadata)
+        return self._build_step(common_prefix_len, common_attn_metadata)
+
+    def _build_step(self, common_prefix_len: int,
+                    cm: CommonAttentionMetadata) -> TurboQuantMetadata:
         num_decodes, num_prefills, num_decode_tokens, _ = split_decodes_and_prefills(
             cm, decode_threshold=1)
         b, t = cm.num_reqs, cm.num_actual_tokens
@@ -118,6 +142,8 @@ class TurboQuantMetadataBuilder(AttentionMetadataBuilder[TurboQuantMetadata]):
             block_table=cm.block_table_tensor[:b], slot_mapping=cm.slot_mapping[:t])
         if num_decodes and num_prefills:
             md.prefill_qsl = qsl[num_decodes:] - num_decode_tokens
+        if self.own_fa and num_prefills and t > 0 and cm.max_query_len >= self.own_min_query:
+            self._own_rows(md, qsl, num_decodes)
         if self.window > 0 and t > 0 and b > 0:
             md.token_rows, md.token_pos, md.token_seq_end = self._token_positions(
                 qsl, cm.seq_lens[:b], t)
@@ -125,6 +151,26 @@ class TurboQuantMetadataBuilder(AttentionMetadataBuilder[TurboQuantMetadata]):
             if num_prefills:
                 self._deferred_side_store(md, qsl[num_decodes:])
         return md
+
+    def _own_rows(self, md: TurboQuantMetadata, qsl: torch.Tensor, nd: int) -> None:
+        """Fill md.own_index / own_cu_k / own_cu_k_p (see TurboQuantMetadata), on device."""
+        t = md.num_actual_tokens
+        self._ensure_arange(t)
+        keys = (qsl[1:] - qsl[:-1] - self.window).clamp(min=0).to(torch.int32)
+        cu_k = torch.zeros(len(keys) + 1, dtype=torch.int32, device=qsl.device)
+        torch.cumsum(keys, 0, out=cu_k[1:])
+        tok = self._arange[:t]
+        ends = qsl[1:].to(torch.int32)
+        rows = torch.searchsorted(ends, tok, right=True).clamp_(max=max(len(ends) - 1, 0))
+        local = tok - qsl[:-1].to(torch.int32)[rows]
+        md.own_index = torch.where(local < keys[rows], cu_k[rows] + local, -1).to(torch.int32)
+        md.own_cu_k = cu_k
+        md.own_cu_k_p = cu_k[nd:]   # the chunks' rows (not rebased: W = 0 gives decodes rows)
+
+    def _ensure_arange(self, t: int) -> None:
+        if getattr(self, "_arange", None) is None or self._arange.numel() < t:
+            n = max(t, self.max_tokens)
+            self._arange = torch.arange(n, dtype=torch.int32, device=self.device)
 
     def _deferred_side_store(self, md: TurboQuantMetadata, prefill_qsl: torch.Tensor) -> None:
         """Fill md.store_seq_end and md.side_* (see TurboQuantMetadata), on device."""

@@ -25,17 +25,20 @@ def _use_triton(device: torch.device) -> bool:
 
 def store(key, value, kv_cache, slot_mapping, params, side=None, token_rows=None,
           token_pos=None, token_seq_end=None, token_index=None, rot_out=None,
-          deq_out=None) -> None:
+          deq_out=None, own_out=None) -> None:
     """token_index: token i encodes key/value row token_index[i]; rot_out: (rk, rv) receive
     the rotated K/V; deq_out: (dk, dv, scales) the packed slots dequantized once, for
-    prefill's `deq` (see kernels/reference.py)."""
+    prefill's `deq` (see kernels/reference.py); own_out: (ok, ov, own_index) the chunks' own
+    packed keys dequantized for FlashAttention (backend/own_attention.py)."""
     if _use_triton(kv_cache.device):
         from vllm_turboquant.kernels import tq_store
         tq_store(key, value, kv_cache, slot_mapping, params, side, token_rows, token_pos,
-                 token_seq_end, token_index=token_index, rot_out=rot_out, deq_out=deq_out)
+                 token_seq_end, token_index=token_index, rot_out=rot_out, deq_out=deq_out,
+                 own_out=own_out)
     else:
         tq_store_ref(key, value, kv_cache, slot_mapping, params, side, token_rows, token_pos,
-                     token_seq_end, token_index=token_index, rot_out=rot_out, deq_out=deq_out)
+                     token_seq_end, token_index=token_index, rot_out=rot_out, deq_out=deq_out,
+                     own_out=own_out)
 
 
 def wants_deq(device: torch.device) -> bool:
@@ -59,17 +62,19 @@ def decode(out, query, kv_cache, block_table, seq_lens, params, scale, side=None
 
 def prefill(out, query, key, value, cu_seqlens_q, seq_lens, kv_cache, block_table, params,
             scale, side=None, max_query_len: int | None = None, rotated: bool = False,
-            deq=None, invariant: bool = False) -> None:
+            deq=None, invariant: bool = False, own=None, q_rotated=None) -> None:
     """max_query_len: an upper bound on the chunk lengths (sizes the Triton grid without a
     device->host sync). rotated: key/value are already rotated (the store's rot_out).
     deq: the store's deq_out for these tokens (Triton only, see wants_deq). invariant: the
     Triton kernel's batch-invariant order (VLLM_BATCH_INVARIANT; the reference, which serves
-    the CPU build, has none: compat refuses that combination at startup)."""
+    the CPU build, has none: compat refuses that combination at startup). own, q_rotated:
+    the chunks' own packed keys' attention and the rotated queries it used (Triton only, with
+    deq; see backend/own_attention.py)."""
     if _use_triton(query.device):
         from vllm_turboquant.kernels import tq_prefill
         tq_prefill(query, key, value, cu_seqlens_q, seq_lens, kv_cache, block_table, params,
                    scale, side, max_query_len=max_query_len, out=out, rotated=rotated, deq=deq,
-                   invariant=invariant)
+                   invariant=invariant, own=own, q_rotated=q_rotated)
     else:
         out.copy_(tq_prefill_ref(query, key, value, cu_seqlens_q, seq_lens, kv_cache,
                                  block_table, params, scale, side, rotated=rotated))
