@@ -49,7 +49,8 @@ PREFILL_PTRS = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "out_ptr":
                 "ktab_ptr": "*i32", "vtab_ptr": "*i32", "rot_ptr": "*fp32",
                 "side_k_ptr": "*bf16", "side_v_ptr": "*bf16", "side_tag_ptr": "*i32",
                 "side_check_ptr": "*i32", "deq_k_ptr": "*bf16", "deq_v_ptr": "*bf16",
-                "deq_s_ptr": "*i32", "rot_scale": "fp32"}
+                "deq_s_ptr": "*i32", "own_o_ptr": "*bf16", "own_lse_ptr": "*fp32",
+                "rot_scale": "fp32"}
 
 
 def compile_sm90(fn, pointers: dict, consts: dict, num_warps: int, num_stages: int):
