@@ -549,3 +549,7 @@ def test_own_attention_is_off_unless_asked(monkeypatch):
         assert own_attention.enabled("cuda") is False
     h = Harness(4)
     assert h.builder.own_fa is False
+    assert own_attention.min_query_len({}) == own_attention.MIN_QUERY
+    assert own_attention.min_query_len({"VLLM_TURBOQUANT_OWN_FA_MIN_QUERY": "0"}) == 0
+    with pytest.raises(ValueError, match="VLLM_TURBOQUANT_OWN_FA_MIN_QUERY"):
+        own_attention.min_query_len({"VLLM_TURBOQUANT_OWN_FA_MIN_QUERY": "1k"})

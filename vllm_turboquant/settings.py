@@ -39,6 +39,17 @@ class TurboQuantConfigError(ValueError):
     """A wrong TurboQuant setting; the message names the problem and the valid choices."""
 
 
+def env_token_count(name: str, default: int, environ=os.environ) -> int:
+    """A token-count knob from the environment: $name as an integer >= 0, else `default`
+    (unset or empty); anything else is a TurboQuantConfigError naming the variable."""
+    raw = environ.get(name, "").strip()
+    if not raw:
+        return default
+    if not raw.isdigit():
+        raise TurboQuantConfigError(f"{name}: expected a token count >= 0, got {raw!r}")
+    return int(raw)
+
+
 def kv_cache_dtypes() -> tuple[str, ...]:
     """The kv-cache dtype names this plugin adds to vLLM: ``turboquant`` + every preset name.
 

@@ -55,12 +55,7 @@ def split_decode_ctx(environ=os.environ) -> int:
     instead of as one-token chunks of the prefill kernel, which reads a decode's whole context
     in one program, one tile after another (GPU time grows with the context).
     $VLLM_TURBOQUANT_SPLIT_DECODE_CTX overrides the default (0: always split)."""
-    raw = environ.get(_SPLIT_ENV, "").strip()
-    if not raw:
-        return SPLIT_DECODE_CTX
-    if not raw.isdigit():
-        raise TurboQuantConfigError(f"{_SPLIT_ENV}: expected a token count >= 0, got {raw!r}")
-    return int(raw)
+    return settings.env_token_count(_SPLIT_ENV, SPLIT_DECODE_CTX, environ)
 
 
 # Default of split_decode_ctx. benchmarks/layer_step.py on the H200 (2026-12-02,

@@ -34,7 +34,7 @@ import os
 
 import torch
 
-from vllm_turboquant import compat
+from vllm_turboquant import compat, settings
 from vllm_turboquant.kernels.reference import own_attention_ref
 
 _ENV = "VLLM_TURBOQUANT_OWN_FA"
@@ -49,13 +49,7 @@ MIN_QUERY = 256
 def min_query_len(environ=os.environ) -> int:
     """The shortest longest-chunk of a step that takes FlashAttention for the chunks' own
     keys (MIN_QUERY; $VLLM_TURBOQUANT_OWN_FA_MIN_QUERY overrides it)."""
-    raw = environ.get(_MIN_ENV, "").strip()
-    if not raw:
-        return MIN_QUERY
-    if not raw.isdigit():
-        from vllm_turboquant.settings import TurboQuantConfigError
-        raise TurboQuantConfigError(f"{_MIN_ENV}: expected a token count >= 0, got {raw!r}")
-    return int(raw)
+    return settings.env_token_count(_MIN_ENV, MIN_QUERY, environ)
 
 
 def enabled(device) -> bool:
