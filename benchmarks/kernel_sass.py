@@ -122,7 +122,8 @@ def prefill_row(d: int = 128, g_pad: int = 4, block_size: int = 16) -> dict:
                   KS_OFF=lay.k_scale_offset, ALIGN_B=16,
                   BLOCK_SIZE=block_size, BLOCK_M=128 // g_pad, G_PAD=g_pad, BLOCK_N=32,
                   HAS_SIDE=False, F32=False, COLS=min(d, 64), WIN=0, KMODE=3, VMODE=3,
-                  KASM=asm, VASM=asm, DEQ=False, DEQ_STAGES=1, INVARIANT=False)
+                  KASM=asm, VASM=asm, DEQ=False, DEQ_STAGES=1, INVARIANT=False, ALIGN=0,
+                  OWN=False)
     ck = compile_sm90(_tq_prefill_kernel, PREFILL_PTRS, consts, 4, 1)
     return {"kernel": "prefill (packed prefix, no window)", "head_size": d, "g_pad": g_pad,
             "block_n": 32, "num_warps": 4, "num_stages": 1, **loop_stats(ck)}

@@ -320,6 +320,58 @@ def _dequant_then_attend(q, k, v, cache, bt, sl_prefix, params, scale, block_siz
         q.transpose(0, 1).unsqueeze(0), kk, vv, attn_mask=mask, scale=scale, enable_gqa=True)
 
 
+def _backend_prefill_paths(q, k, v, cu, sl, cache, bt, params, scale, prefix, m, bs):
+    """What the backend runs for a chunk over a packed prefix, and the strongest baseline:
+    turboquant_deq   the store's rotated K/V and dequantized copy of the chunk (rot_out,
+                     deq_out: written once here, as the store does in the same launch), prefill
+                     reading the chunk's own packed keys from that copy (the default path);
+    turboquant_own_fa  + the chunk's own keys through vLLM's FlashAttention
+                     (backend/own_attention.py), whose (out, lse) seed the prefill kernel;
+    dequant_fa       dequantize the whole prefix to bf16 (torch ops), then vLLM's
+                     FlashAttention varlen, causal, over prefix + chunk: what the issue calls
+                     dequantize-then-FlashAttention (vLLM's built-in TurboQuant does this).
+    The FlashAttention rows need vLLM (compat.flash_attn_varlen); absent: only the first."""
+    from vllm_turboquant import compat
+    from vllm_turboquant.backend import own_attention
+    from vllm_turboquant.kernels.decode import rotate_query
+    hkv, d = k.shape[1], k.shape[2]
+    pos = torch.arange(prefix, prefix + m, device=DEV)
+    slots = bt[0].long()[pos // bs] * bs + pos % bs
+    kr, vr, dk, dv, ok, ov = torch.empty(6, m, hkv, d, dtype=q.dtype, device=DEV)
+    words = torch.empty(m, hkv, dtype=torch.int32, device=DEV)
+    own_idx = torch.arange(m, dtype=torch.int32, device=DEV)
+    deq = (dk, dv, words)
+    tq_store(k, v, cache, slots, params, rot_out=(kr, vr), deq_out=deq,
+             own_out=(ok, ov, own_idx))
+    out = {"turboquant_deq": lambda: tq_prefill(q, kr, vr, cu, sl, cache, bt, params, scale,
+                                                max_query_len=m, rotated=True, deq=deq)}
+    fa = compat.flash_attn_varlen()
+    if fa is None:
+        print("prefill: no vLLM FlashAttention here, so no own_fa / dequant_fa rows")
+        return out
+    func, version = fa
+    cu_own = torch.tensor([0, m], dtype=torch.int32, device=DEV)
+
+    def own_fa():
+        q_rot = rotate_query(q, params, scale)
+        own = own_attention.attend(q_rot, ok, ov, cu, cu_own, m, 0)
+        return tq_prefill(q, kr, vr, cu, sl, cache, bt, params, scale, max_query_len=m,
+                          rotated=True, deq=deq, own=own, q_rotated=q_rot)
+
+    def dequant_fa():
+        ppos = torch.arange(prefix, device=DEV)
+        packed = read_slots(cache, params.layout, bt[0].long()[ppos // bs], ppos % bs)
+        kp, vp = decode_slots(params, packed)
+        kk = torch.cat([(kp @ params.rotation).to(q.dtype), k])
+        vv = torch.cat([(vp @ params.rotation).to(q.dtype), v])
+        cu_k = torch.tensor([0, prefix + m], dtype=torch.int32, device=DEV)
+        return func(q, kk, vv, max_seqlen_q=m, cu_seqlens_q=cu, max_seqlen_k=prefix + m,
+                    cu_seqlens_k=cu_k, softmax_scale=scale, causal=True, fa_version=version)
+
+    out.update(turboquant_own_fa=own_fa, dequant_fa=dequant_fa)
+    return out
+
+
 def run_prefill(args, info, rows):
     prefix, m, hq, hkv, d, bs = 32768, 2048, 32, 8, 128, 16
     codec, params = _params(d)
@@ -338,6 +390,8 @@ def run_prefill(args, info, rows):
         "dequant_sdpa": lambda: _dequant_then_attend(q, k, v, cache, bt, prefix, params, scale,
                                                      bs),
     }
+    cands.update(_backend_prefill_paths(q, k, v, cu, sl, cache, bt, params, scale, prefix, m,
+                                        bs))
     times = {}
     for name, fn in cands.items():
         try:

@@ -43,6 +43,25 @@ def _softmax_step(s, m_i, l_i):
 
 
 @triton.jit
+def _own_part(own_o_ptr, own_lse_ptr, t64, qh, rmask, offs_lo, offs_hi, stride_qt, stride_qh,
+              stride_lh, stride_lt):
+    """The rows' attention over their chunk's own keys j <= t - W as online-softmax state
+    (running max m, sum l, accumulator halves [ROWS, D/2] float32): FlashAttention's
+    normalized output o with lse = ln(sum exp(ln2 * s)) is, in base 2, m = lse * log2(e),
+    l = 1, acc = o. A row with no key there (the first W rows of a chunk; lse +-inf or nan)
+    or masked: m = -inf, l = 0, acc = 0."""
+    lse = tl.load(own_lse_ptr + qh * stride_lh + t64 * stride_lt, mask=rmask,
+                  other=float("inf"))
+    has = rmask & (tl.abs(lse) < float("inf"))          # false for +-inf and nan
+    m = tl.where(has, lse * 1.4426950408889634, float("-inf"))
+    l = tl.where(has, 1.0, 0.0)
+    o_row = own_o_ptr + t64[:, None] * stride_qt + qh[:, None] * stride_qh
+    o_lo = tl.load(o_row + offs_lo[None, :], mask=has[:, None], other=0.0).to(tl.float32)
+    o_hi = tl.load(o_row + offs_hi[None, :], mask=has[:, None], other=0.0).to(tl.float32)
+    return m, l, tl.where(has[:, None], o_lo, 0.0), tl.where(has[:, None], o_hi, 0.0)
+
+
+@triton.jit
 def _win_lo(pos, WIN: tl.constexpr, ALIGN: tl.constexpr):
     """First key position the query at `pos` reads exactly (reference.window_start): the
     window's pos - WIN + 1, clipped to the start of pos's own ALIGN-token block (ALIGN > 0)."""
@@ -209,9 +228,9 @@ def _tq_prefill_kernel(
 ):
     """OWN (with DEQ): the attention of each row over its chunk's own keys j <= t - WIN comes
     precomputed (own_o, own_lse: FlashAttention over the chunk's dequantized copy, in the
-    rotated space, with softmax scale ln 2 on these prescaled queries) and seeds the online
-    softmax; the deq loop then covers only the keys in (t - WIN, last_packed(t)], which the
-    aligned window reads packed (none for an unaligned one)."""
+    rotated space, with softmax scale ln 2 on these prescaled queries); the deq loop then
+    covers only the keys in (t - WIN, last_packed(t)], which the aligned window reads packed
+    (none for an unaligned one), and the two parts are merged by log-sum-exp after the loops."""
     b = tl.program_id(0)
     # Longest rows first: under causal masking the last blocks of a chunk do the most tiles,
     # and the GPU starts programs in launch order.
@@ -243,20 +262,6 @@ def _tq_prefill_kernel(
     l_i = tl.zeros([ROWS], dtype=tl.float32)
     acc_lo = tl.zeros([ROWS, HALF], dtype=tl.float32)
     acc_hi = tl.zeros([ROWS, HALF], dtype=tl.float32)
-    if OWN:
-        # FlashAttention's normalized output o with lse = ln(sum exp(ln2 * s)): in base 2
-        # that is m = lse * log2(e), l = 1, acc = o. A row with no key there (the first WIN
-        # rows) has lse = +inf (or -inf): it starts empty.
-        lse = tl.load(own_lse_ptr + qh * stride_lh + t64 * stride_lt, mask=rmask,
-                      other=float("inf"))
-        has = (lse == lse) & (tl.abs(lse) < float("inf"))
-        m_i = tl.where(has, lse * 1.4426950408889634, float("-inf"))
-        l_i = tl.where(has, 1.0, 0.0)
-        o_row = own_o_ptr + t64[:, None] * stride_qt + qh[:, None] * stride_qh
-        o_lo = tl.load(o_row + offs_lo[None, :], mask=rmask[:, None] & has[:, None], other=0.0)
-        o_hi = tl.load(o_row + offs_hi[None, :], mask=rmask[:, None] & has[:, None], other=0.0)
-        acc_lo = o_lo.to(tl.float32)
-        acc_hi = o_hi.to(tl.float32)
     bt_row = block_table_ptr + b.to(tl.int64) * stride_bt
     # Precision policy (the decode step's): query position t reads key j exactly iff
     # j >= _win_lo(t) (j > t - WIN, clipped to t's own ALIGN-token block), else its packed
@@ -399,6 +404,18 @@ def _tq_prefill_kernel(
                 acc_hi = acc_hi * alpha[:, None] + mma(pd, v_hi, F32)
                 m_i = m_new
 
+    if OWN:
+        # merge the own part: out = (acc + 2^(m_o - m) o) / (l + 2^(m_o - m)) in the running
+        # max m of both (a row may have neither: m stays -inf, l 0, out 0)
+        m_o, l_o, o_lo, o_hi = _own_part(own_o_ptr, own_lse_ptr, t64, qh, rmask, offs_lo,
+                                         offs_hi, stride_qt, stride_qh, stride_lh, stride_lt)
+        m_new = tl.maximum(m_i, m_o)
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        a_k = tl.exp2(m_i - m_use)
+        a_o = tl.exp2(m_o - m_use)
+        l_i = l_i * a_k + l_o * a_o
+        acc_lo = acc_lo * a_k[:, None] + o_lo * a_o[:, None]
+        acc_hi = acc_hi * a_k[:, None] + o_hi * a_o[:, None]
     inv_l = 1.0 / tl.maximum(l_i, 1e-30)
     acc_lo = acc_lo * inv_l[:, None]
     acc_hi = acc_hi * inv_l[:, None]
@@ -464,7 +481,8 @@ def tq_prefill(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     with deq: each row's attention over its chunk's own keys j <= t - W (W the window, 0
     without one), dequantized (C[code] * scale), with q_rotated as queries and softmax scale
     ln 2 (FlashAttention's output and natural log-sum-exp, +inf for a row without keys):
-    the kernel then reads only the remaining own keys (see _tq_prefill_kernel's OWN).
+    the kernel then reads only the remaining own keys and merges the two by log-sum-exp (see
+    _tq_prefill_kernel's OWN).
     q_rotated: rotate_query(query, params, scale), when the caller has it already.
     invariant: batch-invariant order (vLLM's VLLM_BATCH_INVARIANT; see _invariant_tiles):
     a row's output is bit for bit the same however its prompt was chunked; takes no deq

@@ -217,7 +217,7 @@ def test_forward_matches_semantics_over_prefill_chunk_and_decode_steps(window, s
                                                (3, False, 4)])
 def test_forward_with_own_attention_matches_semantics(window, split, align, monkeypatch):
     """backend/own_attention.py on: the chunks' own packed keys through the FlashAttention
-    call (its torch stand-in off the GPU), the prefill kernel seeded with it; same answers."""
+    call (its torch stand-in off the GPU), merged into the prefill kernel's result; same answers."""
     from vllm_turboquant.backend import own_attention
 
     h = Harness(window, align=align)
@@ -536,19 +536,34 @@ def test_warm_up_is_skipped_off_cuda():
     assert h.builder._warmed_up is True
 
 
-def test_own_attention_is_off_unless_asked(monkeypatch):
-    """backend/own_attention.py is opt-in ($VLLM_TURBOQUANT_OWN_FA=1) until its GPU test
-    passes with the windowed preset: no other value turns it on, on any device."""
+def test_own_attention_switch_defaults_on_and_refuses_bad_values(monkeypatch):
+    """backend/own_attention.py: on unless $VLLM_TURBOQUANT_OWN_FA=0, only where it can run
+    (CUDA with vLLM's FlashAttention: never on this CPU build); a value other than 0/1 is an
+    error naming the variable when the backend starts, not a silent default."""
+    from vllm_turboquant import compat
     from vllm_turboquant.backend import own_attention
+    from vllm_turboquant.settings import TurboQuantConfigError
 
-    for value in (None, "", "0", "yes"):
-        if value is None:
-            monkeypatch.delenv("VLLM_TURBOQUANT_OWN_FA", raising=False)
-        else:
-            monkeypatch.setenv("VLLM_TURBOQUANT_OWN_FA", value)
-        assert own_attention.enabled("cuda") is False
-    h = Harness(4)
-    assert h.builder.own_fa is False
+    assert own_attention.requested({}) is True
+    assert own_attention.requested({"VLLM_TURBOQUANT_OWN_FA": "1"}) is True
+    assert own_attention.requested({"VLLM_TURBOQUANT_OWN_FA": " "}) is True
+    assert own_attention.requested({"VLLM_TURBOQUANT_OWN_FA": "0"}) is False
+    for bad in ("yes", "2", "off"):
+        with pytest.raises(TurboQuantConfigError, match="VLLM_TURBOQUANT_OWN_FA"):
+            own_attention.requested({"VLLM_TURBOQUANT_OWN_FA": bad})
+    # where FlashAttention exists (a CUDA build), only the switch decides; here there is none
+    monkeypatch.setattr(compat, "flash_attn_varlen", lambda: (object(), 3))
+    assert own_attention.enabled("cuda", {}) is True
+    assert own_attention.enabled("cuda", {"VLLM_TURBOQUANT_OWN_FA": "0"}) is False
+    assert own_attention.enabled("cpu", {}) is False
+    monkeypatch.setattr(compat, "flash_attn_varlen", lambda: None)
+    assert own_attention.enabled("cuda", {}) is False
+    monkeypatch.delenv("VLLM_TURBOQUANT_OWN_FA", raising=False)
+    assert Harness(4).builder.own_fa is False            # the CPU builder: never
+    monkeypatch.setenv("VLLM_TURBOQUANT_OWN_FA", "on")
+    with pytest.raises(TurboQuantConfigError, match="VLLM_TURBOQUANT_OWN_FA"):
+        Harness(4)
+    monkeypatch.delenv("VLLM_TURBOQUANT_OWN_FA")
     assert own_attention.min_query_len({}) == own_attention.MIN_QUERY
     assert own_attention.min_query_len({"VLLM_TURBOQUANT_OWN_FA_MIN_QUERY": "0"}) == 0
     with pytest.raises(ValueError, match="VLLM_TURBOQUANT_OWN_FA_MIN_QUERY"):

@@ -198,6 +198,10 @@ class TurboQuantImpl(AttentionImpl):
             own = md.own_index is not None
             rot = torch.empty((6 if own else 4, t, hkv, d), dtype=query.dtype,
                               device=query.device)
+            if own:
+                # FlashAttention's last key tile reads past the rows the store writes: zeros
+                # there, not stale bits (its masked P = 0 times a NaN value is NaN)
+                rot[4:].zero_()
             words = torch.empty((t, hkv), dtype=torch.int32, device=query.device)
             deq = (rot[2], rot[3], words)
             own_kv = (rot[4], rot[5]) if own else None

@@ -12,19 +12,20 @@ How: the metadata builder gives each chunk token i < L - W a row of a compact co
 there (tq_store's own_out, next to the deq copy, in the same launch), and FlashAttention runs
 varlen causal attention of the chunk's rotated, prescaled queries over it with the keys one
 chunk b has, L_b - W (causal masks align bottom-right: query i sees j <= i - W), softmax
-scale ln 2 (the queries carry scale * log2(e)). Its (out, lse) seed the prefill kernel's
-online softmax (tq_prefill's `own`), which adds the cached prefix, the aligned window's
-packed band (t - W, block start) and the exact window. Memory: one more [T, Hkv, D] K and V
+scale ln 2 (the queries carry scale * log2(e)). The prefill kernel (tq_prefill's `own`)
+covers the cached prefix, the aligned window's packed band (t - W, block start) and the exact
+window, and merges FlashAttention's (out, lse) into its result by log-sum-exp. Memory: one more [T, Hkv, D] K and V
 per layer step, transient. Off the GPU (the CPU build, the interpreter tests) the same
 computation runs in torch (kernels.reference.own_attention_ref).
-Status: OFF by default, opt in with `VLLM_TURBOQUANT_OWN_FA=1`. On the H200 (2026-12-03,
-benchmarks/results/h200-20261203c/call8-e2e/own-attention-gpu-tests.log) FlashAttention's
-(out, lse) matched the torch stand-in, rows without keys included, and the whole path matched
-the deq-copy path for the unwindowed preset, but with the default preset's aligned window
-(W 64, align 128, 128-token blocks) the seeded prefill kernel returned NaN
-(tests/gpu/test_own_attention_gpu.py, an expected failure until fixed); the CPU interpreter
-tests of the same path pass. Not yet timed on the GPU either. Off, the prefill kernel reads
-the deq copy itself, as before.
+Status: ON by default on CUDA with vLLM's FlashAttention ($VLLM_TURBOQUANT_OWN_FA=0 turns it
+off; off the GPU and in batch-invariant mode it is never used). The NaN its first GPU run
+returned with the aligned window (2026-12-03) came from FlashAttention's last key tile reading
+rows of the copy the store does not write (stale NaN bits; P = 0 times NaN is NaN): impl.forward
+zeroes those planes now. On the H200 (benchmarks/results/h200-20261203d/) the GPU tests pass
+(FlashAttention and the torch stand-in, windowed and plain presets), and one layer of SmolLM2
+takes 301 us of GPU time for a fresh 7,700-token prompt instead of 660 (FlashAttention-3 over
+bf16: 219) and 397 instead of 751 for 47 decodes x 8K + that prompt; its host time is higher
+(one more FlashAttention call and query rotation per layer).
 """
 
 from __future__ import annotations
@@ -52,11 +53,19 @@ def min_query_len(environ=os.environ) -> int:
     return settings.env_token_count(_MIN_ENV, MIN_QUERY, environ)
 
 
-def enabled(device) -> bool:
+def requested(environ=os.environ) -> bool:
+    """$VLLM_TURBOQUANT_OWN_FA: unset, empty or 1 = on (the default), 0 = off; any other value
+    is a TurboQuantConfigError naming the variable (raised when the backend starts)."""
+    raw = environ.get(_ENV, "").strip()
+    if raw not in ("", "0", "1"):
+        raise settings.TurboQuantConfigError(f"{_ENV}: expected 0 (off) or 1 (on), got {raw!r}")
+    return raw != "0"
+
+
+def enabled(device, environ=os.environ) -> bool:
     """Whether mixed and prefill steps on `device` run the chunks' own keys through
-    FlashAttention: only with $VLLM_TURBOQUANT_OWN_FA=1 (see the module's status), on CUDA
-    with vLLM's FlashAttention."""
-    if os.environ.get(_ENV, "0").strip() != "1":
+    FlashAttention: on CUDA with vLLM's FlashAttention unless $VLLM_TURBOQUANT_OWN_FA=0."""
+    if not requested(environ):
         return False
     return torch.device(device).type == "cuda" and compat.flash_attn_varlen() is not None
 
@@ -67,7 +76,9 @@ def attend(q_rot: torch.Tensor, own_k: torch.Tensor, own_v: torch.Tensor,
     """(out [T, Hq, D] in q_rot's dtype, lse [Hq, T] float32) of each query over its chunk's
     own keys j <= i - window: q_rot [T, Hq, D] rotated, prescaled (decode.rotate_query);
     own_k/own_v [>= cu_seqlens_k[-1], Hkv, D] the store's own_out; cu_seqlens_q, cu_seqlens_k
-    int32 [B + 1] (chunk b has L_b queries and max(L_b - window, 0) keys)."""
+    int32 [B + 1] (chunk b has L_b queries and max(L_b - window, 0) keys). Every row of
+    own_k/own_v must be finite, the ones past cu_seqlens_k[-1] too: FlashAttention's last key
+    tile loads them (masked scores, but P = 0 times a NaN value is NaN)."""
     fa = compat.flash_attn_varlen() if q_rot.is_cuda else None
     if fa is None:
         return own_attention_ref(q_rot, own_k, own_v, cu_seqlens_q, cu_seqlens_k, window)
