@@ -18,6 +18,9 @@ every dtype, prefix caching off, and measures:
 sized by it and come out of the KV budget (vLLM's default on an H100, 1024, would take 1.5 GB
 of SmolLM2's 1 GiB); 128 is about the number of 1280-token requests 1 GiB holds with it.
 
+``--dtypes turboquant,turboquant@VLLM_TURBOQUANT_OWN_FA=0,auto`` runs a dtype a second time
+with an environment variable set for its worker: an A/B of one knob in the same call.
+
 Outputs are fixed-length (``ignore_eos``); prompts are token ids (real English text from
 ``vllm_turboquant.textdata`` or ``--prompts synthetic``), the same for every dtype. KV capacity
 (tokens) comes from each engine (``num_gpu_blocks x block_size``). TPOT comes from the
@@ -39,6 +42,7 @@ import argparse
 import gc
 import json
 import os
+import re
 import signal
 import sys
 import time
@@ -299,17 +303,43 @@ def size(n: int) -> str:
     return f"{n / GiB:g} GiB" if n >= GiB else f"{n / MiB:g} MiB"
 
 
-def run_dtype(dtype: str, spec: dict, out_dir: Path, timeout_s: float) -> dict:
-    """Run `worker` for `dtype` in a fresh Python process; its log goes to a file. A worker
-    that crashes or runs out of time gives what it had saved, plus an ``error``."""
+_ENV_NAME = re.compile(r"[A-Z_][A-Z0-9_]*")
+
+
+def parse_variant(entry: str) -> tuple[str, dict[str, str]]:
+    """One --dtypes entry -> (kv-cache dtype, environment overrides). ``NAME`` alone, or
+    ``NAME@VAR=VALUE[@VAR=VALUE...]`` to run that dtype once more with its worker's
+    environment changed, in the same call (an A/B of a knob: ``turboquant,
+    turboquant@VLLM_TURBOQUANT_OWN_FA=0``); the row is labelled with the whole entry."""
+    name, *pairs = entry.split("@")
+    env = {}
+    for pair in pairs:
+        var, eq, value = pair.partition("=")
+        if not (name and eq and _ENV_NAME.fullmatch(var)):
+            raise ValueError(f"--dtypes entry {entry!r}: expected NAME or "
+                             f"NAME@VAR=VALUE[@VAR=VALUE...] (VAR in capitals)")
+        env[var] = value
+    return name, env
+
+
+def file_label(entry: str) -> str:
+    """A --dtypes entry as a file-name part (variants' @ and = become _)."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", entry)
+
+
+def run_dtype(entry: str, spec: dict, out_dir: Path, timeout_s: float) -> dict:
+    """Run `worker` for the --dtypes entry (a dtype, or a variant: parse_variant) in a fresh
+    Python process; its log goes to a file. A worker that crashes or runs out of time gives
+    what it had saved, plus an ``error``."""
+    dtype, overrides = parse_variant(entry)
     spec = {**spec, "dtype": dtype}
-    result_path = out_dir / f"e2e_{dtype}.json"
-    log_path = out_dir / f"e2e_{dtype}.log"
-    env = {**os.environ, **plugin_env(), **runner_env(dtype)}
+    result_path = out_dir / f"e2e_{file_label(entry)}.json"
+    log_path = out_dir / f"e2e_{file_label(entry)}.log"
+    env = {**os.environ, **plugin_env(), **runner_env(dtype), **overrides}
     cmd = [sys.executable, __file__, "--worker", json.dumps(spec), "--worker-out",
            str(result_path)]
     t0 = time.perf_counter()
-    row = {"dtype": dtype, **run_worker(cmd, result_path, log_path, env, timeout_s)}
+    row = {"dtype": entry, **run_worker(cmd, result_path, log_path, env, timeout_s)}
     if "timed out" in row.get("error", ""):
         row["error"] += " (its share of the budget)"
     row["wall_s"] = time.perf_counter() - t0
@@ -373,7 +403,9 @@ def main(argv=None) -> dict:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None,
                     help="model folder (default: SmolLM2 via `python -m vllm_turboquant.models`)")
-    ap.add_argument("--dtypes", default=None, help="comma-separated kv-cache dtypes")
+    ap.add_argument("--dtypes", default=None,
+                    help="comma-separated kv-cache dtypes; NAME@VAR=VALUE runs NAME again with "
+                         "an environment variable set (e.g. turboquant@VLLM_TURBOQUANT_OWN_FA=0)")
     ap.add_argument("--quick", action="store_true", help="smaller workloads")
     ap.add_argument("--profile", choices=sorted(PROFILES), default=None,
                     help="workload profile (default: full on GPU, quick with --quick, cpu "
@@ -399,6 +431,13 @@ def main(argv=None) -> dict:
     name = args.profile or (("quick" if args.quick else "full") if gpu else "cpu")
     profile = PROFILES[name]
     dtypes = args.dtypes.split(",") if args.dtypes else list(GPU_DTYPES if gpu else CPU_DTYPES)
+    for d in dtypes:  # malformed variants fail here, before a model is built
+        try:
+            parse_variant(d)
+        except ValueError as e:
+            ap.error(str(e))
+    if len(set(dtypes)) != len(dtypes):
+        ap.error(f"--dtypes lists an entry twice: {args.dtypes!r}")
     eager = args.eager or not gpu  # CPU: torch.compile costs minutes
     budget = args.budget_s or (540.0 if gpu else 1500.0)
     from vllm_turboquant.models import resolve_model
@@ -406,7 +445,7 @@ def main(argv=None) -> dict:
     info = machine_info()
     args.out_dir.mkdir(parents=True, exist_ok=True)
     for d in dtypes:  # an earlier run's worker files must not pass for this run's
-        (args.out_dir / f"e2e_{d}.json").unlink(missing_ok=True)
+        (args.out_dir / f"e2e_{file_label(d)}.json").unlink(missing_ok=True)
     phases = tuple(x for x in args.phases.split(",") if x)
     if not phases or set(phases) - {"short", "long"}:
         ap.error(f"--phases takes short and/or long, got {args.phases!r}")
@@ -442,7 +481,8 @@ def main(argv=None) -> dict:
             if d not in done_dtypes:
                 row = {"dtype": d}
                 try:  # deleted at the start: this run's, if any
-                    row.update(json.loads((args.out_dir / f"e2e_{d}.json").read_text()))
+                    row.update(json.loads((args.out_dir / f"e2e_{file_label(d)}.json")
+                                          .read_text()))
                 except (OSError, ValueError):
                     pass
                 rows.append({**row, "error": "not run or not finished (stopped)"})

@@ -178,10 +178,18 @@ def ops(s):
 def _own_ops(s, rot, deq, splits, side_p, store, decode, side_store):
     """The same steps with the chunks' own packed keys through FlashAttention (what
     impl.forward does when backend/own_attention.py is enabled): the store also writes the
-    compact copy, FlashAttention runs over it, the prefill kernel is seeded with its result."""
+    compact copy, FlashAttention runs over it, the prefill kernel merges its result in."""
     from vllm_turboquant.backend import own_attention
     nd, w, mq = s["nd"], s["window"], max(s["chunk"], 1)
-    buf = torch.empty((2,) + tuple(s["k"].shape), dtype=s["q"].dtype, device=s["q"].device)
+    # zeroed as impl.forward does (FlashAttention's last key tile reads past the written rows)
+    buf = torch.zeros((2,) + tuple(s["k"].shape), dtype=s["q"].dtype, device=s["q"].device)
+
+    def new_rot_own():       # impl.forward's per-step buffers with the own copy, zeroed
+        rot6 = torch.empty((6, s["t"]) + s["k"].shape[1:], dtype=s["q"].dtype,
+                           device=s["q"].device)
+        rot6[4:].zero_()
+        return rot6, torch.empty((s["t"], s["k"].shape[1]), dtype=torch.int32,
+                                 device=s["q"].device)
 
     def store_own():
         tq_store(s["k"], s["v"], s["cache"], s["slots"], s["params"], s["side"], s["rows"],
@@ -208,12 +216,14 @@ def _own_ops(s, rot, deq, splits, side_p, store, decode, side_store):
                    rotated=True, deq=deq, own=own, q_rotated=q_rot)
 
     def forward_split_own():
+        new_rot_own()
         store_own()
         decode()
         prefill_own()
         side_store()
 
     def forward_own():
+        new_rot_own()
         store_own()
         unified_own()
         side_store()

@@ -262,6 +262,26 @@ def test_markdown_table():
 
 
 # -- e2e.py helpers ------------------------------------------------------------------------------
+def test_e2e_dtype_variants_parse_and_refuse_bad_entries():
+    """--dtypes NAME@VAR=VALUE: the same dtype again with its worker's environment changed
+    (an A/B in one call); malformed entries are an error before any engine starts."""
+    import e2e
+
+    assert e2e.parse_variant("auto") == ("auto", {})
+    assert e2e.parse_variant("turboquant@VLLM_TURBOQUANT_OWN_FA=0") == (
+        "turboquant", {"VLLM_TURBOQUANT_OWN_FA": "0"})
+    assert e2e.parse_variant("tq-k4v4@A=1@B_2=x=y") == ("tq-k4v4", {"A": "1", "B_2": "x=y"})
+    for bad in ("turboquant@", "turboquant@own=0", "turboquant@A", "@A=1"):
+        with pytest.raises(ValueError, match="--dtypes entry"):
+            e2e.parse_variant(bad)
+    assert e2e.file_label("turboquant@VLLM_TURBOQUANT_OWN_FA=0") == (
+        "turboquant_VLLM_TURBOQUANT_OWN_FA_0")
+    for argv in (["--dtypes", "turboquant@own=0"], ["--dtypes", "auto,turboquant,auto"]):
+        with pytest.raises(SystemExit) as exc:      # argparse's usage error, exit code 2
+            e2e.main(argv + ["--out-dir", "/nonexistent/e2e"])
+        assert exc.value.code == 2
+
+
 def test_e2e_engine_tpot_and_prompts():
     from types import SimpleNamespace as NS
 

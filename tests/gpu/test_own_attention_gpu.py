@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -69,26 +70,21 @@ def test_flash_matches_the_reference_rows_without_keys_included(window, flash):
     assert bool((out[empty] == 0).all())
 
 
-@pytest.mark.parametrize("attend", ["flash", "torch"])
-@pytest.mark.parametrize("preset,window,align", [("turboquant", 64, 128), ("tq-k4v4", 0, 0)])
-def test_prefill_with_flash_own_part_matches_the_deq_path(preset, window, align, attend,
-                                                           request):
-    """The backend's mixed step at a realistic size: a continuation chunk over a packed
-    prefix, a fresh prompt and a decode, through store (own_out) + FlashAttention + prefill
-    (the own part merged after the loops; seeding the loops with it instead returned NaN here
-    with the aligned window on the H200, 2026-12-03). "torch": the own part from the torch
-    stand-in, so the kernels are checked on a GPU without vLLM too."""
-    attend = request.getfixturevalue("flash") if attend == "flash" else _torch_attend
-    d, hq, hkv, bs, dtype = 64, 9, 3, 128, torch.bfloat16
-    codec, params = _params(preset, d, window=window, align=align)
-    lens, qlens = [2500, 1500, 130], [2000, 1500, 1]
+def mixed_step(preset, window, align, own_fill=0.0, lens=(2500, 1500, 130),
+               qlens=(2000, 1500, 1), d=64, hq=9, hkv=3, bs=128, dtype=torch.bfloat16):
+    """The backend's mixed step at a realistic size (a continuation chunk over a packed
+    prefix, a fresh prompt, a decode), stored through tq_store with rot/deq/own outputs into
+    one buffer: NaN-filled (nothing may read an unwritten row), its own-copy planes set to
+    `own_fill` first (0.0 as the backend does: FlashAttention's last key tile reads past the
+    written rows). Returns the prefill's arguments as a namespace."""
+    lens, qlens = list(lens), list(qlens)
+    _, params = _params(preset, d, window=window, align=align)
     side = TQSide.empty(len(lens), window, hkv, d, dtype, DEV) if window else None
     cache, bt, seqs = _paged(lens, hkv, d, bs, params, dtype, side=side)
     k = torch.cat([s[0][n - m:] for s, n, m in zip(seqs, lens, qlens)])
     v = torch.cat([s[1][n - m:] for s, n, m in zip(seqs, lens, qlens)])
     q = torch.randn(sum(qlens), hq, d, device=DEV).to(dtype)
     cu, cu_k = _cu(qlens, window)
-    sl = torch.tensor(lens, dtype=torch.int32, device=DEV)
     t = k.shape[0]
     own_idx = torch.full((t,), -1, dtype=torch.int32, device=DEV)
     slots = torch.empty(t, dtype=torch.long, device=DEV)
@@ -99,20 +95,43 @@ def test_prefill_with_flash_own_part_matches_the_deq_path(preset, window, align,
         own_idx[int(cu[b]):int(cu[b]) + keys] = torch.arange(keys, device=DEV,
                                                              dtype=torch.int32) + int(cu_k[b])
     buf = torch.full((6, t, hkv, d), float("nan"), dtype=dtype, device=DEV)
-    buf[4:].zero_()   # as the backend does: FlashAttention's last tile reads past the rows
+    buf[4:].fill_(own_fill)
     words = torch.empty(t, hkv, dtype=torch.int32, device=DEV)
     deq = (buf[2], buf[3], words)
     tq_store(k, v, cache, slots, params, rot_out=(buf[0], buf[1]), deq_out=deq,
              own_out=(buf[4], buf[5], own_idx))
     scale = d ** -0.5
-    q_rot = rotate_query(q, params, scale)
-    own = attend(q_rot, buf[4], buf[5], cu, cu_k, max(qlens), window)
-    got = tq_prefill(q, buf[0], buf[1], cu, sl, cache, bt, params, scale, side,
-                     max_query_len=max(qlens), rotated=True, deq=deq, own=own, q_rotated=q_rot)
-    base = tq_prefill(q, buf[0], buf[1], cu, sl, cache, bt, params, scale, side,
-                      max_query_len=max(qlens), rotated=True, deq=deq)
-    want = tq_prefill_ref(q, buf[0], buf[1], cu, sl, cache, bt, params, scale, side,
-                          rotated=True)
+    return SimpleNamespace(
+        q=q, k_rot=buf[0], v_rot=buf[1], own_k=buf[4], own_v=buf[5], deq=deq, cu=cu,
+        cu_k=cu_k, seq_lens=torch.tensor(lens, dtype=torch.int32, device=DEV), cache=cache,
+        bt=bt, params=params, scale=scale, side=side, window=window, max_query_len=max(qlens),
+        q_rot=rotate_query(q, params, scale))
+
+
+def prefill(st, own=None, **launch):
+    """tq_prefill over a mixed_step, with the own part `own` (FlashAttention's (out, lse))."""
+    return tq_prefill(st.q, st.k_rot, st.v_rot, st.cu, st.seq_lens, st.cache, st.bt,
+                      st.params, st.scale, st.side, max_query_len=st.max_query_len,
+                      rotated=True, deq=st.deq, own=own,
+                      q_rotated=None if own is None else st.q_rot, **launch)
+
+
+@pytest.mark.parametrize("attend", ["flash", "torch"])
+@pytest.mark.parametrize("preset,window,align", [("turboquant", 64, 128), ("tq-k4v4", 0, 0)])
+def test_prefill_with_flash_own_part_matches_the_deq_path(preset, window, align, attend,
+                                                           request):
+    """store (own_out) + FlashAttention + prefill on mixed_step against the deq-copy path and
+    the reference (the own part merged after the loops). The first version returned NaN here
+    with the aligned window on the H200 (2026-12-03): its copy was not zeroed past the written
+    rows. "torch": the own part from the torch stand-in, so the kernels are checked on a GPU
+    without vLLM too."""
+    attend = request.getfixturevalue("flash") if attend == "flash" else _torch_attend
+    st = mixed_step(preset, window, align)
+    own = attend(st.q_rot, st.own_k, st.own_v, st.cu, st.cu_k, st.max_query_len, window)
+    got = prefill(st, own)
+    base = prefill(st)
+    want = tq_prefill_ref(st.q, st.k_rot, st.v_rot, st.cu, st.seq_lens, st.cache, st.bt,
+                          st.params, st.scale, st.side, rotated=True)
     assert bool(torch.isfinite(base).all()) and bool(torch.isfinite(got).all())
     assert _rel_err(got, base) < 1e-2, _rel_err(got, base)
     assert _rel_err(got, want) < 2e-2, _rel_err(got, want)
