@@ -326,7 +326,7 @@ def _backend_prefill_paths(q, k, v, cu, sl, cache, bt, params, scale, prefix, m,
                      deq_out: written once here, as the store does in the same launch), prefill
                      reading the chunk's own packed keys from that copy (the default path);
     turboquant_own_fa  + the chunk's own keys through vLLM's FlashAttention
-                     (backend/own_attention.py), whose (out, lse) seed the prefill kernel;
+                     (backend/own_attention.py), its (out, lse) merged by the prefill kernel;
     dequant_fa       dequantize the whole prefix to bf16 (torch ops), then vLLM's
                      FlashAttention varlen, causal, over prefix + chunk: what the issue calls
                      dequantize-then-FlashAttention (vLLM's built-in TurboQuant does this).

@@ -58,7 +58,7 @@ def _own_part(own_o_ptr, own_lse_ptr, t64, qh, rmask, offs_lo, offs_hi, stride_q
     o_row = own_o_ptr + t64[:, None] * stride_qt + qh[:, None] * stride_qh
     o_lo = tl.load(o_row + offs_lo[None, :], mask=has[:, None], other=0.0).to(tl.float32)
     o_hi = tl.load(o_row + offs_hi[None, :], mask=has[:, None], other=0.0).to(tl.float32)
-    return m, l, tl.where(has[:, None], o_lo, 0.0), tl.where(has[:, None], o_hi, 0.0)
+    return m, l, o_lo, o_hi
 
 
 @triton.jit

@@ -14,9 +14,9 @@ varlen causal attention of the chunk's rotated, prescaled queries over it with t
 chunk b has, L_b - W (causal masks align bottom-right: query i sees j <= i - W), softmax
 scale ln 2 (the queries carry scale * log2(e)). The prefill kernel (tq_prefill's `own`)
 covers the cached prefix, the aligned window's packed band (t - W, block start) and the exact
-window, and merges FlashAttention's (out, lse) into its result by log-sum-exp. Memory: one more [T, Hkv, D] K and V
-per layer step, transient. Off the GPU (the CPU build, the interpreter tests) the same
-computation runs in torch (kernels.reference.own_attention_ref).
+window, and merges FlashAttention's (out, lse) into its result by log-sum-exp. Memory: one
+more [T, Hkv, D] K and V per layer step, transient. Off the GPU (the CPU build, the
+interpreter tests) the same computation runs in torch (kernels.reference.own_attention_ref).
 Status: ON by default on CUDA with vLLM's FlashAttention ($VLLM_TURBOQUANT_OWN_FA=0 turns it
 off; off the GPU and in batch-invariant mode it is never used). The NaN its first GPU run
 returned with the aligned window (2026-12-03) came from FlashAttention's last key tile reading
