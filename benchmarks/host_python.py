@@ -5,7 +5,8 @@
 1. The ops of one SmolLM2 mixed layer step (benchmarks/layer_step.py's, CPU tensors, small
    shapes) with every kernel launch stubbed out: what remains is our launchers' Python and
    their torch calls (on a CPU the query rotation GEMM really computes, so `unified_prefill`
-   includes a small CPU matmul).
+   includes a small CPU matmul); also the own-keys path's ops (CUDA-only in the backend) with
+   the FlashAttention call stubbed as well.
 2. kernels/_launch.py's cache key over 37 arguments (24 tensors, 13 scalars, the size of a
    launch) vs Triton's native per-argument specialization over the same arguments, which
    `JITFunction.run` calls on every launch.
@@ -64,7 +65,21 @@ def main() -> None:
     s = ls.build_step(4, 40, 20, 16, device="cpu")
     fns = ls.ops(s)
     launchers = {name: round(median_us(fns[name], a.reps), 1)
-                 for name in ("store", "decode", "unified_prefill", "side_store", "forward")}
+                 for name in ("store", "decode", "unified_prefill", "side_store", "forward",
+                              "forward_split")}
+    # The own-keys path (backend/own_attention.py, CUDA only): its ops with FlashAttention
+    # stubbed too (a call that only allocates its (out, lse)), so what remains is ours.
+    from vllm_turboquant.backend import own_attention
+    own_attention.attend = lambda q_rot, *args, **kw: (
+        torch.empty_like(q_rot), torch.empty(q_rot.shape[1], q_rot.shape[0]))
+    rot, deq = ls.new_rot(s)
+    splits = ls.default_num_splits(ls.next_pow2(s["nd"]), s["hkv"], s["max_model_len"], "cpu")
+    side_p = ls.TQSide(*(x[s["nd"]:] for x in s["side"]))
+    own = ls._own_ops(s, rot, deq, splits, side_p, fns["store"], fns["decode"],
+                      fns["side_store"])
+    launchers.update({name + " (FlashAttention stubbed)": round(median_us(own[name], a.reps), 1)
+                      for name in ("store_own", "prefill_own", "forward_own",
+                                   "forward_split_own")})
 
     args = [torch.zeros(10) for _ in range(24)] + [5, 16, 1, 3, 64, 128, 99, 7, 1.5, 12, 16,
                                                    32, 48]
