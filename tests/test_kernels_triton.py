@@ -253,6 +253,19 @@ def test_decode_more_splits_than_tiles_and_3bit():
 
 
 # -- prefill ----------------------------------------------------------------------------------
+def chunk_batch(lens, qlens, hkv, g, d, bs, params, dtype, window):
+    """Sequences of `lens` tokens cached through the reference store (their window ring too);
+    the last qlens[b] of each are the step's chunk. -> (side or None, cache, block table,
+    the chunks' K and V [T, Hkv, D], random queries [T, Hkv * g, D], cu_seqlens_q, seq_lens)."""
+    side = TQSide.empty(len(lens), window, hkv, d, dtype) if window else None
+    cache, bt, seqs = paged(lens, hkv, d, bs, params, dtype, side=side)
+    k = torch.cat([s[0][n - m:] for s, n, m in zip(seqs, lens, qlens)])
+    v = torch.cat([s[1][n - m:] for s, n, m in zip(seqs, lens, qlens)])
+    q = torch.randn(sum(qlens), hkv * g, d).to(dtype)
+    cu = torch.tensor([0] + torch.tensor(qlens).cumsum(0).tolist(), dtype=torch.int32)
+    return side, cache, bt, k, v, q, cu, torch.tensor(lens, dtype=torch.int32)
+
+
 @pytest.mark.parametrize("dtype,g,bs,window,name", [
     (torch.bfloat16, 1, 16, 0, "turboquant"),
     (torch.float16, 3, 32, 8, "turboquant"),
@@ -262,13 +275,8 @@ def test_prefill_matches_reference(dtype, g, bs, window, name):
     codec, params = make_params(name, window=window)
     hkv, d = 2, 64
     lens, qlens = [9, 45, 30], [9, 1, 13]     # fresh prefill, 1-token chunk, chunk + prefix
-    side = TQSide.empty(len(lens), window, hkv, d, dtype) if window else None
-    cache, bt, seqs = paged(lens, hkv, d, bs, params, dtype, side=side)
-    k = torch.cat([s[0][n - m:] for s, n, m in zip(seqs, lens, qlens)])
-    v = torch.cat([s[1][n - m:] for s, n, m in zip(seqs, lens, qlens)])
-    q = torch.randn(sum(qlens), hkv * g, d).to(dtype)
-    cu = torch.tensor([0] + torch.tensor(qlens).cumsum(0).tolist(), dtype=torch.int32)
-    sl = torch.tensor(lens, dtype=torch.int32)
+    side, cache, bt, k, v, q, cu, sl = chunk_batch(lens, qlens, hkv, g, d, bs, params, dtype,
+                                                   window)
     got = tq_prefill(q, k, v, cu, sl, cache, bt, params, d ** -0.5, side, block_m=4,
                      block_n=16)
     want = tq_prefill_ref(q, k, v, cu, sl, cache, bt, params, d ** -0.5, side)
@@ -318,13 +326,8 @@ def test_prefill_own_attention_from_flash_matches_reference(window, align, g):
     dtype, hkv, d, bs = torch.bfloat16, 2, 64, 16
     codec, params = make_params("turboquant", window=window, align=align)
     lens, qlens = [30, 45, 26, 40], [30, 20, 1, 11]   # fresh, continuation, decode-like, short
-    side = TQSide.empty(len(lens), window, hkv, d, dtype) if window else None
-    cache, bt, seqs = paged(lens, hkv, d, bs, params, dtype, side=side)
-    k = torch.cat([s_[0][n - m:] for s_, n, m in zip(seqs, lens, qlens)])
-    v = torch.cat([s_[1][n - m:] for s_, n, m in zip(seqs, lens, qlens)])
-    q = torch.randn(sum(qlens), hkv * g, d).to(dtype)
-    cu = torch.tensor([0] + torch.tensor(qlens).cumsum(0).tolist(), dtype=torch.int32)
-    sl = torch.tensor(lens, dtype=torch.int32)
+    side, cache, bt, k, v, q, cu, sl = chunk_batch(lens, qlens, hkv, g, d, bs, params, dtype,
+                                                   window)
     scale = d ** -0.5
     kr = (k.float() @ params.rotation.T).to(dtype)
     vr = (v.float() @ params.rotation.T).to(dtype)
