@@ -42,7 +42,9 @@ DECODE_PTRS = {"q_ptr": "*bf16", "cache_ptr": "*u8", "block_table_ptr": "*i32",
                "seq_lens_ptr": "*i32", "kcent_ptr": "*fp32", "vcent_ptr": "*fp32",
                "ktab_ptr": "*i32", "vtab_ptr": "*i32", "side_k_ptr": "*bf16",
                "side_v_ptr": "*bf16", "side_tag_ptr": "*i32", "side_check_ptr": "*i32",
-               "part_o_ptr": "*fp32", "part_lse_ptr": "*fp32"}
+               "part_o_ptr": "*fp32", "part_lse_ptr": "*fp32", "rotq_ptr": "*bf16",
+               "rot_ptr": "*fp32", "count_ptr": "*i32", "out_ptr": "*bf16",
+               "q_alpha": "fp32", "rot_scale": "fp32"}
 PREFILL_PTRS = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "out_ptr": "*bf16",
                 "cu_q_ptr": "*i32", "seq_lens_ptr": "*i32", "cache_ptr": "*u8",
                 "block_table_ptr": "*i32", "kcent_ptr": "*fp32", "vcent_ptr": "*fp32",
@@ -97,19 +99,22 @@ def loop_stats(ck) -> dict:
 
 
 def decode_row(words: bool, block_n: int, num_warps: int, num_stages: int,
-               prefetch: bool = False, d: int = 128, block_size: int = 16) -> dict:
+               prefetch: bool = False, d: int = 128, block_size: int = 16,
+               fused: bool = True) -> dict:
     codec = TQLayerCodec(TQConfig.from_name("tq-k4v4"), d, layer=5)
     asm = prmt_dequant_asm(codec.key_centroids, torch.bfloat16)
     lay = codec.layout
     consts = dict(D=d, KBITS=4, VBITS=4, SLOT=lay.slot_bytes, V_OFF=lay.v_codes_offset,
                   KS_OFF=lay.k_scale_offset, BLOCK_SIZE=block_size, BLOCK_N=block_n,
                   BLOCK_G=16, HAS_SIDE=False, F32=False, KMODE=3, VMODE=3, KASM=asm, VASM=asm,
-                  KT=False, PREFETCH=prefetch, WORDS=words, ALIGN_B=16)
+                  KT=False, PREFETCH=prefetch, WORDS=words, ALIGN_B=16, ROTATE_Q=2 if fused else 0,
+                  FUSED=fused, BLOCK_S=64, COLS=min(d, 64))
     ck = compile_sm90(_tq_decode_split_kernel, DECODE_PTRS, consts, num_warps, num_stages)
     st = loop_stats(ck)
     # The whole program's work per 64 tokens: every warp runs the loop once per tile.
     per64 = st["loop_instructions"] * num_warps * 64 // block_n
-    return {"kernel": "decode split", "head_size": d, "words": words, "prefetch": prefetch,
+    return {"kernel": "decode split", "fused": fused, "head_size": d,
+            "words": words, "prefetch": prefetch,
             "block_n": block_n, "num_warps": num_warps, "num_stages": num_stages,
             "instructions_per_64_tokens_all_warps": per64, **st}
 
@@ -143,12 +148,15 @@ def main() -> None:
              (False, False, 64, 4, 2), (True, False, 64, 4, 2), (True, False, 64, 4, 1),
              (True, False, 128, 4, 1), (False, False, 128, 4, 2), (True, True, 64, 4, 1),
              (True, True, 32, 2, 1), (True, True, 16, 1, 1), (False, False, 16, 1, 1)]]
+    # the default config as three launches (fused=False: rotation GEMM, split, merge)
+    rows.insert(1, decode_row(True, 128, 4, 1, prefetch=True, fused=False))
     rows.append(prefill_row())
     print("| kernel | words | prefetch | block_n | warps | stages | loop instrs | per 64 tokens "
           "| loads 1 / 4 / 16 B | regs | shared B |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['kernel']} | {r.get('words', '-')} | {r.get('prefetch', '-')} | "
+        name = r["kernel"] + (" (fused)" if r.get("fused") else "")
+        print(f"| {name} | {r.get('words', '-')} | {r.get('prefetch', '-')} | "
               f"{r['block_n']} | {r['num_warps']} | {r['num_stages']} | "
               f"{r['loop_instructions']} | {r.get('instructions_per_64_tokens_all_warps', '-')} "
               f"| {r['byte_loads']} / {r['word_loads']} / {r['vector16_loads']} | "

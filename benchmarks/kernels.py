@@ -47,7 +47,17 @@ from vllm_turboquant.kernels.prefill import tq_prefill  # noqa: E402
 from vllm_turboquant.kernels.reference import decode_slots  # noqa: E402
 from vllm_turboquant.kernels.store import tq_store  # noqa: E402
 
-PEAK_GBS = 3350.0
+# HBM peak of the GPU the run is on (GB/s, the vendors' data sheets): H100 SXM 3,350, H200
+# 4,800. peak_frac in the JSON is relative to it; other GPUs get the H100's figure.
+_PEAKS = {"H200": 4800.0, "H100": 3350.0}
+
+
+def _peak_gbs() -> float:
+    name = torch.cuda.get_device_name() if torch.cuda.is_available() else ""
+    return next((v for k, v in _PEAKS.items() if k in name), 3350.0)
+
+
+PEAK_GBS = _peak_gbs()
 DEV = "cuda"
 
 
@@ -213,6 +223,9 @@ def run_decode(args, info, rows):
     shapes = [(b, c, d, hq, hkv, "gqa4") for d, hq, hkv in heads for b in batches for c in ctxs]
     shapes += [(b, c, 64, 9, 3, "smollm2") for b in (batches if not args.quick else (32,))
                for c in ctxs]
+    if args.shapes:       # --shapes "BxCTXxDxHQxHKV,...": these instead
+        shapes = [(b, c, d, hq, hkv, "smollm2" if (d, hq, hkv) == (64, 9, 3)
+                   else f"gqa{hq // hkv}") for b, c, d, hq, hkv in _tuning_shapes(args)]
     for b, ctx, d, hq, hkv, tag in shapes:
         # 128 x 32K x 8 x 128 in bf16 is 17 GB per baseline cache: fits an 80 GB H100.
         torch.cuda.empty_cache()
@@ -234,6 +247,17 @@ def run_decode(args, info, rows):
                                                 block_n=block_n,
                                                 num_warps=args.num_warps),
                               b * ctx * hkv * params.layout.slot_bytes)}
+        # the same kernel as three launches (rotation GEMM, split, merge: the default until
+        # 2026-12-03 evening), so the fused launch's gain is measured beside the baselines
+        fns["turboquant_3launch"] = (
+            lambda: tq_decode(q, cache, bt, sl, params, scale, num_splits=splits, out=out,
+                              block_n=block_n, num_warps=args.num_warps, fused=False),
+            b * ctx * hkv * params.layout.slot_bytes)
+        # the fused launch with the rotated query kept in registers (rotate_q=1)
+        fns["turboquant_rotq_regs"] = (
+            lambda: tq_decode(q, cache, bt, sl, params, scale, num_splits=splits, out=out,
+                              block_n=block_n, num_warps=args.num_warps, rotate_q=1),
+            b * ctx * hkv * params.layout.slot_bytes)
         if args.ab_words:   # the byte tiles (the default until 2026-12-02) for comparison
             fns["turboquant_bytes"] = (
                 lambda: tq_decode(q, cache, bt, sl, params, scale, num_splits=splits, out=out,
@@ -299,7 +323,34 @@ def run_store(args, info, rows):
                   f"{'graph' if graph else 'eager'} "
                   f"p50={p50:.1f} us ({p20:.1f}/{p80:.1f}) {nbytes / p50 / 1e3:.0f} GB/s",
                   flush=True)
+    run_small_stores(info, rows, args.rep_ms)
     return rows
+
+
+def run_small_stores(info, rows, rep_ms):
+    """Decode-step stores (one token per request; SmolLM2's 3 KV heads, head 64, 128-token
+    blocks as the backend asks) under CUDA graphs, as vLLM replays them: store_config's
+    default against each tile config explicitly. The latency of a handful of programs."""
+    hkv, d, bs = 3, 64, 128
+    codec, params = _params(d)
+    for t in (1, 32, 256):
+        k = torch.randn(t, hkv, d, device=DEV, dtype=torch.bfloat16)
+        v = torch.randn(t, hkv, d, device=DEV, dtype=torch.bfloat16)
+        nb = max(4, t // bs * 4)
+        cache = torch.zeros(nb, bs, hkv, params.layout.slot_bytes, dtype=torch.uint8,
+                            device=DEV)
+        slots = torch.randperm(nb * bs, device=DEV)[:t]
+        nbytes = 2 * t * hkv * d * 2 + t * hkv * params.layout.slot_bytes + t * 8
+        for bt, nw in ((None, None), (64, 8), (16, 4), (16, 2), (32, 4)):
+            fn = lambda: tq_store(k, v, cache, slots, params, block_t=bt,  # noqa: E731
+                                  num_warps=nw)
+            p50, p20, p80 = bench(fn, True, rep_ms)
+            rows.append(dict(op="store_small", kernel="turboquant", mode="graph", tokens=t,
+                             kv_heads=hkv, head_size=d, block_t=bt, num_warps=nw, p50_us=p50,
+                             p20_us=p20, p80_us=p80, bytes=nbytes, **info))
+            print(f"store_small T={t} hkv={hkv} d={d} block_t={bt or 'default'}/"
+                  f"{nw or 'default'} graph p50={p50:.1f} us ({p20:.1f}/{p80:.1f})",
+                  flush=True)
 
 
 # -- prefill ----------------------------------------------------------------------------------
@@ -439,6 +490,7 @@ def _decode_case(b, ctx, d, hq, hkv, block_size):
 
 DECODE_AB = [  # tq_decode keyword arguments; the first is the default config (decode_defaults)
     {},
+    {"fused": False},     # three launches: rotation GEMM, split, merge
     # The byte tiles, the default until 2026-12-02 (h200-20261202f: 560 vs 494 us at 32 x 16K).
     {"words": False, "prefetch": False, "block_n": 64, "num_stages": 2},
     {"prefetch": False},                                   # word loads, no register prefetch
@@ -616,7 +668,7 @@ def plot(rows, path):
     for b in sorted({r["batch"] for r in tq}):
         pts = sorted((r["context"], r["peak_frac"]) for r in tq if r["batch"] == b)
         axes[1].plot(*zip(*pts), marker="o", label=f"b={b}")
-    axes[1].set(xscale="log", xlabel="context", ylabel="fraction of 3350 GB/s",
+    axes[1].set(xscale="log", xlabel="context", ylabel=f"fraction of {PEAK_GBS:.0f} GB/s",
                 title="turboquant decode: packed bytes read / time")
     axes[1].legend()
     fig.tight_layout()

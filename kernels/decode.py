@@ -2,16 +2,18 @@
 
 Stage 1: one program per (sequence, KV head, split) serves all G query heads of the GQA group,
 so each packed byte is read once per group (vLLM's built-in kernel re-reads it per query
-head). q arrives rotated and pre-scaled by softmax_scale * log2(e) (one small matmul in the
-launcher). Per tile of BLOCK_N tokens: unpack the key codes and look the centroids up (on
-CUDA with `prmt` byte permutes in registers, `_common.prmt_dequant_asm`; elsewhere from a tiny
-L1-resident table), scores = q @ C[codes]^T on tensor cores, times the per-token key scale;
+head). The program rotates and pre-scales its G query rows by softmax_scale * log2(e) itself
+(a [G, D] x [D, D] tensor-core dot; `fused=False` does it in a GEMM launch first). Per tile
+of BLOCK_N tokens: unpack the key codes and look the centroids up (on CUDA with `prmt` byte
+permutes in registers, `_common.prmt_dequant_asm`; elsewhere from a tiny L1-resident
+table), scores = q @ C[codes]^T on tensor cores, times the per-token key scale;
 online softmax in base 2; the values are accumulated in the rotated space as
 (p * v_scale) @ C[v_codes]. With a recent-token window, the tiles wholly below seq_len - W
 run that same packed-only loop; the (at most ceil(W / BLOCK_N) + 1) tail tiles run a second
 loop in which tag- and check-verified side entries (exact) replace packed ones.
-Stage 2: one program per (sequence, KV head) merges the splits by their log-sum-exp and
-un-rotates once: out = acc @ R.
+Stage 2: the last split program of each (sequence, KV head) to finish (an atomic count)
+merges the splits by their log-sum-exp and un-rotates once: out = acc @ R. So a decode is
+one launch per layer (vLLM's FlashAttention: one); `fused=False` runs stage 2 as a second.
 """
 
 from __future__ import annotations
@@ -85,22 +87,37 @@ def _tq_decode_split_kernel(
     side_check_ptr,     # [B, W, Hkv] int32
     part_o_ptr,         # [B, Hq, S, D] float32: normalized partial outputs (rotated)
     part_lse_ptr,       # [B, Hq, S] float32: log2-sum-exp of each split
-    num_splits, G, W, num_kv_heads,
+    rotq_ptr,           # [D, D] q's dtype: R^T / rotation_scale (+-1), when ROTATE_Q
+    rot_ptr,            # [D, D] float32: R / rotation_scale, when FUSED (the un-rotation)
+    count_ptr,          # [>= B * Hkv] int32, zero between launches: splits done, when FUSED
+    out_ptr,            # [B, Hq, D] output dtype, when FUSED
+    num_splits, G, W, num_kv_heads, q_alpha, rot_scale,
     stride_qb, stride_qh,
-    stride_bt, stride_cb,
+    stride_bt, stride_cb, stride_ob, stride_oh,
     D: tl.constexpr, KBITS: tl.constexpr, VBITS: tl.constexpr, SLOT: tl.constexpr,
     V_OFF: tl.constexpr, KS_OFF: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, HAS_SIDE: tl.constexpr, F32: tl.constexpr,
     KMODE: tl.constexpr, VMODE: tl.constexpr, KASM: tl.constexpr, VASM: tl.constexpr,
     KT: tl.constexpr, PREFETCH: tl.constexpr, WORDS: tl.constexpr, ALIGN: tl.constexpr = 0,
-    ALIGN_B: tl.constexpr = 4,
+    ALIGN_B: tl.constexpr = 4, ROTATE_Q: tl.constexpr = 0, FUSED: tl.constexpr = False,
+    BLOCK_S: tl.constexpr = 64, COLS: tl.constexpr = 64,
 ):
     """ALIGN (the preset's `align`, 0 = none): the window's exact reads start no earlier than
     the query's own ALIGN-token block. KT: scores as K @ q^T (the dequantized key tile is the
     MMA's register operand A, the loop-invariant q^T the shared-memory operand B) instead of
     q @ K^T (key tile through shared memory every iteration). PREFETCH (byte-table modes 1-3
     only): the code bytes and scales of tile i+1 are loaded into registers before tile i is
-    decoded, so HBM latency overlaps the arithmetic without shared-memory pipeline stages."""
+    decoded, so HBM latency overlaps the arithmetic without shared-memory pipeline stages.
+    ROTATE_Q (0 = q arrives rotated): q arrives as the model gives it and each program rotates
+    its G heads itself, q @ R^T * q_alpha on tensor cores (exact +-1 products, fp32 sums, one
+    rounding to q's dtype: what `rotate_query` does in a launch of its own). 1: the dot's
+    result feeds the score dots in registers; 2: it goes through this program's own part_o
+    row first (written, barrier, read back: 2 x G x D floats, L2-resident), so no dot feeds
+    another dot directly, the pattern triton 3.6 once miscompiled in the prefill kernel
+    (docs/kernels-notes.md, "rotated q inside the kernel"). FUSED: stage 2 in this launch:
+    each program writes its partials, counts itself done on count_ptr[b, h] (acq_rel
+    atomic), and the last of the num_splits programs of (b, h) merges them and writes out
+    (then zeroes the counter for the next launch)."""
     b = tl.program_id(0)
     h = tl.program_id(1)
     split = tl.program_id(2)
@@ -120,9 +137,27 @@ def _tq_decode_split_kernel(
     # The head is handled as two halves [0, D/2) and [D/2, D): with 4-bit codes byte j holds
     # coordinates j and j + D/2, so scores = q_lo.k_lo + q_hi.k_hi needs no interleaving.
     q_row = q_ptr + b.to(tl.int64) * stride_qb + qh[:, None] * stride_qh
-    q_lo = tl.load(q_row + offs_lo[None, :], mask=gmask[:, None], other=0.0)
-    q_hi = tl.load(q_row + offs_hi[None, :], mask=gmask[:, None], other=0.0)
-    dt = q_lo.dtype
+    if ROTATE_Q > 0:
+        offs_d = tl.arange(0, D)
+        q_raw = tl.load(q_row + offs_d[None, :], mask=gmask[:, None], other=0.0)   # [G, D]
+        dt = q_raw.dtype
+        rt_lo = tl.load(rotq_ptr + offs_d[:, None] * D + offs_lo[None, :])         # [D, D/2]
+        rt_hi = tl.load(rotq_ptr + offs_d[:, None] * D + offs_hi[None, :])
+        q_lo = (mma(q_raw, rt_lo, F32) * q_alpha).to(dt)
+        q_hi = (mma(q_raw, rt_hi, F32) * q_alpha).to(dt)
+        if ROTATE_Q == 2:
+            # this program's part_o row (overwritten by its partial output at the end)
+            scratch = (part_o_ptr + ((b.to(tl.int64) * num_kv_heads * G + qh) * num_splits
+                                     + split)[:, None] * D)
+            tl.store(scratch + offs_lo[None, :], q_lo.to(tl.float32), mask=gmask[:, None])
+            tl.store(scratch + offs_hi[None, :], q_hi.to(tl.float32), mask=gmask[:, None])
+            tl.debug_barrier()
+            q_lo = tl.load(scratch + offs_lo[None, :], mask=gmask[:, None], other=0.0).to(dt)
+            q_hi = tl.load(scratch + offs_hi[None, :], mask=gmask[:, None], other=0.0).to(dt)
+    else:
+        q_lo = tl.load(q_row + offs_lo[None, :], mask=gmask[:, None], other=0.0)
+        q_hi = tl.load(q_row + offs_hi[None, :], mask=gmask[:, None], other=0.0)
+        dt = q_lo.dtype
     if KT:
         qt_lo = tl.trans(q_lo)                                                  # [D/2, G]
         qt_hi = tl.trans(q_hi)
@@ -256,6 +291,58 @@ def _tq_decode_split_kernel(
     tl.store(o_row + offs_lo[None, :], acc_lo * inv_l[:, None], mask=gmask[:, None])
     tl.store(o_row + offs_hi[None, :], acc_hi * inv_l[:, None], mask=gmask[:, None])
     tl.store(part_lse_ptr + row, lse, mask=gmask)
+    if FUSED:
+        # Every thread's partial stores are ordered before the release of the count (the
+        # barrier, then one thread's gpu-scope acq_rel atomic, as CUTLASS's semaphore does);
+        # the last program's acquire orders its .cg reads of the others' partials after it.
+        tl.debug_barrier()
+        counter = count_ptr + b * num_kv_heads + h
+        done = tl.atomic_add(counter, 1, sem="acq_rel")
+        if done == num_splits - 1:
+            tl.store(counter, 0)
+            _merge_splits(part_o_ptr, part_lse_ptr, rot_ptr, out_ptr, b, h, num_splits, G,
+                          num_kv_heads, rot_scale, stride_ob, stride_oh, D, BLOCK_G, BLOCK_S,
+                          COLS, F32)
+
+
+@triton.jit
+def _merge_splits(part_o_ptr, part_lse_ptr, rot_ptr, out_ptr, b, h, num_splits, G,
+                  num_kv_heads, rot_scale, stride_ob, stride_oh, D: tl.constexpr,
+                  BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr, COLS: tl.constexpr,
+                  F32: tl.constexpr):
+    """Merge the num_splits partials of (sequence b, KV head h) by their log-sum-exp and
+    un-rotate once: out[b, h*G:(h+1)*G] = (sum_s w_s o_s) @ R * rot_scale. The partials are
+    read with .cg (from L2, not L1): in the fused kernel other programs wrote them."""
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, D)
+    gmask = offs_g < G
+    qh = h * G + offs_g
+    row0 = (b.to(tl.int64) * num_kv_heads * G + qh) * num_splits                   # [G]
+    lse = tl.load(part_lse_ptr + row0[:, None] + offs_s[None, :],
+                  mask=gmask[:, None] & (offs_s[None, :] < num_splits), other=float("-inf"),
+                  cache_modifier=".cg")
+    m = tl.max(lse, axis=1)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    wsum = tl.sum(tl.exp2(lse - m_safe[:, None]), axis=1)
+    acc = tl.zeros([BLOCK_G, D], dtype=tl.float32)
+    for s in range(num_splits):
+        ls = tl.load(part_lse_ptr + row0 + s, mask=gmask, other=float("-inf"),
+                     cache_modifier=".cg")
+        o = tl.load(part_o_ptr + (row0 + s)[:, None] * D + offs_d[None, :],
+                    mask=gmask[:, None], other=0.0, cache_modifier=".cg")
+        acc += tl.exp2(ls - m_safe)[:, None] * o
+    acc = acc / tl.maximum(wsum, 1e-30)[:, None]
+    # Un-rotate: out = acc @ R, in column blocks so R never needs D x D registers (D = 256).
+    offs_c = tl.arange(0, COLS)
+    for c0 in tl.static_range(0, D, COLS):
+        r = tl.load(rot_ptr + offs_d[:, None] * D + (c0 + offs_c)[None, :])
+        if F32:
+            o = tl.dot(acc, r, input_precision="ieee") * rot_scale
+        else:
+            o = tl.dot(acc, r) * rot_scale  # tf32: 10-bit mantissa, below bf16/fp16 output
+        tl.store(out_ptr + b.to(tl.int64) * stride_ob + qh[:, None] * stride_oh
+                 + (c0 + offs_c)[None, :], o.to(out_ptr.dtype.element_ty), mask=gmask[:, None])
 
 
 @triton.jit(do_not_specialize=["num_splits"])
@@ -269,36 +356,10 @@ def _tq_decode_merge_kernel(
     D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr, COLS: tl.constexpr,
     F32: tl.constexpr,
 ):
-    b = tl.program_id(0)
-    h = tl.program_id(1)
-    offs_g = tl.arange(0, BLOCK_G)
-    offs_s = tl.arange(0, BLOCK_S)
-    offs_d = tl.arange(0, D)
-    gmask = offs_g < G
-    qh = h * G + offs_g
-    row0 = (b.to(tl.int64) * num_kv_heads * G + qh) * num_splits                   # [G]
-    lse = tl.load(part_lse_ptr + row0[:, None] + offs_s[None, :],
-                  mask=gmask[:, None] & (offs_s[None, :] < num_splits), other=float("-inf"))
-    m = tl.max(lse, axis=1)
-    m_safe = tl.where(m == float("-inf"), 0.0, m)
-    wsum = tl.sum(tl.exp2(lse - m_safe[:, None]), axis=1)
-    acc = tl.zeros([BLOCK_G, D], dtype=tl.float32)
-    for s in range(num_splits):
-        ls = tl.load(part_lse_ptr + row0 + s, mask=gmask, other=float("-inf"))
-        o = tl.load(part_o_ptr + (row0 + s)[:, None] * D + offs_d[None, :],
-                    mask=gmask[:, None], other=0.0)
-        acc += tl.exp2(ls - m_safe)[:, None] * o
-    acc = acc / tl.maximum(wsum, 1e-30)[:, None]
-    # Un-rotate: out = acc @ R, in column blocks so R never needs D x D registers (D = 256).
-    offs_c = tl.arange(0, COLS)
-    for c0 in tl.static_range(0, D, COLS):
-        r = tl.load(rot_ptr + offs_d[:, None] * D + (c0 + offs_c)[None, :])
-        if F32:
-            o = tl.dot(acc, r, input_precision="ieee") * rot_scale
-        else:
-            o = tl.dot(acc, r) * rot_scale  # tf32: 10-bit mantissa, below bf16/fp16 output
-        tl.store(out_ptr + b.to(tl.int64) * stride_ob + qh[:, None] * stride_oh
-                 + (c0 + offs_c)[None, :], o.to(out_ptr.dtype.element_ty), mask=gmask[:, None])
+    """Stage 2 as its own launch (fused=False): one program per (sequence, KV head)."""
+    _merge_splits(part_o_ptr, part_lse_ptr, rot_ptr, out_ptr, tl.program_id(0),
+                  tl.program_id(1), num_splits, G, num_kv_heads, rot_scale, stride_ob,
+                  stride_oh, D, BLOCK_G, BLOCK_S, COLS, F32)
 
 
 def default_block_n(head_size: int) -> int:
@@ -368,12 +429,36 @@ def rotate_query(query: torch.Tensor, params, scale: float) -> torch.Tensor:
     return out.view(query.shape)
 
 
+# Split counters of the fused kernel, per device: int32, all zero between launches (the last
+# program of each (sequence, KV head) puts its counter back to 0). 65,536 covers batch x KV
+# heads of any vLLM configuration we serve (1,024 sequences x 64 heads); a larger grid grows it
+# outside CUDA-graph capture and is an error inside one (the buffer must outlive the graph).
+_COUNTERS: dict = {}
+_MIN_COUNTERS = 1 << 16
+
+
+def split_counters(n: int, device) -> torch.Tensor:
+    """The device's zeroed counter buffer with at least n entries (see _COUNTERS)."""
+    device = torch.device(device)
+    buf = _COUNTERS.get(device)
+    if buf is None or buf.numel() < n:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                f"tq_decode: {n} split counters needed while a CUDA graph is captured, "
+                f"{0 if buf is None else buf.numel()} allocated: call "
+                "kernels.decode.split_counters(n, device) before capture")
+        buf = torch.zeros(max(n, _MIN_COUNTERS), dtype=torch.int32, device=device)
+        _COUNTERS[device] = buf
+    return buf
+
+
 def tq_decode(query: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
               seq_lens: torch.Tensor, params, scale: float, side: TQSide | None = None,
               num_splits: int | None = None, out: torch.Tensor | None = None,
               block_n: int | None = None, num_warps: int = 4, num_stages: int | None = None,
               lookup: int = 3, kt: bool = False, prefetch: bool | None = None,
-              words: bool | None = None) -> torch.Tensor:
+              words: bool | None = None, fused: bool = True,
+              rotate_q: int = 2) -> torch.Tensor:
     """Triton split-KV decode over packed slots; same contract as `reference.tq_decode_ref`.
 
     query [B, Hq, D] fp16/bf16 (fp32 is computed in fp32); kv_cache uint8
@@ -387,6 +472,11 @@ def tq_decode(query: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Te
     register operand), prefetch (next tile's bytes loaded before this one is decoded),
     words (code bytes loaded as int32 words); prefetch and words need 4-bit keys and values
     (a byte-table mode). None = the default of `decode_defaults`.
+    fused (default): one launch per call, the query rotation and the merge of the splits in
+    the split kernel (ROTATE_Q, FUSED); False: three (rotate_query's GEMM, split, merge).
+    Both give the same result up to the summation order of the query rotation. rotate_q: the
+    fused form's query rotation, 2 (default) through the program's scratch row, 1 straight
+    into the score dots (the kernel's ROTATE_Q).
     block_size (kv_cache.shape[1]) is a compile-time constant of the kernel: positions map to
     pages by shifts, not integer division.
     """
@@ -398,7 +488,15 @@ def tq_decode(query: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Te
     align_b = page_align(kv_cache, p.layout)     # also validates the cache
     f32 = query.dtype == torch.float32 or interpreting(_tq_decode_split_kernel)
     dot_dtype = query.dtype          # fp32 queries compute in fp32
-    q = rotate_query(query, p, scale)
+    q_alpha = p.rotation_scale * scale * _LOG2E
+    if fused:
+        q = query                    # rotated in the kernel (ROTATE_Q)
+        rotq = cached(p, ("pm1_t", query.dtype),
+                      lambda: p.rotation_pm1.T.to(query.dtype).contiguous())
+        assert query.stride(-1) == 1
+    else:
+        q = rotate_query(query, p, scale)
+        rotq = unused_arg(p, query.device)
     if out is None:
         out = torch.empty_like(query)
     if bsz == 0:
@@ -428,23 +526,28 @@ def tq_decode(query: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Te
         w = 1
     lay = p.layout
     block_g = max(16, next_pow2(g))   # tl.dot needs M >= 16; padded rows load zeros
+    counters = split_counters(bsz * hkv, query.device) if fused else unused_arg(p, query.device)
+    # BLOCK_S: one value for every split count up to 64 (default_num_splits' cap), so a new
+    # count is no new compile (its lse row is 64 floats per head: nothing to save)
+    block_s = max(64, next_pow2(num_splits))
     launch(_tq_decode_split_kernel, (bsz, hkv, num_splits),
         q, kv_cache, block_table, seq_lens, p.key_centroids, p.value_centroids,
-        kpair, vpair, sk, sv, stag, schk, part_o, part_lse,
-        num_splits, g, w, hkv,
-        q.stride(0), q.stride(1), block_table.stride(0), kv_cache.stride(0),
+        kpair, vpair, sk, sv, stag, schk, part_o, part_lse, rotq, p.rotation_pm1, counters,
+        out,
+        num_splits, g, w, hkv, q_alpha, p.rotation_scale,
+        q.stride(0), q.stride(1), block_table.stride(0), kv_cache.stride(0), out.stride(0),
+        out.stride(1),
         D=d, KBITS=p.key_bits, VBITS=p.value_bits, SLOT=lay.slot_bytes, V_OFF=lay.v_codes_offset,
         KS_OFF=lay.k_scale_offset, BLOCK_SIZE=block_size, BLOCK_N=block_n, BLOCK_G=block_g,
         HAS_SIDE=has_side,
         F32=f32, KMODE=kmode, VMODE=vmode, KASM=kasm, VASM=vasm, KT=bool(kt),
         PREFETCH=prefetch, WORDS=words, ALIGN=p.align if has_side else 0,
-        ALIGN_B=align_b,
+        ALIGN_B=align_b, ROTATE_Q=rotate_q if fused else 0, FUSED=fused, BLOCK_S=block_s,
+        COLS=min(d, 64),
         num_warps=num_warps, num_stages=num_stages)
-    launch(_tq_decode_merge_kernel, (bsz, hkv),
-        part_o, part_lse, p.rotation_pm1, out,
-        num_splits, g, hkv, p.rotation_scale, out.stride(0), out.stride(1),
-        # BLOCK_S: one value for every split count up to 64 (default_num_splits' cap), so a
-        # new count is no new compile (its lse row is 64 floats per head: nothing to save)
-        D=d, BLOCK_G=block_g, BLOCK_S=max(64, next_pow2(num_splits)), COLS=min(d, 64),
-        F32=f32, num_warps=4)
+    if not fused:
+        launch(_tq_decode_merge_kernel, (bsz, hkv),
+            part_o, part_lse, p.rotation_pm1, out,
+            num_splits, g, hkv, p.rotation_scale, out.stride(0), out.stride(1),
+            D=d, BLOCK_G=block_g, BLOCK_S=block_s, COLS=min(d, 64), F32=f32, num_warps=4)
     return out

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import TQSide, as_params, cached, page_align
+from ._common import TQSide, _num_sms, as_params, cached, page_align
 from ._launch import launch
 from ._tl import interpreting, sign_magnitude, slot_ptrs, store_codes
 
@@ -269,6 +269,24 @@ def _tq_store_kernel(
         tl.store(side_check_ptr + entry * num_kv_heads + h, both, mask=sel)
 
 
+def store_config(tokens: int, num_kv_heads: int, head_size: int, device,
+                 fixed: bool = False) -> tuple[int, int]:
+    """(tokens per program, warps) of tq_store. Large stores (prefill chunks): 64 tokens / 8
+    warps, the best throughput (H100, 8K tokens x 8 heads x 128, bf16: 153 us, vs 162 for
+    32 / 4 and 219 for 16 / 4). Stores whose 64-token grid would not give every SM a program
+    (decode steps: one token per request), 16 / 4: a quarter of the rows per program, so a
+    decode step's few programs finish sooner (benchmarks/kernels.py --only store times both at
+    1, 32 and 256 tokens). Head 256 always 16 / 4 (its fp32 operand tiles must fit shared
+    memory). fixed: always the large-store config (vLLM's batch-invariant mode: a token's
+    bytes then never depend on the batch it was stored with, since the tile shape picks the
+    tensor-core instruction and so the order of the rotation's fp32 sums)."""
+    if head_size > 128:
+        return 16, 4
+    if not fixed and -(-tokens // 64) * num_kv_heads < _num_sms(device):
+        return 16, 4
+    return 64, 8
+
+
 def tq_store(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
              slot_mapping: torch.Tensor, params, side: TQSide | None = None,
              token_rows: torch.Tensor | None = None, token_pos: torch.Tensor | None = None,
@@ -277,7 +295,7 @@ def tq_store(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
              deq_out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
              own_out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
              block_t: int | None = None, num_warps: int | None = None, rot: str | None = None,
-             halves: bool = True, prescaled: bool = False) -> None:
+             halves: bool = True, prescaled: bool = False, fixed_tiles: bool = False) -> None:
     """Triton quantize-on-write; same contract as `reference.tq_store_ref`.
 
     key, value     [N, Hkv, D] fp16/bf16/fp32, last dim contiguous (any token/head strides).
@@ -300,6 +318,8 @@ def tq_store(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
                    were.
     rot: how the rotation's dot runs: "ieee" (exact fp32 FMA), "tf32" (tensor cores, exact
     products of fp16/bf16 inputs), "dot16" (tensor cores in the input dtype); default below.
+    block_t, num_warps: tokens per program and warps, default `store_config` (by the store's
+    size; fixed_tiles: one config for every size, see there).
     """
     p = as_params(params, kv_cache.device)
     t, hkv, d = key.shape
@@ -348,9 +368,8 @@ def tq_store(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
     else:
         ok = ov = own_idx = slot_mapping
     if block_t is None:
-        # H100, 8K tokens x 8 heads x 128, bf16: 64 tokens / 8 warps = 153 us, 32 / 4 = 162,
-        # 16 / 4 = 219. Head 256 stays at 16 (fp32 operand tiles must fit shared memory).
-        block_t, num_warps = (64, num_warps or 8) if d <= 128 else (16, num_warps or 4)
+        block_t, dflt_warps = store_config(t, hkv, d, kv_cache.device, fixed_tiles)
+        num_warps = num_warps or dflt_warps
     num_warps = num_warps or 4
     if key.dtype == torch.float32 or interpreting(_tq_store_kernel):
         rot = "ieee"

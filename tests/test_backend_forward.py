@@ -582,3 +582,29 @@ def test_own_attention_switch_defaults_on_and_refuses_bad_values(monkeypatch):
     assert own_attention.min_query_len({"VLLM_TURBOQUANT_OWN_FA_MIN_QUERY": "0"}) == 0
     with pytest.raises(ValueError, match="VLLM_TURBOQUANT_OWN_FA_MIN_QUERY"):
         own_attention.min_query_len({"VLLM_TURBOQUANT_OWN_FA_MIN_QUERY": "1k"})
+
+
+def test_decode_fused_switch_reaches_the_kernel_and_refuses_bad_values(monkeypatch):
+    """$VLLM_TURBOQUANT_DECODE_FUSED: unset = the one-launch decode, 0 = three launches (the
+    e2e A/B), anything else a startup error; the impl hands its choice to every decode."""
+    from vllm_turboquant.backend import impl as impl_mod
+    from vllm_turboquant.settings import TurboQuantConfigError
+
+    assert impl_mod.decode_fused({}) is True
+    assert impl_mod.decode_fused({"VLLM_TURBOQUANT_DECODE_FUSED": "0"}) is False
+    with pytest.raises(TurboQuantConfigError, match="VLLM_TURBOQUANT_DECODE_FUSED"):
+        impl_mod.decode_fused({"VLLM_TURBOQUANT_DECODE_FUSED": "no"})
+    seen = []
+    real = impl_mod.ops.decode
+    monkeypatch.setattr(impl_mod.ops, "decode",
+                        lambda *a, **kw: (seen.append(kw["fused"]), real(*a, **kw)))
+    for value, want in (("0", False), ("1", True)):
+        monkeypatch.setenv("VLLM_TURBOQUANT_DECODE_FUSED", value)
+        h = Harness(4)
+        h.step([("A", 3)])
+        h.step([("A", 1)])                       # a decode-only step
+        assert seen and set(seen) == {want}, (value, seen)
+        seen.clear()
+    monkeypatch.setenv("VLLM_TURBOQUANT_DECODE_FUSED", "yes")
+    with pytest.raises(TurboQuantConfigError, match="VLLM_TURBOQUANT_DECODE_FUSED"):
+        Harness(4)

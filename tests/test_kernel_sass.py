@@ -41,8 +41,11 @@ def test_decode_loop_loads_code_rows_as_vectors(tmp_path):
                           timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
+    # the one-launch (fused) configs; the default once more as three launches
     dec = {(r["words"], r["prefetch"], r["block_n"], r["num_warps"], r["num_stages"]): r
-           for r in rows if r["kernel"] == "decode split"}
+           for r in rows if r["kernel"] == "decode split" and r["fused"]}
+    three = [r for r in rows if r["kernel"] == "decode split" and not r["fused"]]
+    assert len(three) == 1 and three[0]["byte_loads"] == 0, three
     words, byte_tile = dec[(True, False, 64, 4, 2)], dec[(False, False, 64, 4, 2)]
     default = dec[(True, True, 128, 4, 1)]          # decode.decode_defaults for 4-bit, head 128
     per64 = "instructions_per_64_tokens_all_warps"

@@ -241,6 +241,34 @@ def test_decode_window_tail_splits(lens, window, prefetch):
     assert (plain - want).abs().max() > 1e-3
 
 
+def test_decode_fused_launch_merges_in_the_last_split_program():
+    """The default one-launch decode (query rotation and split merge in the split kernel)
+    against the reference and the three-launch path, for a query that is a strided view,
+    several split counts in a row (each launch must leave every counter at 0 again, or the
+    next one never merges and `out`, NaN-filled here, keeps its NaN), one split, and both
+    ways of rotating the query in the kernel (rotate_q 1 and 2)."""
+    from vllm_turboquant.kernels.decode import split_counters
+    codec, params = make_params("turboquant", window=8)
+    hkv, g, d, dtype = 2, 3, 64, torch.bfloat16
+    lens = [1, 37, 70]
+    side = TQSide.empty(len(lens), 8, hkv, d, dtype)
+    cache, bt, _ = paged(lens, hkv, d, 16, params, dtype, side=side)
+    wide = torch.randn(len(lens), hkv * g + 2, d).to(dtype)
+    q = wide[:, 1:1 + hkv * g]                                 # not contiguous over heads
+    sl = torch.tensor(lens, dtype=torch.int32)
+    want = tq_decode_ref(q, cache, bt, sl, params, d ** -0.5, side)
+    for splits, rotate_q in ((3, 2), (5, 1), (1, 2), (3, 1)):
+        out = torch.full((len(lens), hkv * g, d), float("nan"), dtype=dtype)
+        got = tq_decode(q, cache, bt, sl, params, d ** -0.5, side, num_splits=splits,
+                        block_n=16, out=out, rotate_q=rotate_q)
+        assert got is out
+        assert_close(got, want, dtype, f"fused decode, {splits} splits")
+        assert (split_counters(1, q.device) == 0).all(), "a counter was left nonzero"
+        three = tq_decode(q, cache, bt, sl, params, d ** -0.5, side, num_splits=splits,
+                          block_n=16, fused=False)
+        assert_close(got, three, dtype, f"fused vs three launches, {splits} splits")
+
+
 def test_decode_more_splits_than_tiles_and_3bit():
     codec, params = make_params("tq-k3v3")
     hkv, d = 1, 64

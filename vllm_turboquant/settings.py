@@ -50,6 +50,17 @@ def env_token_count(name: str, default: int, environ=os.environ) -> int:
     return int(raw)
 
 
+def env_switch(name: str, default: bool, environ=os.environ) -> bool:
+    """An on/off knob from the environment: $name 1 = on, 0 = off, unset or empty = `default`;
+    anything else is a TurboQuantConfigError naming the variable."""
+    raw = environ.get(name, "").strip()
+    if not raw:
+        return default
+    if raw not in ("0", "1"):
+        raise TurboQuantConfigError(f"{name}: expected 0 (off) or 1 (on), got {raw!r}")
+    return raw == "1"
+
+
 def kv_cache_dtypes() -> tuple[str, ...]:
     """The kv-cache dtype names this plugin adds to vLLM: ``turboquant`` + every preset name.
 

@@ -566,3 +566,72 @@ def test_step_composition_compiles_no_new_variants():
              dmod._tq_decode_split_kernel, dmod._tq_decode_merge_kernel,
              pmod._tq_prefill_kernel)]
     assert after == before, ("store, split, merge, prefill variants", before, after)
+
+
+@pytest.mark.parametrize("rotate_q", [2, 1])
+@pytest.mark.parametrize("d,hq,hkv,num_splits", [(128, 32, 8, 16), (64, 9, 3, 64),
+                                                  (128, 8, 2, 1), (64, 9, 3, 11)])
+def test_decode_fused_merge_replayed(d, hq, hkv, num_splits, rotate_q):
+    """The one-launch decode (query rotation and split merge in the split kernel, the last
+    program of each (sequence, KV head) merging) against the three-launch path and the
+    reference, replayed 50 times from a CUDA graph: a counter left nonzero by one replay, or a
+    merge that read a partial before its writer's release, shows up as a different (or
+    NaN-filled) output in a later replay."""
+    codec, params = _params("turboquant", d, 64)
+    lens = [1, 17, 1000, 4099, 300, 8191, 64, 2500] * 4
+    side = TQSide.empty(len(lens), 64, hkv, d, torch.bfloat16, DEV)
+    cache, bt, _ = _paged(lens, hkv, d, 128, params, torch.bfloat16, side=side)
+    q = torch.randn(len(lens), hq, d, device=DEV, dtype=torch.bfloat16)
+    sl = torch.tensor(lens, dtype=torch.int32, device=DEV)
+    three = tq_decode(q, cache, bt, sl, params, d ** -0.5, side, num_splits=num_splits,
+                      fused=False)
+    out = torch.empty_like(q)
+    tq_decode(q, cache, bt, sl, params, d ** -0.5, side, num_splits=num_splits, out=out,
+              rotate_q=rotate_q)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        tq_decode(q, cache, bt, sl, params, d ** -0.5, side, num_splits=num_splits, out=out,
+                  rotate_q=rotate_q)
+    first = None
+    for _ in range(50):
+        out.fill_(float("nan"))
+        g.replay()
+        torch.cuda.synchronize()
+        if first is None:
+            first = out.clone()
+        assert torch.equal(out, first), "a replay merged differently"
+    want = tq_decode_ref(q, cache, bt, sl, params, d ** -0.5, side)
+    atol, rtol = TOL[torch.bfloat16]
+    torch.testing.assert_close(first, want, atol=atol, rtol=rtol)
+    torch.testing.assert_close(first, three, atol=atol, rtol=rtol)
+
+
+def test_decode_counters_cannot_grow_inside_capture():
+    from vllm_turboquant.kernels.decode import split_counters
+    have = split_counters(1, DEV).numel()
+    with pytest.raises(RuntimeError, match="before capture"):
+        with torch.cuda.graph(torch.cuda.CUDAGraph()):
+            split_counters(have + 1, DEV)
+
+
+@pytest.mark.parametrize("t,hkv,d", [(1, 3, 64), (37, 3, 64), (200, 8, 128)])
+def test_store_decode_step_tiles_match_codec(t, hkv, d):
+    """Decode-step stores take store_config's small tiles (16 tokens, 4 warps): their bytes
+    must be the codec's (up to a rounding-boundary level, as above) and the large tiles'."""
+    from vllm_turboquant.kernels.store import store_config
+    assert store_config(t, hkv, d, DEV) == (16, 4)
+    codec, params = _params("turboquant", d)
+    k = (torch.randn(t, hkv, d, device=DEV) * 4).to(torch.bfloat16)
+    v = torch.randn(t, hkv, d, device=DEV).to(torch.bfloat16)
+    bs = 128
+    nb = t // bs + 4
+    slots = torch.randperm(nb * bs, device=DEV)[:t]
+    caches = [torch.full((nb, bs, hkv, params.layout.slot_bytes), 7, dtype=torch.uint8,
+                         device=DEV) for _ in range(3)]
+    tq_store(k, v, caches[0], slots, params)                        # default: small tiles
+    tq_store(k, v, caches[1], slots, params, block_t=64, num_warps=8)
+    tq_store_ref(k, v, caches[2], slots, params)
+    for other, what in ((caches[1], "64-token tiles"), (caches[2], "codec")):
+        diff = (caches[0] != other).float().mean().item()
+        assert diff < 1e-3, (what, diff)
+    assert (caches[0] != 7).any()

@@ -43,7 +43,7 @@ from vllm_turboquant import compat, settings
 from vllm_turboquant.backend import ops, own_attention
 from vllm_turboquant.backend.state import LayerState, get_layer_state, side_bytes
 from vllm_turboquant.kernels._common import TQSide, default_num_splits, next_pow2
-from vllm_turboquant.kernels.decode import rotate_query
+from vllm_turboquant.kernels.decode import rotate_query, split_counters
 from vllm_turboquant.settings import TurboQuantConfigError
 
 _SPLIT_ENV = "VLLM_TURBOQUANT_SPLIT_DECODE_CTX"
@@ -56,6 +56,17 @@ def split_decode_ctx(environ=os.environ) -> int:
     in one program, one tile after another (GPU time grows with the context).
     $VLLM_TURBOQUANT_SPLIT_DECODE_CTX overrides the default (0: always split)."""
     return settings.env_token_count(_SPLIT_ENV, SPLIT_DECODE_CTX, environ)
+
+
+_FUSED_ENV = "VLLM_TURBOQUANT_DECODE_FUSED"
+
+
+def decode_fused(environ=os.environ) -> bool:
+    """Whether decodes run as one launch per layer (kernels/decode.py: the query rotation and
+    the merge of the splits inside the split kernel) or as three (rotation GEMM, split,
+    merge). $VLLM_TURBOQUANT_DECODE_FUSED: 1 or unset = one (the default), 0 = three (the A/B
+    switch of benchmarks/e2e.py); anything else is a startup error."""
+    return settings.env_switch(_FUSED_ENV, True, environ)
 
 
 # Default of split_decode_ctx. benchmarks/layer_step.py on the H200 (2026-12-02,
@@ -129,6 +140,7 @@ class TurboQuantImpl(AttentionImpl):
         # The model dtype: vLLM sets it as the default dtype while it builds the model.
         self.model_dtype = torch.get_default_dtype()
         self.split_decode_ctx = split_decode_ctx()
+        self.decode_fused = decode_fused()
         # vLLM's batch-invariant mode: decodes always through the split-KV kernel with one
         # fixed split count, prefill chunks in the prefill kernel's invariant order
         # (kernels/prefill.py, _invariant_tiles); CUDA only (checked at startup, compat).
@@ -146,6 +158,10 @@ class TurboQuantImpl(AttentionImpl):
             state = self._state = get_layer_state(
                 layer_name, self.config, self.head_size, self.num_kv_heads, self.rows,
                 self.model_dtype, device)
+            if ops.uses_triton(device):
+                # the fused decode's split counters, sized for the largest batch now: they
+                # cannot grow inside a CUDA-graph capture (kernels/decode.split_counters)
+                split_counters(self.rows * self.num_kv_heads, device)
         return state
 
     def splits(self, num_decodes: int, device) -> int:
@@ -179,9 +195,10 @@ class TurboQuantImpl(AttentionImpl):
             # Decode-only step (what vLLM captures in FULL CUDA graphs): the store writes each
             # token's packed slot and window entry, the split-KV decode kernel reads them.
             ops.store(k, v, cache, md.slot_mapping, params, side, md.token_rows, md.token_pos,
-                      md.store_seq_end)
+                      md.store_seq_end, invariant=self.batch_invariant)
             ops.decode(out[:nd], q[:nd], cache, md.block_table[:nd], md.seq_lens[:nd],
-                       params, self.scale, side, num_splits=self.splits(nd, query.device))
+                       params, self.scale, side, num_splits=self.splits(nd, query.device),
+                       fused=self.decode_fused)
             return output
         # Mixed or prefill-only step (eager: every launch is host time per layer and step).
         # 1. One store for every token, handing back the rotated K/V for step 2; prefill
@@ -209,7 +226,8 @@ class TurboQuantImpl(AttentionImpl):
             rot = torch.empty((2, t, hkv, d), dtype=query.dtype, device=query.device)
         ops.store(k, v, cache, md.slot_mapping, params, side, md.token_rows, md.token_pos,
                   md.store_seq_end, rot_out=(rot[0], rot[1]), deq_out=deq,
-                  own_out=None if own_kv is None else (*own_kv, md.own_index))
+                  own_out=None if own_kv is None else (*own_kv, md.own_index),
+                  invariant=invariant)
         # 2. One attention launch for the whole batch: a decode is a one-token chunk, and the
         # prefill kernel applies the same per-query precision policy to it (its own token
         # exact from rot, its window from the ring, the rest packed): 2 launches and a second
@@ -219,7 +237,8 @@ class TurboQuantImpl(AttentionImpl):
             # decode-only steps): the decodes through the split-KV kernel, the chunks alone
             # through the prefill kernel (their batch rows from nd on, also in the ring).
             ops.decode(out[:nd], q[:nd], cache, md.block_table[:nd], md.seq_lens[:nd],
-                       params, self.scale, side, num_splits=self.splits(nd, query.device))
+                       params, self.scale, side, num_splits=self.splits(nd, query.device),
+                       fused=self.decode_fused)
             q_rot, own = self._own_attention(q[nd:], own_kv, md.prefill_qsl, md.own_cu_k_p,
                                              md.max_query_len, params)
             ops.prefill(out[nd:], q[nd:], rot[0, nd:], rot[1, nd:], md.prefill_qsl,
@@ -238,7 +257,8 @@ class TurboQuantImpl(AttentionImpl):
         # 3. The chunks' window entries: their last W tokens again (same packed bytes).
         if side is not None:
             ops.store(k, v, cache, md.side_slots, params, side, md.side_rows,
-                      md.side_pos, md.side_seq_end, token_index=md.side_tokens)
+                      md.side_pos, md.side_seq_end, token_index=md.side_tokens,
+                      invariant=self.batch_invariant)
         return output
 
 

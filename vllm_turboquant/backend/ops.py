@@ -23,18 +23,24 @@ def _use_triton(device: torch.device) -> bool:
     return device.type == "cuda" or _FORCE_TRITON
 
 
+def uses_triton(device) -> bool:
+    """Whether the ops run the Triton kernels on `device` (CUDA, or forced for tests)."""
+    return _use_triton(torch.device(device))
+
+
 def store(key, value, kv_cache, slot_mapping, params, side=None, token_rows=None,
           token_pos=None, token_seq_end=None, token_index=None, rot_out=None,
-          deq_out=None, own_out=None) -> None:
+          deq_out=None, own_out=None, invariant: bool = False) -> None:
     """token_index: token i encodes key/value row token_index[i]; rot_out: (rk, rv) receive
     the rotated K/V; deq_out: (dk, dv, scales) the packed slots dequantized once, for
     prefill's `deq` (see kernels/reference.py); own_out: (ok, ov, own_index) the chunks' own
-    packed keys dequantized for FlashAttention (backend/own_attention.py)."""
+    packed keys dequantized for FlashAttention (backend/own_attention.py); invariant: one
+    tile config for every store size (VLLM_BATCH_INVARIANT, kernels/store.store_config)."""
     if _use_triton(kv_cache.device):
         from vllm_turboquant.kernels import tq_store
         tq_store(key, value, kv_cache, slot_mapping, params, side, token_rows, token_pos,
                  token_seq_end, token_index=token_index, rot_out=rot_out, deq_out=deq_out,
-                 own_out=own_out)
+                 own_out=own_out, fixed_tiles=invariant)
     else:
         tq_store_ref(key, value, kv_cache, slot_mapping, params, side, token_rows, token_pos,
                      token_seq_end, token_index=token_index, rot_out=rot_out, deq_out=deq_out,
@@ -49,13 +55,14 @@ def wants_deq(device: torch.device) -> bool:
 
 
 def decode(out, query, kv_cache, block_table, seq_lens, params, scale, side=None,
-           num_splits: int | None = None) -> None:
+           num_splits: int | None = None, fused: bool = True) -> None:
     """num_splits: a fixed KV split count, so the launch grid never depends on sequence
-    lengths (CUDA graphs; the eager path uses the same count and gives the same tokens)."""
+    lengths (CUDA graphs; the eager path uses the same count and gives the same tokens).
+    fused: tq_decode's one-launch form (Triton only; the reference has no launches)."""
     if _use_triton(query.device):
         from vllm_turboquant.kernels import tq_decode
         tq_decode(query, kv_cache, block_table, seq_lens, params, scale, side,
-                  num_splits=num_splits, out=out)
+                  num_splits=num_splits, out=out, fused=fused)
     else:
         out.copy_(tq_decode_ref(query, kv_cache, block_table, seq_lens, params, scale, side))
 

@@ -56,10 +56,7 @@ def min_query_len(environ=os.environ) -> int:
 def requested(environ=os.environ) -> bool:
     """$VLLM_TURBOQUANT_OWN_FA: unset, empty or 1 = on (the default), 0 = off; any other value
     is a TurboQuantConfigError naming the variable (raised when the backend starts)."""
-    raw = environ.get(_ENV, "").strip()
-    if raw not in ("", "0", "1"):
-        raise settings.TurboQuantConfigError(f"{_ENV}: expected 0 (off) or 1 (on), got {raw!r}")
-    return raw != "0"
+    return settings.env_switch(_ENV, True, environ)
 
 
 def enabled(device, environ=os.environ) -> bool:
