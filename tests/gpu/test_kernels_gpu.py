@@ -568,7 +568,8 @@ def test_step_composition_compiles_no_new_variants():
     assert after == before, ("store, split, merge, prefill variants", before, after)
 
 
-@pytest.mark.parametrize("rotate_q", [2, 1])
+@pytest.mark.parametrize("rotate_q", [pytest.param(2, id="rotq_scratch"),
+                                      pytest.param(1, id="rotq_regs")])
 @pytest.mark.parametrize("d,hq,hkv,num_splits", [(128, 32, 8, 16), (64, 9, 3, 64),
                                                   (128, 8, 2, 1), (64, 9, 3, 11)])
 def test_decode_fused_merge_replayed(d, hq, hkv, num_splits, rotate_q):
