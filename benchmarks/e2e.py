@@ -339,7 +339,10 @@ def run_dtype(entry: str, spec: dict, out_dir: Path, timeout_s: float) -> dict:
     cmd = [sys.executable, __file__, "--worker", json.dumps(spec), "--worker-out",
            str(result_path)]
     t0 = time.perf_counter()
-    row = {"dtype": entry, **run_worker(cmd, result_path, log_path, env, timeout_s)}
+    # labelled by the entry, after the worker's fields (its own "dtype" is the plain name:
+    # before 2026-12-03 evening it overwrote the label, so a variant's row read as its dtype)
+    row = {**run_worker(cmd, result_path, log_path, env, timeout_s), "dtype": entry,
+           "kv_cache_dtype": dtype}
     if "timed out" in row.get("error", ""):
         row["error"] += " (its share of the budget)"
     row["wall_s"] = time.perf_counter() - t0

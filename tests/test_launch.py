@@ -108,6 +108,9 @@ for m in (st, pf, dc):
 s = ls.build_step(2, 40, 20, 16, device="cpu")
 for fn in ls.ops(s).values():
     fn()
+nd = 2        # the step's decodes once more as three launches: the merge kernel's arguments
+dc.tq_decode(s["q"][:nd], s["cache"], s["bt"][:nd], s["seq_lens"][:nd], s["params"],
+             s["scale"], s["side"], num_splits=3, out=s["out"][:nd], fused=False)
 kernels = set()
 for kernel, args, kw in seen:
     binder = create_function_from_signature(kernel.signature, kernel.params, BaseBackend)
@@ -138,4 +141,5 @@ def test_direct_launch_passes_the_arguments_in_tritons_order(tmp_path):
                           env=env, capture_output=True, text=True, timeout=300, cwd=root)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "OK" in proc.stdout
-    assert proc.stdout.split()[-1] == "4", proc.stdout   # store, prefill, decode split, merge
+    # store, prefill, decode split, merge (fused=False)
+    assert proc.stdout.split()[-1] == "4", proc.stdout

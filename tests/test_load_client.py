@@ -282,6 +282,24 @@ def test_e2e_dtype_variants_parse_and_refuse_bad_entries():
         assert exc.value.code == 2
 
 
+def test_e2e_variant_rows_keep_their_entry_as_label(monkeypatch, tmp_path):
+    """A variant's row is labelled with its whole --dtypes entry, not the worker's plain
+    dtype (which once overwrote it: the A/B rows of one run both read "turboquant"), and its
+    worker got the override in its environment."""
+    import e2e
+
+    seen = {}
+
+    def fake_worker(cmd, result_path, log_path, env, timeout_s):
+        seen["env"] = env
+        return {"dtype": "turboquant", "short_out_tok_s": 1.0}
+    monkeypatch.setattr(e2e, "run_worker", fake_worker)
+    row = e2e.run_dtype("turboquant@VLLM_TURBOQUANT_DECODE_FUSED=0", {}, tmp_path, 10.0)
+    assert row["dtype"] == "turboquant@VLLM_TURBOQUANT_DECODE_FUSED=0"
+    assert row["kv_cache_dtype"] == "turboquant" and row["short_out_tok_s"] == 1.0
+    assert seen["env"]["VLLM_TURBOQUANT_DECODE_FUSED"] == "0"
+
+
 def test_e2e_engine_tpot_and_prompts():
     from types import SimpleNamespace as NS
 
