@@ -203,12 +203,21 @@ def shutdown(llm) -> None:
         time.sleep(1.0)
 
 
-def throughput(llm, prompts, output_len: int) -> dict:
-    elapsed, out_tokens, _ = timed_generate(llm, prompts, output_len)
+def throughput(llm, prompts, output_len: int, repeats: int = 1) -> dict:
+    """The workload `repeats` times on the same engine (prefix caching is off: every run does
+    the same work); the figures are the median run's, ``out_tok_s_runs`` lists every run's.
+    One run of the short workload takes seconds and moved several percent between calls on
+    the H200 (benchmarks/results/h200-20261203e/): repeats separate that noise from a change."""
+    runs = []
+    for _ in range(max(1, repeats)):
+        elapsed, out_tokens, _ = timed_generate(llm, prompts, output_len)
+        runs.append((elapsed, out_tokens))
+    elapsed, out_tokens = sorted(runs)[len(runs) // 2]
     in_tokens = sum(len(p) for p in prompts)
     return {"elapsed_s": elapsed, "requests": len(prompts), "output_tokens": out_tokens,
             "req_s": len(prompts) / elapsed, "out_tok_s": out_tokens / elapsed,
-            "total_tok_s": (in_tokens + out_tokens) / elapsed}
+            "total_tok_s": (in_tokens + out_tokens) / elapsed,
+            "out_tok_s_runs": [o / e for e, o in runs]}
 
 
 def _error(e: BaseException) -> str:
@@ -252,10 +261,12 @@ def worker(spec: dict, out_path: str | None = None) -> dict:
             prompts = make_prompts(tok, spec["prompts"], n, in_len,
                                    seed=1 + (phase == "short"))
             timed_generate(llm, prompts[:2], 4)  # warm-up: first-request costs stay out
-            out.update({f"{phase}_{k}": v for k, v in throughput(llm, prompts, out_len).items()})
+            out.update({f"{phase}_{k}": v for k, v in
+                        throughput(llm, prompts, out_len, spec.get("repeats", 1)).items()})
             save()
             if phase == "short":
-                latency_probes(llm, tok, spec["prompts"], p, p["long"][1], out, save)
+                latency_probes(llm, tok, spec["prompts"], p, p["long"][1], out, save,
+                               spec.get("repeats", 1))
         except Exception as e:  # noqa: BLE001 - keep what was measured, go on
             traceback.print_exc()
             out[f"{phase}_error"] = _error(e)
@@ -266,10 +277,12 @@ def worker(spec: dict, out_path: str | None = None) -> dict:
     return out
 
 
-def latency_probes(llm, tok, kind: str, p: dict, long_len: int, res: dict, save) -> None:
+def latency_probes(llm, tok, kind: str, p: dict, long_len: int, res: dict, save,
+                   repeats: int = 1) -> None:
     """Into `res`: TTFT of a long prompt (wall clock of a 1-token request, median); TPOT at
     tpot_ctx context for 1 and for tpot_batch requests (engine timestamps; where vLLM gives
-    none, ``(T(1 + n tokens) - T(1 token)) / n``). Each probe fails on its own."""
+    none, ``(T(1 + n tokens) - T(1 token)) / n``), the median of `repeats` probes (each in
+    ``tpot_*_runs_ms``). Each probe fails on its own."""
     res["tpot_batch"], res["tpot_ctx"] = p["tpot_batch"], p["tpot_ctx"]
     try:
         ttfts = [timed_generate(llm, [prompt], 1)[0]
@@ -284,14 +297,18 @@ def latency_probes(llm, tok, kind: str, p: dict, long_len: int, res: dict, save)
     for key, batch in (("c1", 1), ("cN", p["tpot_batch"])):
         try:
             prompts = make_prompts(tok, kind, batch, p["tpot_ctx"], seed=21 + batch)
-            full, _, outs = timed_generate(llm, prompts, 1 + n)
-            tpot = engine_tpot(outs)
-            res[f"tpot_{key}_source"] = "engine timestamps"
-            if tpot is None:
-                first = timed_generate(llm, prompts, 1)[0]
-                tpot = max(full - first, 0.0) / n
-                res[f"tpot_{key}_source"] = "wall-clock difference"
-            res[f"tpot_{key}_ms"] = tpot * 1000
+            runs = []
+            for _ in range(max(1, repeats)):
+                full, _, outs = timed_generate(llm, prompts, 1 + n)
+                tpot = engine_tpot(outs)
+                res[f"tpot_{key}_source"] = "engine timestamps"
+                if tpot is None:
+                    first = timed_generate(llm, prompts, 1)[0]
+                    tpot = max(full - first, 0.0) / n
+                    res[f"tpot_{key}_source"] = "wall-clock difference"
+                runs.append(tpot * 1000)
+            res[f"tpot_{key}_ms"] = sorted(runs)[len(runs) // 2]
+            res[f"tpot_{key}_runs_ms"] = runs
         except Exception as e:  # noqa: BLE001
             traceback.print_exc()
             res[f"tpot_{key}_error"] = _error(e)
@@ -418,6 +435,8 @@ def main(argv=None) -> dict:
                     help="enforce_eager for every dtype (faster start, no CUDA graphs)")
     ap.add_argument("--budget-s", type=float, default=None,
                     help="wall-clock bound (default 540 s on GPU, 1500 s on CPU)")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="timed runs of each workload per engine (the median is reported)")
     ap.add_argument("--phases", default="short,long",
                     help="workloads to run, of short,long (the latency probes ride on short); "
                          "one phase per device call fits 4 dtypes in 10 minutes")
@@ -441,6 +460,8 @@ def main(argv=None) -> dict:
             ap.error(str(e))
     if len(set(dtypes)) != len(dtypes):
         ap.error(f"--dtypes lists an entry twice: {args.dtypes!r}")
+    if args.repeats < 1:
+        ap.error(f"--repeats must be >= 1, got {args.repeats}")
     eager = args.eager or not gpu  # CPU: torch.compile costs minutes
     budget = args.budget_s or (540.0 if gpu else 1500.0)
     from vllm_turboquant.models import resolve_model
@@ -453,7 +474,7 @@ def main(argv=None) -> dict:
     if not phases or set(phases) - {"short", "long"}:
         ap.error(f"--phases takes short and/or long, got {args.phases!r}")
     spec = {"model": model, "profile": profile, "prompts": args.prompts, "eager": eager,
-            "phases": phases}
+            "phases": phases, "repeats": args.repeats}
     if threading_is_main():
         signal.signal(signal.SIGTERM, _on_sigterm)
 

@@ -300,6 +300,34 @@ def test_e2e_variant_rows_keep_their_entry_as_label(monkeypatch, tmp_path):
     assert seen["env"]["VLLM_TURBOQUANT_DECODE_FUSED"] == "0"
 
 
+def test_e2e_throughput_reports_the_median_of_its_repeats(monkeypatch):
+    import e2e
+
+    times = iter([4.0, 2.0, 3.0])
+    monkeypatch.setattr(e2e, "timed_generate", lambda llm, prompts, n: (next(times), 100, []))
+    got = e2e.throughput(None, [[1, 2], [3]], 50, repeats=3)
+    assert got["elapsed_s"] == 3.0 and got["out_tok_s"] == pytest.approx(100 / 3)
+    assert got["out_tok_s_runs"] == pytest.approx([25.0, 50.0, 100 / 3])
+    assert got["total_tok_s"] == pytest.approx(103 / 3)
+    with pytest.raises(SystemExit) as exc:
+        e2e.main(["--repeats", "0", "--out-dir", "/nonexistent/e2e"])
+    assert exc.value.code == 2
+
+
+def test_e2e_tpot_probe_reports_the_median_of_its_repeats(monkeypatch):
+    import e2e
+
+    tpots = iter([0.003, 0.001, 0.002, 0.005, 0.004, 0.006])
+    monkeypatch.setattr(e2e, "timed_generate", lambda llm, prompts, n: (0.01, n, []))
+    monkeypatch.setattr(e2e, "engine_tpot", lambda outs: next(tpots))
+    monkeypatch.setattr(e2e, "make_prompts", lambda tok, kind, n, length, seed: [[1]] * n)
+    p = dict(e2e.PROFILES["cpu"])
+    res = {}
+    e2e.latency_probes(None, None, "synthetic", p, 8, res, lambda: None, repeats=3)
+    assert res["tpot_c1_ms"] == pytest.approx(2.0) and res["tpot_cN_ms"] == pytest.approx(5.0)
+    assert res["tpot_c1_runs_ms"] == pytest.approx([3.0, 1.0, 2.0])
+
+
 def test_e2e_engine_tpot_and_prompts():
     from types import SimpleNamespace as NS
 
