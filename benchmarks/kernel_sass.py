@@ -36,6 +36,7 @@ from vllm_turboquant.codec import TQConfig, TQLayerCodec
 from vllm_turboquant.kernels._common import prmt_dequant_asm
 from vllm_turboquant.kernels.decode import _tq_decode_split_kernel
 from vllm_turboquant.kernels.prefill import _tq_prefill_kernel
+from vllm_turboquant.kernels.store import _tq_store_kernel
 
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 DECODE_PTRS = {"q_ptr": "*bf16", "cache_ptr": "*u8", "block_table_ptr": "*i32",
@@ -134,6 +135,33 @@ def prefill_row(d: int = 128, g_pad: int = 4, block_size: int = 16) -> dict:
             "block_n": 32, "num_warps": 4, "num_stages": 1, **loop_stats(ck)}
 
 
+STORE_PTRS = {"key_ptr": "*bf16", "value_ptr": "*bf16", "cache_ptr": "*u8", "slot_ptr": "*i64",
+              "rot_scale": "fp32"}
+
+
+def store_row(block_t: int = 16, num_warps: int = 4, d: int = 64) -> dict:
+    """The store kernel has no tile loop: the whole program's instructions, its barriers
+    (BAR.SYNC: each cross-warp row reduction is one or two) and its global loads, in a
+    decode step's config (store_config: 16 tokens / 4 warps) at SmolLM2's head size."""
+    codec = TQLayerCodec(TQConfig.from_name("tq-k4v4"), d, layer=5)
+    lay = codec.layout
+    ptrs = {n: "*fp32" for n in _tq_store_kernel.arg_names if n.endswith("_ptr")}
+    ptrs.update(STORE_PTRS)
+    consts = dict(D=d, KBITS=4, VBITS=4, LSQ=True, SLOT=lay.slot_bytes,
+                  V_OFF=lay.v_codes_offset, KS_OFF=lay.k_scale_offset, BS=128, ALIGN_B=16,
+                  BLOCK_T=block_t, HAS_SIDE=False, ROT=0, HALVES=True, IDX=False,
+                  ROT_OUT=False, DEQ_OUT=False, OWN_OUT=False)
+    ck = compile_sm90(_tq_store_kernel, ptrs, consts, num_warps, 3)
+    ops = collections.Counter()
+    for ln in _tool("nvdisasm", ck.asm["cubin"], "-c").splitlines():
+        m = re.match(r"\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)", ln)
+        if m:
+            ops[m.group(1).split(".")[0]] += 1
+    return {"kernel": "store", "head_size": d, "block_t": block_t, "num_warps": num_warps,
+            "instructions": sum(ops.values()), "barriers": ops.get("BAR", 0),
+            "global_loads": ops.get("LDG", 0), "top_ops": dict(ops.most_common(8))}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json")
@@ -151,6 +179,7 @@ def main() -> None:
     # the default config as three launches (fused=False: rotation GEMM, split, merge)
     rows.insert(1, decode_row(True, 128, 4, 1, prefetch=True, fused=False))
     rows.append(prefill_row())
+    stores = [store_row(16, 4), store_row(64, 8)]
     print("| kernel | words | prefetch | block_n | warps | stages | loop instrs | per 64 tokens "
           "| loads 1 / 4 / 16 B | regs | shared B |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
@@ -161,11 +190,15 @@ def main() -> None:
               f"{r['loop_instructions']} | {r.get('instructions_per_64_tokens_all_warps', '-')} "
               f"| {r['byte_loads']} / {r['word_loads']} / {r['vector16_loads']} | "
               f"{r['registers']} | {r['shared_bytes']} |")
+    for r in stores:
+        print(f"store, head {r['head_size']}, {r['block_t']} tokens / {r['num_warps']} warps: "
+              f"{r['instructions']} instructions, {r['barriers']} barriers, "
+              f"{r['global_loads']} global loads")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"triton": triton.__version__, "target": "cuda:90 (sm_90)",
                        "host": platform.node(), "shape": "head 128, GQA 4, bf16, block size 16",
-                       "rows": rows}, f, indent=1)
+                       "rows": rows, "store": stores}, f, indent=1)
 
 
 if __name__ == "__main__":
