@@ -275,8 +275,10 @@ def store_config(tokens: int, num_kv_heads: int, head_size: int, device,
     warps, the best throughput (H100, 8K tokens x 8 heads x 128, bf16: 153 us, vs 162 for
     32 / 4 and 219 for 16 / 4). Stores whose 64-token grid would not give every SM a program
     (decode steps: one token per request), 16 / 4: a quarter of the rows per program, so a
-    decode step's few programs finish sooner (benchmarks/kernels.py --only store times both at
-    1, 32 and 256 tokens). Head 256 always 16 / 4 (its fp32 operand tiles must fit shared
+    decode step's few programs finish sooner: H200, CUDA graphs, SmolLM2's 3 KV heads x 64,
+    1 / 32 / 256 tokens: 12.0 / 12.2 / 12.6 us vs 19.8 / 20.0 / 20.5 for 64 / 8 (16 / 2: 14.3,
+    32 / 4: 16.4; `benchmarks/kernels.py --only store`, benchmarks/results/h200-20261203e/).
+    Head 256 always 16 / 4 (its fp32 operand tiles must fit shared
     memory). fixed: always the large-store config (vLLM's batch-invariant mode: a token's
     bytes then never depend on the batch it was stored with, since the tile shape picks the
     tensor-core instruction and so the order of the rotation's fp32 sums)."""
