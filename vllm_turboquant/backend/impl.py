@@ -254,7 +254,9 @@ class TurboQuantImpl(AttentionImpl):
                         md.block_table, params, self.scale, side,
                         max_query_len=md.max_query_len, rotated=True, deq=deq,
                         invariant=invariant, own=own, q_rotated=q_rot)
-        # 3. The chunks' window entries: their last W tokens again (same packed bytes).
+        # 3. The chunks' window entries: their last W tokens again (the same packed bytes up
+        # to the rotation's fp32 summation order: this smaller store may take smaller tiles,
+        # kernels/store.store_config; it rewrites the slots and their window check together).
         if side is not None:
             ops.store(k, v, cache, md.side_slots, params, side, md.side_rows,
                       md.side_pos, md.side_seq_end, token_index=md.side_tokens,
