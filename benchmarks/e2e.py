@@ -209,7 +209,7 @@ def throughput(llm, prompts, output_len: int, repeats: int = 1) -> dict:
     One run of the short workload takes seconds and moved several percent between calls on
     the H200 (benchmarks/results/h200-20261203e/): repeats separate that noise from a change."""
     runs = []
-    for _ in range(max(1, repeats)):
+    for _ in range(repeats):
         elapsed, out_tokens, _ = timed_generate(llm, prompts, output_len)
         runs.append((elapsed, out_tokens))
     elapsed, out_tokens = sorted(runs)[len(runs) // 2]
@@ -298,7 +298,7 @@ def latency_probes(llm, tok, kind: str, p: dict, long_len: int, res: dict, save,
         try:
             prompts = make_prompts(tok, kind, batch, p["tpot_ctx"], seed=21 + batch)
             runs = []
-            for _ in range(max(1, repeats)):
+            for _ in range(repeats):
                 full, _, outs = timed_generate(llm, prompts, 1 + n)
                 tpot = engine_tpot(outs)
                 res[f"tpot_{key}_source"] = "engine timestamps"

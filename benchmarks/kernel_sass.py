@@ -73,6 +73,16 @@ def _tool(name: str, cubin: bytes, *flags: str) -> str:
                               text=True, check=True).stdout
 
 
+def opcodes(lines) -> collections.Counter:
+    """nvdisasm lines -> count of each full opcode (LDG.E.128, ...), predicates ignored."""
+    ops = collections.Counter()
+    for ln in lines:
+        m = re.match(r"\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)", ln)
+        if m:
+            ops[m.group(1)] += 1
+    return ops
+
+
 def loop_stats(ck) -> dict:
     """Instructions of the longest backward-branch loop of the SASS, and resource usage."""
     lines = _tool("nvdisasm", ck.asm["cubin"], "-c").splitlines()
@@ -82,11 +92,7 @@ def loop_stats(ck) -> dict:
         m = re.search(r"BRA `\((\.L_x_\d+)\)", ln)
         if m and labels.get(m.group(1), i) < i and i - labels[m.group(1)] > best[1] - best[0]:
             best = (labels[m.group(1)], i)
-    ops = collections.Counter()
-    for ln in lines[best[0] + 1:best[1] + 1]:
-        m = re.match(r"\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)", ln)
-        if m:
-            ops[m.group(1)] += 1
+    ops = opcodes(lines[best[0] + 1:best[1] + 1])
     usage = next(x for x in _tool("cuobjdump", ck.asm["cubin"], "--dump-resource-usage")
                  .splitlines() if "REG:" in x)
     fields = dict(tok.split(":") for tok in usage.split() if ":" in tok)
@@ -153,10 +159,8 @@ def store_row(block_t: int = 16, num_warps: int = 4, d: int = 64) -> dict:
                   ROT_OUT=False, DEQ_OUT=False, OWN_OUT=False)
     ck = compile_sm90(_tq_store_kernel, ptrs, consts, num_warps, 3)
     ops = collections.Counter()
-    for ln in _tool("nvdisasm", ck.asm["cubin"], "-c").splitlines():
-        m = re.match(r"\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)", ln)
-        if m:
-            ops[m.group(1).split(".")[0]] += 1
+    for op, n in opcodes(_tool("nvdisasm", ck.asm["cubin"], "-c").splitlines()).items():
+        ops[op.split(".")[0]] += n
     return {"kernel": "store", "head_size": d, "block_t": block_t, "num_warps": num_warps,
             "instructions": sum(ops.values()), "barriers": ops.get("BAR", 0),
             "global_loads": ops.get("LDG", 0), "top_ops": dict(ops.most_common(8))}

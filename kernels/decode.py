@@ -413,6 +413,16 @@ def lookup_tables(params, dot_dtype, lookup=2, allow_asm=True):
     return kmode, vmode, kt, vt, kasm, vasm
 
 
+def _rotation_t(params, dtype) -> torch.Tensor:
+    """R^T / rotation_scale (the +-1 matrix, exact in every float dtype) in `dtype`."""
+    return cached(params, ("pm1_t", dtype), lambda: params.rotation_pm1.T.to(dtype).contiguous())
+
+
+def _query_alpha(params, scale: float) -> float:
+    """What the +-1 rotation of a query is multiplied by: rotation_scale * scale * log2(e)."""
+    return params.rotation_scale * scale * _LOG2E
+
+
 def rotate_query(query: torch.Tensor, params, scale: float) -> torch.Tensor:
     """query [..., D] -> rotated (x @ R.T), pre-scaled by scale * log2(e), in query.dtype.
 
@@ -420,12 +430,11 @@ def rotate_query(query: torch.Tensor, params, scale: float) -> torch.Tensor:
     in fp16/bf16, so the products are exact, the sum accumulates in fp32 and the result is
     rounded once (what float(), matmul, mul and to() did in four ops)."""
     d = query.shape[-1]
-    rt = cached(params, ("pm1_t", query.dtype),
-                lambda: params.rotation_pm1.T.to(query.dtype).contiguous())
+    rt = _rotation_t(params, query.dtype)
     zero = cached(params, ("zero", query.dtype),
                   lambda: torch.zeros((), dtype=query.dtype, device=rt.device))
     out = torch.addmm(zero, query.reshape(-1, d), rt, beta=0,
-                      alpha=params.rotation_scale * scale * _LOG2E)
+                      alpha=_query_alpha(params, scale))
     return out.view(query.shape)
 
 
@@ -488,11 +497,10 @@ def tq_decode(query: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Te
     align_b = page_align(kv_cache, p.layout)     # also validates the cache
     f32 = query.dtype == torch.float32 or interpreting(_tq_decode_split_kernel)
     dot_dtype = query.dtype          # fp32 queries compute in fp32
-    q_alpha = p.rotation_scale * scale * _LOG2E
+    q_alpha = _query_alpha(p, scale)
     if fused:
         q = query                    # rotated in the kernel (ROTATE_Q)
-        rotq = cached(p, ("pm1_t", query.dtype),
-                      lambda: p.rotation_pm1.T.to(query.dtype).contiguous())
+        rotq = _rotation_t(p, query.dtype)
         assert query.stride(-1) == 1
     else:
         q = rotate_query(query, p, scale)
