@@ -56,11 +56,20 @@ PREFILL_PTRS = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "out_ptr":
                 "rot_scale": "fp32"}
 
 
-def compile_sm90(fn, pointers: dict, consts: dict, num_warps: int, num_stages: int):
+def compile_sm90(fn, pointers: dict, consts: dict, num_warps: int, num_stages: int,
+                 ints16: tuple = ()):
     sig = {n: "i32" for n in fn.arg_names}
     sig.update(pointers)
     sig.update({k: "constexpr" for k in consts})
-    src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
+    # Pointers 16-byte aligned, as Triton specializes them at launch for torch's allocations
+    # (without the hint, loads the launch would vectorize compile to 4-byte ones).
+    # ints16: integer arguments that are multiples of 16 in the modelled launch (Triton
+    # specializes those the same way).
+    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n, t in pointers.items()
+             if t.startswith("*")}
+    attrs.update({(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in ints16})
+    src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()},
+                    attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32),
                           options=dict(num_warps=num_warps, num_stages=num_stages))
 
@@ -145,25 +154,42 @@ STORE_PTRS = {"key_ptr": "*bf16", "value_ptr": "*bf16", "cache_ptr": "*u8", "slo
               "rot_scale": "fp32"}
 
 
-def store_row(block_t: int = 16, num_warps: int = 4, d: int = 64) -> dict:
+def store_row(block_t: int = 8, num_warps: int = 4, d: int = 64, stack: bool = True,
+              sym: bool = True, preload: bool = True, side: bool = True, rot: int = 0) -> dict:
     """The store kernel has no tile loop: the whole program's instructions, its barriers
     (BAR.SYNC: each cross-warp row reduction is one or two) and its global loads, in a
-    decode step's config (store_config: 16 tokens / 4 warps) at SmolLM2's head size."""
-    codec = TQLayerCodec(TQConfig.from_name("tq-k4v4"), d, layer=5)
+    decode step's config (store_config: 8 tokens / 4 warps, keys and values stacked) at
+    SmolLM2's head size, with the default preset's window side copy (side)."""
+    from vllm_turboquant.kernels import TQLayerParams
+    codec = TQLayerCodec(TQConfig.from_name("turboquant"), d, layer=5)
+    kb, kc, vb, vc = TQLayerParams.from_codec(codec).codebooks
     lay = codec.layout
     ptrs = {n: "*fp32" for n in _tq_store_kernel.arg_names if n.endswith("_ptr")}
     ptrs.update(STORE_PTRS)
-    consts = dict(D=d, KBITS=4, VBITS=4, LSQ=True, SLOT=lay.slot_bytes,
+    if side:
+        ptrs.update(side_k_ptr="*bf16", side_v_ptr="*bf16", side_tag_ptr="*i32",
+                    side_check_ptr="*i32", rows_ptr="*i32", pos_ptr="*i32", send_ptr="*i32")
+    if rot == 2:
+        ptrs["rot_ptr"] = "*bf16"
+    consts = dict(D=d, KBITS=4, VBITS=4, LSQ=True, K_BOUNDS=kb, K_CENTS=kc, V_BOUNDS=vb,
+                  V_CENTS=vc, SYM=sym, SLOT=lay.slot_bytes,
                   V_OFF=lay.v_codes_offset, KS_OFF=lay.k_scale_offset, BS=128, ALIGN_B=16,
-                  BLOCK_T=block_t, HAS_SIDE=False, ROT=0, HALVES=True, IDX=False,
-                  ROT_OUT=False, DEQ_OUT=False, OWN_OUT=False)
-    ck = compile_sm90(_tq_store_kernel, ptrs, consts, num_warps, 3)
+                  BLOCK_T=block_t, HAS_SIDE=side, ROT=rot, HALVES=True, STACK=stack,
+                  PRELOAD=preload and stack, OUT_ALIGN=16, IDX=False, ROT_OUT=False,
+                  DEQ_OUT=False, OWN_OUT=False)
+    # SmolLM2's K/V are views of the qkv projection: token stride 960, head stride 64
+    ck = compile_sm90(_tq_store_kernel, ptrs, consts, num_warps, 3,
+                      ints16=("stride_kt", "stride_kh", "stride_vt", "stride_vh", "stride_cb"))
+    full = opcodes(_tool("nvdisasm", ck.asm["cubin"], "-c").splitlines())
     ops = collections.Counter()
-    for op, n in opcodes(_tool("nvdisasm", ck.asm["cubin"], "-c").splitlines()).items():
+    for op, n in full.items():
         ops[op.split(".")[0]] += n
     return {"kernel": "store", "head_size": d, "block_t": block_t, "num_warps": num_warps,
-            "instructions": sum(ops.values()), "barriers": ops.get("BAR", 0),
-            "global_loads": ops.get("LDG", 0), "top_ops": dict(ops.most_common(8))}
+            "stack": stack, "symmetric": sym, "preload": preload and stack, "side": side,
+            "rot": rot, "instructions": sum(ops.values()), "barriers": ops.get("BAR", 0),
+            "global_loads": ops.get("LDG", 0), "top_ops": dict(ops.most_common(8)),
+            "global_by_width": {op: n for op, n in sorted(full.items())
+                                if op.startswith(("LDG", "STG"))}}
 
 
 def main() -> None:
@@ -183,7 +209,10 @@ def main() -> None:
     # the default config as three launches (fused=False: rotation GEMM, split, merge)
     rows.insert(1, decode_row(True, 128, 4, 1, prefetch=True, fused=False))
     rows.append(prefill_row())
-    stores = [store_row(16, 4), store_row(64, 8)]
+    # decode-step config, its parts off one at a time, 1 and 2 warps; the large-store config
+    stores = [store_row(8, 4), store_row(8, 4, stack=False), store_row(8, 4, sym=False),
+              store_row(8, 4, preload=False), store_row(8, 4, rot=2), store_row(8, 1),
+              store_row(8, 2), store_row(32, 8)]
     print("| kernel | words | prefetch | block_n | warps | stages | loop instrs | per 64 tokens "
           "| loads 1 / 4 / 16 B | regs | shared B |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
@@ -195,7 +224,8 @@ def main() -> None:
               f"| {r['byte_loads']} / {r['word_loads']} / {r['vector16_loads']} | "
               f"{r['registers']} | {r['shared_bytes']} |")
     for r in stores:
-        print(f"store, head {r['head_size']}, {r['block_t']} tokens / {r['num_warps']} warps: "
+        print(f"store, head {r['head_size']}, {r['block_t']} tokens / {r['num_warps']} warps, "
+              f"stack {r['stack']} sym {r['symmetric']} preload {r['preload']} rot {r['rot']}: "
               f"{r['instructions']} instructions, {r['barriers']} barriers, "
               f"{r['global_loads']} global loads")
     if args.json:

@@ -40,7 +40,8 @@ sys.path.insert(0, os.path.join(_ROOT, "tests"))
 import conftest  # noqa: E402,F401  (registers vllm_turboquant.kernels when not installed)
 
 from vllm_turboquant.codec import TQConfig, TQLayerCodec  # noqa: E402
-from vllm_turboquant.kernels import TQLayerParams, page_planes, read_slots  # noqa: E402
+from vllm_turboquant.kernels import (TQLayerParams, TQSide, page_planes,  # noqa: E402
+                                     read_slots)
 from vllm_turboquant.kernels.decode import (default_block_n, default_num_splits,  # noqa: E402
                                             tq_decode)
 from vllm_turboquant.kernels.prefill import tq_prefill  # noqa: E402
@@ -302,7 +303,53 @@ def run_decode(args, info, rows):
 
 
 # -- store ------------------------------------------------------------------------------------
+def _vllm_cache_write(k, v, slots, bs, fp8=False):
+    """vLLM's own cache write for the bf16 (or fp8) paged cache, what its FlashAttention
+    backend runs per layer and step: `reshape_and_cache_flash`. None without vLLM."""
+    try:
+        from vllm import _custom_ops as vops
+    except Exception:  # noqa: BLE001
+        return None
+    t, hkv, d = k.shape
+    nb = int(slots.max()) // bs + 1
+    dt = torch.uint8 if fp8 else k.dtype
+    kc = torch.zeros(nb, bs, hkv, d, dtype=dt, device=DEV)
+    vc = torch.zeros(nb, bs, hkv, d, dtype=dt, device=DEV)
+    one = torch.ones((), dtype=torch.float32, device=DEV)
+    kind = "fp8" if fp8 else "auto"
+    return lambda: vops.reshape_and_cache_flash(k, v, kc, vc, slots, kind, one, one)
+
+
+# (label, tq_store keywords) of the store sweep: the default first, then its parts undone one
+# at a time (the kernel of before 2026-12-03 was 16 tokens / 4 warps, no stacking, the full
+# centroid search, the rotation read per dot and 2-byte stores of picked rows).
+STORE_VARIANTS = [
+    ("default", {}),
+    ("8/4", dict(block_t=8, num_warps=4)),
+    ("8/2", dict(block_t=8, num_warps=2)),
+    ("8/1", dict(block_t=8, num_warps=1)),
+    ("16/4", dict(block_t=16, num_warps=4)),
+    ("8/4 dot16", dict(block_t=8, num_warps=4, rot="dot16")),
+    ("8/4 unstacked", dict(block_t=8, num_warps=4, stack=False)),
+    ("16/4 unstacked", dict(block_t=16, num_warps=4, stack=False)),
+    ("8/4 full search", dict(block_t=8, num_warps=4, symmetric=False)),
+    ("8/4 no preload", dict(block_t=8, num_warps=4, preload=False)),
+]
+LARGE_STORE_VARIANTS = [
+    ("default", {}),
+    ("64/8", dict(block_t=64, num_warps=8)),
+    ("32/4", dict(block_t=32, num_warps=4)),
+    ("16/4", dict(block_t=16, num_warps=4)),
+    ("32/8 dot16", dict(block_t=32, num_warps=8, rot="dot16")),
+    ("32/8 full search", dict(block_t=32, num_warps=8, symmetric=False)),
+    ("64/8 unstacked", dict(block_t=64, num_warps=8, stack=False)),
+]
+
+
 def run_store(args, info, rows):
+    """The issue's store shape (8K tokens x 8 KV heads x 128, bytes read + written), our
+    configs against vLLM's bf16 and fp8 cache writes for the same tokens; then the
+    decode-step stores."""
     t, hkv, d, bs = 8192, 8, 128, 16
     codec, params = _params(d)
     k = torch.randn(t, hkv, d, device=DEV, dtype=torch.bfloat16)
@@ -311,27 +358,38 @@ def run_store(args, info, rows):
     cache = torch.zeros(nb, bs, hkv, params.layout.slot_bytes, dtype=torch.uint8, device=DEV)
     slots = torch.randperm(nb * bs, device=DEV)[:t]
     nbytes = 2 * t * hkv * d * 2 + t * hkv * params.layout.slot_bytes + t * 8
-    for bt in args.store_block_t:
+    fns = [(f"turboquant {label}", (lambda kw=kw: tq_store(k, v, cache, slots, params, **kw)),
+            nbytes) for label, kw in LARGE_STORE_VARIANTS]
+    for name, fp8 in (("vllm_bf16", False), ("vllm_fp8", True)):
+        fn = _vllm_cache_write(k, v, slots, bs, fp8)
+        if fn is not None:
+            fns.append((name, fn, 2 * t * hkv * d * (2 + (1 if fp8 else 2)) + t * 8))
+    for name, fn, nb_ in fns:
         for graph in (False, True):
-            fn = lambda: tq_store(k, v, cache, slots, params, block_t=bt)  # noqa: E731
-            p50, p20, p80 = bench(fn, graph, args.rep_ms)
-            rows.append(dict(op="store", kernel="turboquant", mode="graph" if graph else "eager",
-                             tokens=t, kv_heads=hkv, head_size=d, block_t=bt, p50_us=p50,
-                             p20_us=p20, p80_us=p80, bytes=nbytes, gbs=nbytes / p50 / 1e3,
-                             peak_frac=nbytes / p50 / 1e3 / PEAK_GBS, **info))
-            print(f"store T={t} hkv={hkv} d={d} block_t={bt or 'default'} "
-                  f"{'graph' if graph else 'eager'} "
-                  f"p50={p50:.1f} us ({p20:.1f}/{p80:.1f}) {nbytes / p50 / 1e3:.0f} GB/s",
-                  flush=True)
+            row = dict(op="store", kernel=name, mode="graph" if graph else "eager", tokens=t,
+                       kv_heads=hkv, head_size=d, bytes=nb_, **info)
+            try:
+                p50, p20, p80 = bench(fn, graph, args.rep_ms)
+                row.update(p50_us=p50, p20_us=p20, p80_us=p80, gbs=nb_ / p50 / 1e3,
+                           peak_frac=nb_ / p50 / 1e3 / PEAK_GBS)
+                print(f"store T={t} hkv={hkv} d={d} {name} {'graph' if graph else 'eager'} "
+                      f"p50={p50:.1f} us ({p20:.1f}/{p80:.1f}) {nb_ / p50 / 1e3:.0f} GB/s",
+                      flush=True)
+            except Exception as e:  # noqa: BLE001
+                row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+                print(f"store {name}: {row['error']}", flush=True)
+            rows.append(row)
     run_small_stores(info, rows, args.rep_ms)
     return rows
 
 
 def run_small_stores(info, rows, rep_ms):
     """Decode-step stores (one token per request; SmolLM2's 3 KV heads, head 64, 128-token
-    blocks as the backend asks) under CUDA graphs, as vLLM replays them: store_config's
-    default against each tile config explicitly. The latency of a handful of programs."""
-    hkv, d, bs = 3, 64, 128
+    blocks as the backend asks) under CUDA graphs, as vLLM replays them, with the default
+    preset's window side copy as the backend writes it: every STORE_VARIANTS config, and
+    vLLM's bf16 / fp8 cache writes of the same tokens. The latency of a handful of
+    programs."""
+    hkv, d, bs, w = 3, 64, 128, 64
     codec, params = _params(d)
     for t in (1, 32, 256):
         k = torch.randn(t, hkv, d, device=DEV, dtype=torch.bfloat16)
@@ -340,17 +398,31 @@ def run_small_stores(info, rows, rep_ms):
         cache = torch.zeros(nb, bs, hkv, params.layout.slot_bytes, dtype=torch.uint8,
                             device=DEV)
         slots = torch.randperm(nb * bs, device=DEV)[:t]
-        nbytes = 2 * t * hkv * d * 2 + t * hkv * params.layout.slot_bytes + t * 8
-        for bt, nw in ((None, None), (64, 8), (16, 4), (16, 2), (32, 4)):
-            fn = lambda: tq_store(k, v, cache, slots, params, block_t=bt,  # noqa: E731
-                                  num_warps=nw)
-            p50, p20, p80 = bench(fn, True, rep_ms)
-            rows.append(dict(op="store_small", kernel="turboquant", mode="graph", tokens=t,
-                             kv_heads=hkv, head_size=d, block_t=bt, num_warps=nw, p50_us=p50,
-                             p20_us=p20, p80_us=p80, bytes=nbytes, **info))
-            print(f"store_small T={t} hkv={hkv} d={d} block_t={bt or 'default'}/"
-                  f"{nw or 'default'} graph p50={p50:.1f} us ({p20:.1f}/{p80:.1f})",
-                  flush=True)
+        side = TQSide.empty(t, w, hkv, d, torch.bfloat16, DEV)
+        rows_ = torch.arange(t, dtype=torch.int32, device=DEV)
+        pos = torch.full((t,), 2047, dtype=torch.int32, device=DEV)
+        end = pos + 1
+        fns = [(f"turboquant {label}",
+                (lambda kw=kw: tq_store(k, v, cache, slots, params, side, rows_, pos, end,
+                                        **kw))) for label, kw in STORE_VARIANTS]
+        fns.append(("turboquant default, no window side",
+                    lambda: tq_store(k, v, cache, slots, params)))
+        for name, fp8 in (("vllm_bf16", False), ("vllm_fp8", True)):
+            fn = _vllm_cache_write(k, v, slots, 16, fp8)
+            if fn is not None:
+                fns.append((name, fn))
+        for name, fn in fns:
+            row = dict(op="store_small", kernel=name, mode="graph", tokens=t, kv_heads=hkv,
+                       head_size=d, **info)
+            try:
+                p50, p20, p80 = bench(fn, True, rep_ms)
+                row.update(p50_us=p50, p20_us=p20, p80_us=p80)
+                print(f"store_small T={t} hkv={hkv} d={d} {name} graph p50={p50:.1f} us "
+                      f"({p20:.1f}/{p80:.1f})", flush=True)
+            except Exception as e:  # noqa: BLE001
+                row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+                print(f"store_small {name}: {row['error']}", flush=True)
+            rows.append(row)
 
 
 # -- prefill ----------------------------------------------------------------------------------
@@ -686,7 +758,6 @@ def main():
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--block-n", type=int, default=None, help="decode tile (default per head)")
     ap.add_argument("--num-warps", type=int, default=4)
-    ap.add_argument("--store-block-t", type=int, nargs="+", default=[None])
     ap.add_argument("--ab-words", action="store_true",
                     help="decode: also time the byte tiles (words=False, the default until "
                          "2026-12-02) as turboquant_bytes")

@@ -32,6 +32,12 @@ class TQLayerParams:
     window: the preset's recent-token window W (0 = off); the side tensors carry their own W.
     align: the preset's align A (0 = off): the window's exact reads start no earlier than the
         query's own A-token block (key j exact for query t iff j > t - W and j // A == t // A).
+    codebooks: (key bounds, key centroids, value bounds, value centroids) as tuples of Python
+        floats (the float32 values exactly): the store kernel compiles them in as constants.
+        Taken from the codec's CPU tensors here, never from device tensors at launch (a
+        device read would sync, and fail inside a CUDA graph capture).
+    symmetric: both codebooks exactly symmetric (C[-1 - k] = -C[k], middle bound 0), the
+        store's cheaper nearest-centroid search (store._levels).
     """
 
     head_size: int
@@ -48,6 +54,8 @@ class TQLayerParams:
     value_centroids: torch.Tensor
     value_bounds: torch.Tensor
     align: int = 0
+    codebooks: tuple = ()
+    symmetric: bool = False
 
     @classmethod
     def from_codec(cls, codec: TQLayerCodec, device=None) -> "TQLayerParams":
@@ -62,6 +70,8 @@ class TQLayerParams:
         if not torch.equal(pm1.abs().round(), pm1.abs()):
             raise ValueError("rotation is not a scaled +-1 matrix; the kernels need one")
         f32 = dict(device=device, dtype=torch.float32)
+        books = tuple(tuple(t.detach().cpu().float().tolist()) for t in (
+            codec.key_bounds, codec.key_centroids, codec.value_bounds, codec.value_centroids))
         return cls(
             head_size=codec.head_size, key_bits=codec.config.key_bits,
             value_bits=codec.config.value_bits, scale_mode=codec.config.scale,
@@ -71,12 +81,20 @@ class TQLayerParams:
             key_centroids=codec.key_centroids.to(**f32),
             key_bounds=codec.key_bounds.to(**f32),
             value_centroids=codec.value_centroids.to(**f32),
-            value_bounds=codec.value_bounds.to(**f32), align=codec.config.align)
+            value_bounds=codec.value_bounds.to(**f32), align=codec.config.align,
+            codebooks=books, symmetric=all(_symmetric(b, c) for b, c in (books[:2], books[2:])))
 
     def to(self, device) -> "TQLayerParams":
         tensors = {f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self)
                    if isinstance(getattr(self, f.name), torch.Tensor)}
         return dataclasses.replace(self, **tensors)
+
+
+def _symmetric(bounds: tuple, cents: tuple) -> bool:
+    """C[-1 - k] == -C[k] for every level, bounds likewise, and the middle bound exactly 0."""
+    return (all(a == -b for a, b in zip(cents, reversed(cents)))
+            and all(a == -b for a, b in zip(bounds, reversed(bounds)))
+            and len(bounds) % 2 == 1 and bounds[len(bounds) // 2] == 0.0)
 
 
 class TQSide(NamedTuple):

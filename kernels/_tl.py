@@ -69,10 +69,12 @@ def _pack_plane(codes, dst, mask, W: tl.constexpr, SHIFT: tl.constexpr, START: t
 
 
 @triton.jit
-def store_codes(codes, dst, mask, BITS: tl.constexpr, D: tl.constexpr):
+def store_codes(codes, dst, mask, BITS: tl.constexpr, D: tl.constexpr,
+                STORED: tl.constexpr = False):
     """codebook indices int32 [N, D] -> their sign-magnitude codes, bit-plane packed, at
-    dst [N] (uint8 pointers)."""
-    codes = sign_magnitude(codes, BITS)
+    dst [N] (uint8 pointers). STORED: codes are already in the stored (sign-magnitude) form."""
+    if not STORED:
+        codes = sign_magnitude(codes, BITS)
     if BITS == 8:
         offs_d = tl.arange(0, D)
         tl.store(dst[:, None] + offs_d[None, :], codes.to(tl.uint8), mask=mask[:, None])

@@ -1,10 +1,17 @@
 """Fused quantize-on-write: rotate, quantize, bit-pack and write K/V slots into paged blocks.
 
-One program encodes BLOCK_T tokens of one KV head, keys and values: y = x @ R^T on tensor
-cores (R = +-1 matrix times 1/sqrt(b); tf32 products of fp16/bf16 inputs are exact, fp32
-accumulation), nearest
-centroid by counting the boundaries below u = y / |y| (= torch.bucketize), the least-squares
-(or norm) scale, bit-plane packing and the two fp16 scales; optionally the window side copy.
+One program encodes BLOCK_T tokens of one KV head, keys and values. When keys and values share
+a codebook (every preset: equal bits) the program stacks them into one tile of 2 * BLOCK_T
+rows (keys, then values), so each step below runs once per program instead of twice:
+  y = x @ R^T on tensor cores (R = +-1 matrix times 1/sqrt(b): the products of fp16/bf16
+  inputs are exact, accumulation fp32, so this is the codec's fp32 matmul up to summation
+  order); the row statistics (non-finite check and |y|^2, then <y, c> and |c|^2) as two
+  reductions of two operands each; the nearest centroid by counting the boundaries below
+  u = y / |y| (= torch.bucketize) against the codebook held as compile-time constants
+  (immediates: no loads, no gather); the least-squares (or norm) scale; bit-plane packing;
+  the two fp16 scales; optionally the window side copy and the attention-side outputs.
+Every load is issued at the top of the program: a decode step stores one token per request,
+so the kernel's time is its latency chain, not its bandwidth (docs/kernels-notes.md).
 """
 
 from __future__ import annotations
@@ -13,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import TQSide, _num_sms, as_params, cached, page_align
+from ._common import TQSide, _num_sms, as_params, cached, page_align, stored_order
 from ._launch import launch
 from ._tl import interpreting, sign_magnitude, slot_ptrs, store_codes
 
@@ -21,45 +28,82 @@ _FP16_MAX = 65504.0
 
 
 @triton.jit
-def _rotate(x, rot_ptr, cols, offs_d, rot_scale, D: tl.constexpr, ROT: tl.constexpr,
-            DT16: tl.constexpr):
-    """(x @ R^T)[:, cols]: x [N, D] float32 (from fp16/bf16: <= 11 significant bits, exact in
-    tf32) times the +-1 matrix: tf32 tensor-core products are exact, accumulation fp32 -> the
-    codec's fp32 matmul up to summation order. fp32 inputs (and the interpreter) take the exact
-    fp32 dot. R^T[i, j] = R[j, i]; loaded here so its shared-memory copy lives only for this
-    dot (two [256, 128] fp32 halves at once would not fit in 227 KB)."""
-    rt = tl.load(rot_ptr + cols[None, :] * D + offs_d[:, None])
+def _load_rt(rot_ptr, cols, offs_d, D: tl.constexpr):
+    """R^T[:, cols] ([D, len(cols)], rot_ptr's dtype) from R^T stored row-major (the launcher
+    hands the transpose: each thread's part of a row is contiguous, 16-byte loads)."""
+    return tl.load(rot_ptr + offs_d[:, None] * D + cols[None, :])
+
+
+@triton.jit
+def _rotate(x, rt, rot_scale, ROT: tl.constexpr, DT16: tl.constexpr):
+    """x [N, D] float32 (from fp16/bf16: <= 11 significant bits, exact in tf32) times R^T
+    columns rt: tf32 or 16-bit tensor-core products of the +-1 matrix are exact, accumulation
+    fp32 -> the codec's fp32 matmul up to summation order. fp32 inputs (and the interpreter)
+    take the exact fp32 dot (ROT 1)."""
     if ROT == 1:
-        y = tl.dot(x, rt, input_precision="ieee")
+        y = tl.dot(x, rt.to(tl.float32), input_precision="ieee")
     elif ROT == 2:
         # x came from fp16/bf16 (DT16): casting back is exact, and so is the +-1 matrix.
         y = tl.dot(x.to(DT16), rt.to(DT16), out_dtype=tl.float32)
     else:
-        y = tl.dot(x, rt, input_precision="tf32")
+        y = tl.dot(x, rt.to(tl.float32), input_precision="tf32")
     return y * rot_scale
 
 
 @triton.jit
-def _finite_rows(y):
-    """True for rows [N, D] -> [N] without nan/inf. |y| < inf is false exactly for nan and
-    +-inf, and involves no arithmetic. The former test, (y - y) != 0, broke on the GPU: y is
+def _add2(a0, b0, a1, b1):
+    return a0 + a1, b0 + b1
+
+
+@triton.jit
+def _nonfinite(y):
+    """1 where y is nan or +-inf, else 0 (int32). |y| < inf is false exactly for nan and
+    +-inf and involves no arithmetic. The former test, (y - y) != 0, broke on the GPU: y is
     dot * rot_scale, and with FMA contraction (Triton's default there) y - y became
     fma(dot, rot_scale, -y) = the rounding error of the product, nonzero whenever rot_scale
     is not a power of two (head 128: 1/sqrt(128)); every row read as non-finite and was stored
     as zeros (codes 0x77, scale 0). Heads 64/256 (1/8, 1/16) and the CPU interpreter, which
     never contracts, were unaffected."""
-    bad = (tl.abs(y) < float("inf")) == 0
-    return tl.sum(bad.to(tl.int32), axis=1) == 0
+    return ((tl.abs(y) < float("inf")) == 0).to(tl.int32)
 
 
 @triton.jit
-def _bucketize(u, bound_ptr, LEVELS: tl.constexpr):
-    """code = number of boundaries strictly below u (= torch.bucketize). 15 compares for
-    4 bits are cheap next to the memory traffic."""
-    codes = tl.zeros(u.shape, dtype=tl.int32)
-    for i in tl.static_range(LEVELS - 1):
-        codes += (u > tl.load(bound_ptr + i)).to(tl.int32)
-    return codes
+def _levels(u, BOUNDS: tl.constexpr, CENTS: tl.constexpr, BITS: tl.constexpr,
+            SYM: tl.constexpr):
+    """u float32 -> (stored code int32, centroid value float32) of every element: the code is
+    the sign-magnitude form (codec.packing) of the codebook index #(BOUNDS < u)
+    (= torch.bucketize), the value C[index]. BOUNDS, CENTS: the codebook as constexpr tuples
+    of floats, compiled into the kernel as immediates.
+
+    SYM (the codebook is symmetric: C[2H - 1 - k] = -C[k], bound H - 1 is 0, H = 2**(BITS-1),
+    checked by the launcher; true of every Lloyd-Max codebook here): the stored code is
+    (u > 0) << (BITS - 1) | m, with m = #(positive bounds < |u|) for u > 0 and
+    #(positive bounds <= |u|) for u <= 0 (the index of a negative u counts the bounds below
+    it, = H - 1 - that count by symmetry), and the value is +-C[H + m]. Raising |u| of a
+    u <= 0 by one ulp turns <= into <, so one loop of H - 1 compares serves both: half the
+    compares and selects of the plain count."""
+    if SYM:
+        H: tl.constexpr = 1 << (BITS - 1)
+        pos = u > 0.0
+        a = tl.abs(u)
+        a = tl.where(pos, a, (a.to(tl.int32, bitcast=True) + 1).to(tl.float32, bitcast=True))
+        mag = tl.zeros(u.shape, dtype=tl.int32)
+        c = tl.full(u.shape, CENTS[H], tl.float32)
+        for j in tl.static_range(H - 1):
+            above = a > BOUNDS[H + j]
+            mag += above.to(tl.int32)
+            c = tl.where(above, CENTS[H + j + 1], c)
+        code = mag | (pos.to(tl.int32) << (BITS - 1))
+        c = tl.where(pos, c, -c)
+    else:
+        idx = tl.zeros(u.shape, dtype=tl.int32)
+        c = tl.full(u.shape, CENTS[0], tl.float32)
+        for i in tl.static_range(len(BOUNDS)):
+            above = u > BOUNDS[i]
+            idx += above.to(tl.int32)
+            c = tl.where(above, CENTS[i + 1], c)
+        code = sign_magnitude(idx, BITS)
+    return code, c
 
 
 @triton.jit
@@ -73,102 +117,165 @@ def _finish_scale(dotp, csq, norm, finite, LSQ: tl.constexpr):
 
 
 @triton.jit
-def _quantize(y, cent_ptr, bound_ptr, LEVELS: tl.constexpr, LSQ: tl.constexpr):
-    """y [N, D] float32 rotated -> (codes int32 [N, D], scale float32 [N], y with non-finite
-    rows zeroed). Same math as TQLayerCodec.quantize_rotated."""
-    finite = _finite_rows(y)
-    y = tl.where(finite[:, None], y, 0.0)
-    norm = tl.sqrt(tl.sum(y * y, axis=1))
-    codes = _bucketize(y / tl.maximum(norm, 1e-30)[:, None], bound_ptr, LEVELS)
-    c = tl.load(cent_ptr + codes)
-    scale = _finish_scale(tl.sum(y * c, axis=1), tl.sum(c * c, axis=1), norm, finite, LSQ)
-    return codes, scale, y
-
-
-@triton.jit
-def _quantize_halves(y_lo, y_hi, cent_ptr, bound_ptr, LSQ: tl.constexpr):
-    """4-bit _quantize of a vector given as its halves [N, D/2] (coordinates [0, D/2) and
-    [D/2, D)) -> (packed bytes int32 [N, D/2] = code_lo | code_hi << 4, scale, y_lo, y_hi),
-    codes in their stored sign-magnitude form. Byte j of a 4-bit plane holds coordinates j
-    and j + D/2: no reshape needed to pack."""
-    finite = _finite_rows(y_lo) & _finite_rows(y_hi)
+def _quantize_halves(y_lo, y_hi, BOUNDS: tl.constexpr, CENTS: tl.constexpr, LSQ: tl.constexpr,
+                     SYM: tl.constexpr):
+    """4-bit quantization (TQLayerCodec.quantize_rotated) of vectors given as their halves
+    [N, D/2] (coordinates [0, D/2) and [D/2, D)) -> (packed bytes int32 [N, D/2] = code_lo |
+    code_hi << 4 in stored form, scale float32 [N], y_lo, y_hi with non-finite rows zeroed).
+    Byte j of a 4-bit plane holds coordinates j and j + D/2: no reshape needed to pack. Each
+    row statistic covers both halves in one reduction: two reductions in all, where a
+    reduction per statistic and half took eight (each one a round trip through shared memory
+    across the program's warps)."""
+    nbad, nsq = tl.reduce((_nonfinite(y_lo) + _nonfinite(y_hi), y_lo * y_lo + y_hi * y_hi),
+                          1, _add2)
+    finite = nbad == 0
     y_lo = tl.where(finite[:, None], y_lo, 0.0)
     y_hi = tl.where(finite[:, None], y_hi, 0.0)
-    norm = tl.sqrt(tl.sum(y_lo * y_lo, axis=1) + tl.sum(y_hi * y_hi, axis=1))
+    norm = tl.sqrt(tl.where(finite, nsq, 0.0))
     nrm = tl.maximum(norm, 1e-30)[:, None]
-    c_lo = _bucketize(y_lo / nrm, bound_ptr, 16)
-    c_hi = _bucketize(y_hi / nrm, bound_ptr, 16)
-    v_lo = tl.load(cent_ptr + c_lo)
-    v_hi = tl.load(cent_ptr + c_hi)
-    dotp = tl.sum(y_lo * v_lo, axis=1) + tl.sum(y_hi * v_hi, axis=1)
-    csq = tl.sum(v_lo * v_lo, axis=1) + tl.sum(v_hi * v_hi, axis=1)
+    c_lo, v_lo = _levels(y_lo / nrm, BOUNDS, CENTS, 4, SYM)
+    c_hi, v_hi = _levels(y_hi / nrm, BOUNDS, CENTS, 4, SYM)
+    dotp, csq = tl.reduce((y_lo * v_lo + y_hi * v_hi, v_lo * v_lo + v_hi * v_hi), 1, _add2)
     scale = _finish_scale(dotp, csq, norm, finite, LSQ)
-    return sign_magnitude(c_lo, 4) | (sign_magnitude(c_hi, 4) << 4), scale, y_lo, y_hi
+    return c_lo | (c_hi << 4), scale, y_lo, y_hi
 
 
 @triton.jit
-def _store_rows(ptr, row_off, cols, y, mask):
-    """y [N, len(cols)] float32 -> ptr + row_off[n] + cols in ptr's dtype, rows where mask."""
-    tl.store(ptr + row_off[:, None] + cols[None, :], y.to(ptr.dtype.element_ty),
-             mask=mask[:, None])
+def _quantize(y, BOUNDS: tl.constexpr, CENTS: tl.constexpr, BITS: tl.constexpr,
+              LSQ: tl.constexpr, SYM: tl.constexpr):
+    """y [N, D] float32 rotated -> (stored codes int32 [N, D], scale float32 [N], y with
+    non-finite rows zeroed). Same math as TQLayerCodec.quantize_rotated."""
+    nbad, nsq = tl.reduce((_nonfinite(y), y * y), 1, _add2)
+    finite = nbad == 0
+    y = tl.where(finite[:, None], y, 0.0)
+    norm = tl.sqrt(tl.where(finite, nsq, 0.0))
+    codes, c = _levels(y / tl.maximum(norm, 1e-30)[:, None], BOUNDS, CENTS, BITS, SYM)
+    dotp, csq = tl.reduce((y * c, c * c), 1, _add2)
+    return codes, _finish_scale(dotp, csq, norm, finite, LSQ), y
 
 
 @triton.jit
-def _encode_half(src, dst, valid, rot_ptr, rot_scale, cent_ptr, bound_ptr,
-                 side_ptr, side_off, sel, offs_d, offs_lo, offs_hi, rot_out_ptr, rot_off,
-                 in_range, deq_ptr, dcent_ptr, own_ptr, own_off, own_sel,
-                 BITS: tl.constexpr, D: tl.constexpr, LSQ: tl.constexpr,
-                 ROT: tl.constexpr, DT16: tl.constexpr, HAS_SIDE: tl.constexpr,
-                 HALVES: tl.constexpr, ROT_OUT: tl.constexpr, DEQ_OUT: tl.constexpr,
-                 OWN_OUT: tl.constexpr):
-    """Encode one of K/V for N tokens: src [N, D] float32 rows -> packed codes at dst [N];
-    returns the fp16 scale [N]. Writes the rotated vector to the side copy where sel, and to
-    rot_out_ptr + rot_off [N] (in its dtype) for every row in_range when ROT_OUT (padding
-    rows, loaded as zeros, write zeros: the buffer holds no uninitialized memory); when
-    DEQ_OUT, the centroids C[code] (what attention dequantizes the packed slot to, before its
-    scale) to deq_ptr + rot_off, zeros for padding rows: looked up in dcent_ptr, the codebook
-    already in deq_ptr's dtype, so they are bit for bit the values the attention kernels'
-    lookups produce (the interpreter's fp32 -> bf16 cast does not round as CUDA's does).
-    OWN_OUT (with DEQ_OUT): also the dequantized vector C[code] * scale (the fp16 scale the
-    slot stores), in own_ptr's dtype, to own_ptr + own_off where own_sel: the operands of the
-    chunk's own packed attention run by FlashAttention (tq_store's own_out)."""
+def _store_rows(base, cols, y, mask):
+    """y [N, len(cols)] float32 -> base[n] + cols (per-row pointers) in their dtype, rows
+    where mask."""
+    tl.store(base[:, None] + cols[None, :], y.to(base.dtype.element_ty), mask=mask[:, None])
+
+
+@triton.jit
+def _pick(is_v, k_base, v_base):
+    """Per row: v_base where the row is a value row, else k_base."""
+    return tl.where(is_v, v_base, k_base)
+
+
+@triton.jit
+def _pick_row(is_v, k_ptr, v_ptr, off, ALIGN: tl.constexpr):
+    """Per row: the output row k_ptr + off (v_ptr + off for value rows), with the alignment
+    ALIGN (bytes) the launcher checked: a per-row choice of base loses what the compiler
+    knew of either, and its stores would be one element wide."""
+    return tl.multiple_of(tl.where(is_v, v_ptr, k_ptr) + off, ALIGN)
+
+
+@triton.jit
+def _encode_rows(x, rt_lo, rt_hi, rt, rot_ptr, rot_scale, is_v, dst, sdst, valid, in_range,
+                 side_k_ptr, side_v_ptr, side_off, sel, side_check_ptr, check_off,
+                 rot_k_ptr, rot_v_ptr, rot_off, deq_k_ptr, deq_v_ptr, deq_s_ptr, deq_s_off,
+                 dkcent_ptr, dvcent_ptr, own_k_ptr, own_v_ptr, own_off, own_sel,
+                 offs_d, offs_lo, offs_hi,
+                 BOUNDS: tl.constexpr, CENTS: tl.constexpr, BITS: tl.constexpr,
+                 D: tl.constexpr, LSQ: tl.constexpr, SYM: tl.constexpr, ROT: tl.constexpr,
+                 DT16: tl.constexpr, PRELOAD: tl.constexpr, HALVES: tl.constexpr,
+                 HAS_SIDE: tl.constexpr, ROT_OUT: tl.constexpr, DEQ_OUT: tl.constexpr,
+                 OWN_OUT: tl.constexpr, OUT_ALIGN: tl.constexpr):
+    """Encode N rows, each a key or a value (is_v [N]) of one token: x [N, D] float32 ->
+    packed codes at dst [N], its fp16 scale into half is_v of the token's scale word at
+    sdst [N] (int32 pointers). Per row, where selected: the rotated vector to the side copy
+    (sel) and its check word (the same half of it), to rot_out (ROT_OUT, every row in_range;
+    padding rows were loaded as zeros and write zeros: the buffer holds no uninitialized
+    memory); the centroids C[code] (DEQ_OUT: what attention dequantizes the slot to, before
+    its scale) to deq + rot_off, zeros for padding rows, looked up in the codebook already in
+    deq's dtype, so they are bit for bit the values the attention kernels' lookups produce
+    (the interpreter's fp32 -> bf16 cast does not round as CUDA's does), and the slot's scale
+    half to deq_s; OWN_OUT (with DEQ_OUT): C[code] * the stored fp16 scale, in own's dtype,
+    to own + own_off where own_sel: the operands of the chunk's own packed attention run by
+    FlashAttention (tq_store's own_out)."""
     if BITS == 4 and HALVES:
-        y_lo = _rotate(src, rot_ptr, offs_lo, offs_d, rot_scale, D, ROT, DT16)
-        y_hi = _rotate(src, rot_ptr, offs_hi, offs_d, rot_scale, D, ROT, DT16)
-        packed, scale, y_lo, y_hi = _quantize_halves(y_lo, y_hi, cent_ptr, bound_ptr, LSQ)
+        if not PRELOAD:
+            rt_lo = _load_rt(rot_ptr, offs_lo, offs_d, D)
+        y_lo = _rotate(x, rt_lo, rot_scale, ROT, DT16)
+        if not PRELOAD:
+            rt_hi = _load_rt(rot_ptr, offs_hi, offs_d, D)
+        y_hi = _rotate(x, rt_hi, rot_scale, ROT, DT16)
+        packed, scale, y_lo, y_hi = _quantize_halves(y_lo, y_hi, BOUNDS, CENTS, LSQ, SYM)
         tl.store(dst[:, None] + offs_lo[None, :], packed.to(tl.uint8), mask=valid[:, None])
         if HAS_SIDE:
-            _store_rows(side_ptr, side_off, offs_lo, y_lo, sel)
-            _store_rows(side_ptr, side_off, offs_hi, y_hi, sel)
+            side = _pick_row(is_v, side_k_ptr, side_v_ptr, side_off, OUT_ALIGN)
+            _store_rows(side, offs_lo, y_lo, sel)
+            _store_rows(side, offs_hi, y_hi, sel)
         if ROT_OUT:
-            _store_rows(rot_out_ptr, rot_off, offs_lo, y_lo, in_range)
-            _store_rows(rot_out_ptr, rot_off, offs_hi, y_hi, in_range)
+            ro = _pick_row(is_v, rot_k_ptr, rot_v_ptr, rot_off, OUT_ALIGN)
+            _store_rows(ro, offs_lo, y_lo, in_range)
+            _store_rows(ro, offs_hi, y_hi, in_range)
         if DEQ_OUT:
-            c_lo = tl.load(dcent_ptr + sign_magnitude(packed & 15, 4))
-            c_hi = tl.load(dcent_ptr + sign_magnitude(packed >> 4, 4))
-            _store_rows(deq_ptr, rot_off, offs_lo, tl.where(valid[:, None], c_lo, 0.0),
-                        in_range)
-            _store_rows(deq_ptr, rot_off, offs_hi, tl.where(valid[:, None], c_hi, 0.0),
-                        in_range)
+            dcent = _pick(is_v, dkcent_ptr, dvcent_ptr)
+            c_lo = tl.load(dcent[:, None] + (packed & 15))
+            c_hi = tl.load(dcent[:, None] + (packed >> 4))
+            dq = _pick_row(is_v, deq_k_ptr, deq_v_ptr, rot_off, OUT_ALIGN)
+            _store_rows(dq, offs_lo, tl.where(valid[:, None], c_lo, 0.0), in_range)
+            _store_rows(dq, offs_hi, tl.where(valid[:, None], c_hi, 0.0), in_range)
             if OWN_OUT:
                 s16 = scale.to(tl.float16).to(tl.float32)[:, None]
-                _store_rows(own_ptr, own_off, offs_lo, c_lo.to(tl.float32) * s16, own_sel)
-                _store_rows(own_ptr, own_off, offs_hi, c_hi.to(tl.float32) * s16, own_sel)
+                own = _pick_row(is_v, own_k_ptr, own_v_ptr, own_off, OUT_ALIGN)
+                _store_rows(own, offs_lo, c_lo.to(tl.float32) * s16, own_sel)
+                _store_rows(own, offs_hi, c_hi.to(tl.float32) * s16, own_sel)
     else:
-        y = _rotate(src, rot_ptr, offs_d, offs_d, rot_scale, D, ROT, DT16)
-        codes, scale, y = _quantize(y, cent_ptr, bound_ptr, 1 << BITS, LSQ)
-        store_codes(codes, dst, valid, BITS, D)
+        if not PRELOAD:
+            rt = _load_rt(rot_ptr, offs_d, offs_d, D)
+        y = _rotate(x, rt, rot_scale, ROT, DT16)
+        codes, scale, y = _quantize(y, BOUNDS, CENTS, BITS, LSQ, SYM)
+        store_codes(codes, dst, valid, BITS, D, STORED=True)
         if HAS_SIDE:
-            _store_rows(side_ptr, side_off, offs_d, y, sel)
+            _store_rows(_pick_row(is_v, side_k_ptr, side_v_ptr, side_off, OUT_ALIGN), offs_d,
+                        y, sel)
         if ROT_OUT:
-            _store_rows(rot_out_ptr, rot_off, offs_d, y, in_range)
+            _store_rows(_pick_row(is_v, rot_k_ptr, rot_v_ptr, rot_off, OUT_ALIGN), offs_d, y,
+                        in_range)
         if DEQ_OUT:
-            c = tl.load(dcent_ptr + codes)
-            _store_rows(deq_ptr, rot_off, offs_d, tl.where(valid[:, None], c, 0.0), in_range)
+            dcent = _pick(is_v, dkcent_ptr, dvcent_ptr)
+            c = tl.load(dcent[:, None] + codes)
+            dq = _pick_row(is_v, deq_k_ptr, deq_v_ptr, rot_off, OUT_ALIGN)
+            _store_rows(dq, offs_d, tl.where(valid[:, None], c, 0.0), in_range)
             if OWN_OUT:
                 s16 = scale.to(tl.float16).to(tl.float32)[:, None]
-                _store_rows(own_ptr, own_off, offs_d, c.to(tl.float32) * s16, own_sel)
-    return scale.to(tl.float16)
+                _store_rows(_pick_row(is_v, own_k_ptr, own_v_ptr, own_off, OUT_ALIGN), offs_d,
+                            c.to(tl.float32) * s16, own_sel)
+    # The scale word is K's fp16 scale | V's << 16 (little endian): each row writes its half.
+    s16 = scale.to(tl.float16)
+    half = is_v.to(tl.int32)
+    tl.store(sdst.to(tl.pointer_type(tl.float16)) + half, s16, mask=valid)
+    if HAS_SIDE:
+        tl.store((side_check_ptr + check_off).to(tl.pointer_type(tl.float16)) + half, s16,
+                 mask=sel)
+    if DEQ_OUT:
+        tl.store((deq_s_ptr + deq_s_off).to(tl.pointer_type(tl.float16)) + half,
+                 tl.where(valid, s16, 0.0), mask=in_range)
+
+
+@triton.jit
+def _load_rows(key_ptr, value_ptr, is_v, src, h, stride_kt, stride_kh, stride_vt, stride_vh,
+               offs_d, valid, load_mask):
+    """x [N, D] float32: row n = the key (or, where is_v, the value) of K/V row src[n], head
+    h; zeros where not valid. Loaded under load_mask (rows in range, not only valid ones) so
+    the load need not wait for the slot mapping's. Two loads masked to the key rows and the
+    value rows, not one through per-row picked pointers: a picked pointer loses the
+    alignment the compiler needs for 16-byte loads (sm_90 SASS: one 2-byte load per element
+    otherwise)."""
+    kb = key_ptr + src * stride_kt + h * stride_kh
+    vb = value_ptr + src * stride_vt + h * stride_vh
+    xk = tl.load(kb[:, None] + offs_d[None, :], mask=(load_mask & (is_v == 0))[:, None],
+                 other=0.0)
+    xv = tl.load(vb[:, None] + offs_d[None, :], mask=(load_mask & is_v)[:, None], other=0.0)
+    x = tl.where(is_v[:, None], xv, xk)
+    return tl.where(valid[:, None], x.to(tl.float32), 0.0)
 
 
 # T (the step's token count) changes every mixed step: left unspecialized, so T % 16 == 0 and
@@ -180,9 +287,8 @@ def _tq_store_kernel(
     value_ptr,          # [T, Hkv, D] same dtype
     cache_ptr,          # [num_blocks, block_size, Hkv, slot_bytes] uint8, head-major pages
     slot_ptr,           # [T] int64, < 0 = padding
-    rot_ptr,            # [D, D] float32, R / rotation_scale (+-1)
-    kcent_ptr, kbound_ptr,   # [2**KBITS], [2**KBITS - 1] float32
-    vcent_ptr, vbound_ptr,   # [2**VBITS], [2**VBITS - 1] float32
+    rot_ptr,            # [D, D] float32 (or the input's 16-bit dtype, ROT 2): R^T / rot_scale
+    dkcent_ptr, dvcent_ptr,  # [2**BITS] codebooks in deq_k's dtype, by stored code (DEQ_OUT)
     side_k_ptr, side_v_ptr,  # [rows, W, Hkv, D] model dtype (contiguous)
     side_tag_ptr,       # [rows, W] int32 (contiguous)
     side_check_ptr,     # [rows, W, Hkv] int32 (contiguous)
@@ -191,102 +297,142 @@ def _tq_store_kernel(
     rot_k_ptr, rot_v_ptr,    # [T, Hkv, D] contiguous: rotated K/V out (when ROT_OUT)
     deq_k_ptr, deq_v_ptr,    # [T, Hkv, D] contiguous: centroids C[code] out (when DEQ_OUT)
     deq_s_ptr,          # [T, Hkv] int32: the slot's scale word (K | V << 16) (when DEQ_OUT)
-    dkcent_ptr, dvcent_ptr,  # codebooks in deq_k's dtype (when DEQ_OUT)
     own_k_ptr, own_v_ptr,    # [T_own, Hkv, D]: C[code] * scale out (when OWN_OUT)
     own_idx_ptr,        # [T] int32: each token's row there, < 0 = none (when OWN_OUT)
     T, rot_scale, W, num_kv_heads,
     stride_kt, stride_kh, stride_vt, stride_vh, stride_cb,
     D: tl.constexpr, KBITS: tl.constexpr, VBITS: tl.constexpr, LSQ: tl.constexpr,
+    K_BOUNDS: tl.constexpr, K_CENTS: tl.constexpr, V_BOUNDS: tl.constexpr,
+    V_CENTS: tl.constexpr, SYM: tl.constexpr,
     SLOT: tl.constexpr, V_OFF: tl.constexpr, KS_OFF: tl.constexpr, BS: tl.constexpr,
     ALIGN_B: tl.constexpr, BLOCK_T: tl.constexpr,
     HAS_SIDE: tl.constexpr, ROT: tl.constexpr, HALVES: tl.constexpr = True,
+    STACK: tl.constexpr = True, PRELOAD: tl.constexpr = True, OUT_ALIGN: tl.constexpr = 1,
     IDX: tl.constexpr = False, ROT_OUT: tl.constexpr = False, DEQ_OUT: tl.constexpr = False,
     OWN_OUT: tl.constexpr = False,
 ):
     pid_t = tl.program_id(0)
     h = tl.program_id(1)
-    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    # The program's rows: STACK, 2 * BLOCK_T (its tokens' keys, then the same tokens'
+    # values); else BLOCK_T, once as keys and once as values.
+    if STACK:
+        offs_r = tl.arange(0, 2 * BLOCK_T)
+        offs_t = pid_t * BLOCK_T + offs_r % BLOCK_T
+        is_v = offs_r >= BLOCK_T
+    else:
+        offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+        is_v = offs_t < 0
     offs_d = tl.arange(0, D)
     HALF: tl.constexpr = D // 2
     offs_lo = tl.arange(0, HALF)
     offs_hi = HALF + offs_lo
-    slot = tl.load(slot_ptr + offs_t, mask=offs_t < T, other=-1).to(tl.int64)
-    valid = slot >= 0
+    in_range = offs_t < T
     t64 = offs_t.to(tl.int64)
+
+    # Every load first: the slot mapping, the window's per-token data, K and V, the rotation.
+    # None waits for another (rows in range are read even if padding, then zeroed).
+    slot = tl.load(slot_ptr + offs_t, mask=in_range, other=-1).to(tl.int64)
+    if HAS_SIDE:
+        row = tl.load(rows_ptr + offs_t, mask=in_range, other=0).to(tl.int64)
+        pos = tl.load(pos_ptr + offs_t, mask=in_range, other=0).to(tl.int64)
+        send = tl.load(send_ptr + offs_t, mask=in_range, other=0).to(tl.int64)
+    if OWN_OUT:
+        own_row = tl.load(own_idx_ptr + offs_t, mask=in_range, other=-1).to(tl.int64)
+    valid = slot >= 0
+    # The K/V row each token reads: itself, or (IDX) the row idx_ptr names, so a second store
+    # of a few tokens needs no gathered copy of their K/V (its entries are read only for
+    # valid tokens: a padding token's may be anything).
+    src = t64
+    load_mask = in_range
+    if IDX:
+        src = tl.load(idx_ptr + offs_t, mask=valid, other=0).to(tl.int64)
+        load_mask = valid
+    if STACK:
+        x = _load_rows(key_ptr, value_ptr, is_v, src, h, stride_kt, stride_kh, stride_vt,
+                       stride_vh, offs_d, valid, load_mask)
+    else:
+        xk = _load_rows(key_ptr, value_ptr, is_v, src, h, stride_kt, stride_kh, stride_vt,
+                        stride_vh, offs_d, valid, load_mask)
+        xv = _load_rows(key_ptr, value_ptr, offs_t >= 0, src, h, stride_kt, stride_kh,
+                        stride_vt, stride_vh, offs_d, valid, load_mask)
+    rt_lo = rot_ptr
+    rt_hi = rot_ptr
+    rt = rot_ptr
+    if PRELOAD:
+        if HALVES and KBITS == 4:
+            rt_lo = _load_rt(rot_ptr, offs_lo, offs_d, D)
+            rt_hi = _load_rt(rot_ptr, offs_hi, offs_d, D)
+        else:
+            rt = _load_rt(rot_ptr, offs_d, offs_d, D)
 
     # Where the slot's three parts go in the head-major page (docs/layout.md); the alignment
     # hints let the compiler move packed bytes 4 (or 16) at a time instead of 1.
     kdst, vdst, sdst = slot_ptrs(cache_ptr, slot // BS, slot % BS, h, stride_cb, BS, SLOT,
                                  V_OFF, KS_OFF, ALIGN_B)
-
     if HAS_SIDE:
-        row = tl.load(rows_ptr + offs_t, mask=valid, other=0).to(tl.int64)
-        pos = tl.load(pos_ptr + offs_t, mask=valid, other=0).to(tl.int64)
-        send = tl.load(send_ptr + offs_t, mask=valid, other=0).to(tl.int64)
         sel = valid & (pos >= send - W)
         entry = row * W + pos % W                                 # [T] index into [rows, W]
         side_off = (entry * num_kv_heads + h) * D
+        check_off = entry * num_kv_heads + h
+        tl.store(side_tag_ptr + entry, slot.to(tl.int32), mask=sel & (is_v == 0))
     else:
         sel = valid
-        entry = t64
         side_off = t64
-
-    # The K/V row each token reads: itself, or (IDX) the row idx_ptr names, so a second store
-    # of a few tokens needs no gathered copy of their K/V.
-    src = t64
-    if IDX:
-        src = tl.load(idx_ptr + offs_t, mask=valid, other=0).to(tl.int64)
+        check_off = t64
     rot_off = (t64 * num_kv_heads + h) * D
     own_sel = offs_t < 0
     own_off = t64
     if OWN_OUT:
-        own_row = tl.load(own_idx_ptr + offs_t, mask=offs_t < T, other=-1).to(tl.int64)
         own_sel = valid & (own_row >= 0)
         own_off = (own_row * num_kv_heads + h) * D
-    x = tl.load(key_ptr + src[:, None] * stride_kt + h * stride_kh + offs_d[None, :],
-                mask=valid[:, None], other=0.0).to(tl.float32)
-    ks16 = _encode_half(x, kdst, valid, rot_ptr, rot_scale, kcent_ptr, kbound_ptr,
-                        side_k_ptr, side_off, sel, offs_d, offs_lo, offs_hi, rot_k_ptr, rot_off,
-                        offs_t < T, deq_k_ptr, dkcent_ptr, own_k_ptr, own_off, own_sel, KBITS,
-                        D, LSQ, ROT, key_ptr.dtype.element_ty, HAS_SIDE, HALVES, ROT_OUT,
-                        DEQ_OUT, OWN_OUT)
-    x = tl.load(value_ptr + src[:, None] * stride_vt + h * stride_vh + offs_d[None, :],
-                mask=valid[:, None], other=0.0).to(tl.float32)
-    vs16 = _encode_half(x, vdst, valid, rot_ptr, rot_scale, vcent_ptr,
-                        vbound_ptr, side_v_ptr, side_off, sel, offs_d, offs_lo, offs_hi,
-                        rot_v_ptr, rot_off, offs_t < T, deq_v_ptr, dvcent_ptr, own_v_ptr,
-                        own_off, own_sel, VBITS, D, LSQ, ROT, key_ptr.dtype.element_ty,
-                        HAS_SIDE, HALVES, ROT_OUT, DEQ_OUT, OWN_OUT)
-    kbits = ks16.to(tl.uint16, bitcast=True).to(tl.int32)
-    vbits = vs16.to(tl.uint16, bitcast=True).to(tl.int32)
-    both = kbits | (vbits << 16)                   # K scale | V scale, little endian
-    tl.store(sdst.to(tl.pointer_type(tl.int32)), both, mask=valid)
-    if DEQ_OUT:
-        tl.store(deq_s_ptr + t64 * num_kv_heads + h, tl.where(valid, both, 0), mask=offs_t < T)
-
-    if HAS_SIDE:
-        tl.store(side_tag_ptr + entry, slot.to(tl.int32), mask=sel)
-        tl.store(side_check_ptr + entry * num_kv_heads + h, both, mask=sel)
+    deq_s_off = t64 * num_kv_heads + h
+    DT16: tl.constexpr = key_ptr.dtype.element_ty
+    if STACK:
+        dst = tl.multiple_of(_pick(is_v, kdst, vdst), ALIGN_B)
+        _encode_rows(x, rt_lo, rt_hi, rt, rot_ptr, rot_scale, is_v, dst, sdst, valid, in_range,
+                     side_k_ptr, side_v_ptr, side_off, sel, side_check_ptr, check_off,
+                     rot_k_ptr, rot_v_ptr, rot_off, deq_k_ptr, deq_v_ptr, deq_s_ptr,
+                     deq_s_off, dkcent_ptr, dvcent_ptr, own_k_ptr, own_v_ptr, own_off,
+                     own_sel, offs_d, offs_lo, offs_hi, K_BOUNDS, K_CENTS, KBITS, D, LSQ,
+                     SYM, ROT, DT16, PRELOAD, HALVES, HAS_SIDE, ROT_OUT, DEQ_OUT, OWN_OUT,
+                     OUT_ALIGN)
+    else:
+        _encode_rows(xk, rt_lo, rt_hi, rt, rot_ptr, rot_scale, is_v, kdst, sdst, valid,
+                     in_range, side_k_ptr, side_v_ptr, side_off, sel, side_check_ptr,
+                     check_off, rot_k_ptr, rot_v_ptr, rot_off, deq_k_ptr, deq_v_ptr,
+                     deq_s_ptr, deq_s_off, dkcent_ptr, dvcent_ptr, own_k_ptr, own_v_ptr,
+                     own_off, own_sel, offs_d, offs_lo, offs_hi, K_BOUNDS, K_CENTS, KBITS, D,
+                     LSQ, SYM, ROT, DT16, PRELOAD, HALVES, HAS_SIDE, ROT_OUT, DEQ_OUT,
+                     OWN_OUT, OUT_ALIGN)
+        _encode_rows(xv, rt_lo, rt_hi, rt, rot_ptr, rot_scale, offs_t >= 0, vdst, sdst, valid,
+                     in_range, side_k_ptr, side_v_ptr, side_off, sel, side_check_ptr,
+                     check_off, rot_k_ptr, rot_v_ptr, rot_off, deq_k_ptr, deq_v_ptr,
+                     deq_s_ptr, deq_s_off, dkcent_ptr, dvcent_ptr, own_k_ptr, own_v_ptr,
+                     own_off, own_sel, offs_d, offs_lo, offs_hi, V_BOUNDS, V_CENTS, VBITS, D,
+                     LSQ, SYM, ROT, DT16, PRELOAD, HALVES, HAS_SIDE, ROT_OUT, DEQ_OUT,
+                     OWN_OUT, OUT_ALIGN)
 
 
 def store_config(tokens: int, num_kv_heads: int, head_size: int, device,
                  fixed: bool = False) -> tuple[int, int]:
-    """(tokens per program, warps) of tq_store. Large stores (prefill chunks): 64 tokens / 8
-    warps, the best throughput (H100, 8K tokens x 8 heads x 128, bf16: 153 us, vs 162 for
-    32 / 4 and 219 for 16 / 4). Stores whose 64-token grid would not give every SM a program
-    (decode steps: one token per request), 16 / 4: a quarter of the rows per program, so a
-    decode step's few programs finish sooner: H200, CUDA graphs, SmolLM2's 3 KV heads x 64,
-    1 / 32 / 256 tokens: 12.0 / 12.2 / 12.6 us vs 19.8 / 20.0 / 20.5 for 64 / 8 (16 / 2: 14.3,
-    32 / 4: 16.4; `benchmarks/kernels.py --only store`, benchmarks/results/h200-20261203e/).
-    Head 256 always 16 / 4 (its fp32 operand tiles must fit shared
-    memory). fixed: always the large-store config (vLLM's batch-invariant mode: a token's
-    bytes then never depend on the batch it was stored with, since the tile shape picks the
-    tensor-core instruction and so the order of the rotation's fp32 sums)."""
+    """(tokens per program, warps) of tq_store; a program's tile is twice as many rows (keys
+    and values stacked, every preset). Large stores (prefill chunks): 32 tokens / 8 warps,
+    64 rows (before stacking: 64 tokens / 8 warps, the best of a sweep on the H100, 8K tokens x
+    8 heads x 128, bf16: 153 us, vs 162 for 32 / 4 and 219 for 16 / 4). Stores whose large grid
+    would not give every SM a program (decode steps: one token per request), 8 tokens / 4
+    warps: the 16-row minimum of a tensor-core dot, so a decode step's few programs finish
+    sooner (before stacking, H200, CUDA graphs, SmolLM2's 3 KV heads x 64, 1 / 32 / 256 tokens:
+    12.0 / 12.2 / 12.6 us for 16 / 4 vs 19.8 / 20.0 / 20.5 for 64 / 8; `benchmarks/kernels.py
+    --only store`, benchmarks/results/h200-20261203e/). Head 256 always 8 / 4 (its fp32
+    operand tiles must fit shared memory). fixed: always the large-store config (vLLM's
+    batch-invariant mode: a token's bytes then never depend on the batch it was stored with,
+    since the tile shape picks the tensor-core instruction and so the order of the rotation's
+    fp32 sums)."""
     if head_size > 128:
-        return 16, 4
-    if not fixed and -(-tokens // 64) * num_kv_heads < _num_sms(device):
-        return 16, 4
-    return 64, 8
+        return 8, 4
+    if not fixed and -(-tokens // 32) * num_kv_heads < _num_sms(device):
+        return 8, 4
+    return 32, 8
 
 
 def tq_store(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
@@ -297,7 +443,9 @@ def tq_store(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
              deq_out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
              own_out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
              block_t: int | None = None, num_warps: int | None = None, rot: str | None = None,
-             halves: bool = True, prescaled: bool = False, fixed_tiles: bool = False) -> None:
+             halves: bool = True, prescaled: bool = False, fixed_tiles: bool = False,
+             stack: bool | None = None, symmetric: bool | None = None,
+             preload: bool | None = None) -> None:
     """Triton quantize-on-write; same contract as `reference.tq_store_ref`.
 
     key, value     [N, Hkv, D] fp16/bf16/fp32, last dim contiguous (any token/head strides).
@@ -322,6 +470,11 @@ def tq_store(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
     products of fp16/bf16 inputs), "dot16" (tensor cores in the input dtype); default below.
     block_t, num_warps: tokens per program and warps, default `store_config` (by the store's
     size; fixed_tiles: one config for every size, see there).
+    stack, symmetric, preload (default: wherever possible; False for A/B runs and tests):
+    keys and values in one tile of 2 * block_t rows (needs equal key and value bits); the
+    symmetric codebooks' half-length centroid search (`_levels`); the rotation matrix loaded
+    at the top of the program with K and V (stacked tiles whose matrix fits in registers:
+    head 64, or head 128 with 8 warps).
     """
     p = as_params(params, kv_cache.device)
     t, hkv, d = key.shape
@@ -356,8 +509,10 @@ def tq_store(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
         assert token_index is None and all(x.is_contiguous() for x in deq_out)
         assert dk.shape == (t, hkv, d) and dv.shape == (t, hkv, d) and dk.dtype == dv.dtype
         assert dsc.shape == (t, hkv) and dsc.dtype == torch.int32
-        dkc = cached(p, ("cent", "k", dk.dtype), lambda: p.key_centroids.to(dk.dtype))
-        dvc = cached(p, ("cent", "v", dk.dtype), lambda: p.value_centroids.to(dk.dtype))
+        dkc = cached(p, ("cent", "k", dk.dtype),
+                     lambda: stored_order(p.key_centroids).to(dk.dtype).contiguous())
+        dvc = cached(p, ("cent", "v", dk.dtype),
+                     lambda: stored_order(p.value_centroids).to(dk.dtype).contiguous())
     else:
         dk = dv = dsc = dkc = dvc = slot_mapping
     if own_out is not None:
@@ -379,17 +534,36 @@ def tq_store(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
     if prescaled:                        # R itself (not exact in tf32/16-bit): fp32 FMA dot
         rot_mat, rot_scale, rot = p.rotation, 1.0, "ieee"
     rot_code = {"tf32": 0, "ieee": 1, "dot16": 2}[rot or "tf32"]
+    # The kernel reads R^T row-major; the +-1 matrix in the input's dtype for "dot16" (exact,
+    # half the bytes).
+    rot_dtype = key.dtype if rot_code == 2 else torch.float32
+    rot_mat = cached(p, ("rot^T", prescaled, rot_dtype),
+                     lambda: rot_mat.t().to(rot_dtype).contiguous())
+    if not p.codebooks:
+        raise ValueError("tq_store: params without codebook constants (build them with "
+                         "TQLayerParams.from_codec)")
+    kb, kc, vb, vc = p.codebooks
+    can_stack = p.key_bits == p.value_bits and kb == vb and kc == vc
+    stack = can_stack if stack is None else stack and can_stack
+    sym = p.symmetric if symmetric is None else symmetric and p.symmetric
+    fits = d <= 64 or (d <= 128 and num_warps >= 8)
+    preload = stack and fits if preload is None else preload and stack
+    # 16-byte aligned rows in every written side / rot / deq / own tensor: vector stores
+    outs = [x for x in (sk, sv, rk, rv, dk, dv, ok, ov) if x is not slot_mapping]
+    out_align = 16 if all(x.data_ptr() % 16 == 0 and d * x.element_size() % 16 == 0
+                          for x in outs) else 1
     grid = (triton.cdiv(t, block_t), hkv)
     launch(_tq_store_kernel, grid,
-        key, value, kv_cache, slot_mapping, rot_mat,
-        p.key_centroids, p.key_bounds, p.value_centroids, p.value_bounds,
-        sk, sv, stag, schk, rows, pos, send, idx, rk, rv, dk, dv, dsc, dkc, dvc,
+        key, value, kv_cache, slot_mapping, rot_mat, dkc, dvc,
+        sk, sv, stag, schk, rows, pos, send, idx, rk, rv, dk, dv, dsc,
         ok, ov, own_idx,
         t, rot_scale, w, hkv,
         key.stride(0), key.stride(1), value.stride(0), value.stride(1), kv_cache.stride(0),
         D=d, KBITS=p.key_bits, VBITS=p.value_bits, LSQ=p.scale_mode == "lsq",
+        K_BOUNDS=kb, K_CENTS=kc, V_BOUNDS=vb, V_CENTS=vc, SYM=sym,
         SLOT=lay.slot_bytes, V_OFF=lay.v_codes_offset, KS_OFF=lay.k_scale_offset,
         BS=kv_cache.shape[1], ALIGN_B=align_b, BLOCK_T=block_t,
-        HAS_SIDE=has_side,
-        ROT=rot_code, HALVES=halves, IDX=token_index is not None, ROT_OUT=rot_out is not None,
+        HAS_SIDE=has_side, ROT=rot_code, HALVES=halves, STACK=stack, PRELOAD=preload,
+        OUT_ALIGN=out_align,
+        IDX=token_index is not None, ROT_OUT=rot_out is not None,
         DEQ_OUT=deq_out is not None, OWN_OUT=own_out is not None, num_warps=num_warps)

@@ -56,3 +56,14 @@ def test_decode_loop_loads_code_rows_as_vectors(tmp_path):
     assert default["vector16_loads"] >= 8 and default["word_loads"] <= 4, default
     assert words["loop_instructions"] < byte_tile["loop_instructions"], (words, byte_tile)
     assert all(r["stack_bytes"] == 0 for r in dec.values() if r["block_n"] == 64), dec
+    # The store (a decode step's config, the default preset's window side): keys and values
+    # stacked take little more than half the barriers of separate tiles (13 / 31 with triton
+    # 3.6, 17 / 31 with 3.9); K and V rows load as 16-byte vectors
+    # and the side copy stores 8 bytes at a time (2-byte accesses: only the scale halves).
+    st = {(r["block_t"], r["num_warps"], r["stack"], r["symmetric"], r["preload"], r["rot"]): r
+          for r in json.loads(out.read_text())["store"]}
+    dflt, unstacked = st[(8, 4, True, True, True, 0)], st[(8, 4, False, True, False, 0)]
+    assert dflt["barriers"] < 0.6 * unstacked["barriers"], (dflt, unstacked)
+    widths = dflt["global_by_width"]
+    assert widths.get("LDG.E.U16", 0) == 0 and widths.get("LDG.E.128", 0) >= 2, widths
+    assert widths.get("STG.E.U16", 0) <= 2, widths

@@ -13,11 +13,15 @@ import torch
 
 pytest.importorskip("triton")
 
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
 from chunked_prompt import prompt_in_chunks  # noqa: E402
 
 from vllm_turboquant.codec import TQConfig, TQLayerCodec  # noqa: E402
 from vllm_turboquant.kernels import TQLayerParams, TQSide, read_slots  # noqa: E402
 from vllm_turboquant.kernels import decode as _decode  # noqa: E402
+from vllm_turboquant.kernels import store as _store  # noqa: E402
 from vllm_turboquant.kernels._tl import interpreting  # noqa: E402
 from vllm_turboquant.kernels.decode import tq_decode  # noqa: E402
 from vllm_turboquant.kernels.prefill import tq_prefill  # noqa: E402
@@ -186,6 +190,84 @@ def test_store_rot_out_and_token_index(name):
     assert (d1[0][4] == 0).all() and (d1[1][4] == 0).all()
     assert_close(r1, r2, torch.bfloat16, "rot_out vs reference")
     assert_close(s1.k, s2.k, torch.bfloat16, "side copy")
+
+
+@triton.jit
+def _levels_probe(u_ptr, code_ptr, c_ptr, N: tl.constexpr, BOUNDS: tl.constexpr,
+                  CENTS: tl.constexpr, BITS: tl.constexpr, SYM: tl.constexpr):
+    offs = tl.arange(0, N)
+    code, c = _store._levels(tl.load(u_ptr + offs), BOUNDS, CENTS, BITS, SYM)
+    tl.store(code_ptr + offs, code)
+    tl.store(c_ptr + offs, c)
+
+
+@pytest.mark.parametrize("bits,d", [(4, 64), (3, 128), (2, 64), (4, 256)])
+def test_store_levels_match_bucketize(bits, d):
+    """The store's nearest-centroid search, both forms (the symmetric one counts half the
+    bounds and nudges |u| of a non-positive u by one ulp), against torch.bucketize on every
+    boundary, its negation, the floats next to both, +-0 and +-1: ties fall to the lower
+    level, as bucketize's."""
+    codec = TQLayerCodec(TQConfig.from_name("turboquant", key_bits=bits, value_bits=bits), d, 0)
+    params = TQLayerParams.from_codec(codec)
+    assert params.symmetric
+    bounds, cents = codec.key_bounds, codec.key_centroids
+    up = torch.nextafter(bounds, torch.full_like(bounds, 2.0))
+    down = torch.nextafter(bounds, torch.full_like(bounds, -2.0))
+    special = torch.tensor([0.0, -0.0, 1.0, -1.0, 1e-30, -1e-30])
+    u = torch.cat([bounds, -bounds, up, down, -up, -down, special,
+                   torch.randn(64, generator=torch.Generator().manual_seed(0)) * 0.2])
+    n = 1 << (u.numel() - 1).bit_length()
+    u = torch.cat([u, torch.zeros(n - u.numel())]).contiguous()
+    idx = torch.bucketize(u, bounds)
+    want_code = torch.where(idx >= 1 << (bits - 1), idx, (1 << (bits - 1)) - 1 - idx)
+    for sym in (True, False):
+        code = torch.zeros(n, dtype=torch.int32)
+        c = torch.zeros(n)
+        _levels_probe[(1,)](u, code, c, N=n, BOUNDS=params.codebooks[0],
+                            CENTS=params.codebooks[1], BITS=bits, SYM=sym)
+        bad = (code.long() != want_code).nonzero().flatten()
+        assert bad.numel() == 0, (sym, [(u[i].item(), code[i].item(), want_code[i].item())
+                                        for i in bad[:5]])
+        assert torch.equal(c, cents[idx]), sym
+
+
+@pytest.mark.parametrize("name", ["turboquant", "tq-k3v3"])
+def test_store_variants_write_the_same(name):
+    """Every tq_store option (keys and values stacked or not, symmetric or full centroid
+    search, rotation loaded up front or per dot, tile sizes) writes the same slots, window
+    entries, rotated / dequantized / own outputs: in the interpreter the rotation is the same
+    fp32 dot in each, so they must agree bit for bit (strided inputs, padding, a nan row)."""
+    codec, params = make_params(name, window=4)
+    t, hkv, d, bs = 13, 2, 64, 16
+    gen = torch.Generator().manual_seed(5)
+    k = (torch.randn(t, hkv, d, generator=gen) * 2).to(torch.bfloat16)
+    v = torch.randn(t, 2 * hkv, d, generator=gen).to(torch.bfloat16)[:, ::2]
+    k[3, 1, 5] = float("nan")
+    slots = torch.randperm(4 * bs, generator=gen)[:t]
+    slots[[1, 7]] = -1
+    rows = torch.zeros(t, dtype=torch.int32)
+    pos = torch.arange(t, dtype=torch.int32)
+    end = torch.full((t,), t, dtype=torch.int32)
+    own_idx = torch.where(torch.arange(t) % 3 == 0, -1, torch.arange(t)).int()
+    outs = []
+    for kw in (dict(), dict(stack=False), dict(symmetric=False), dict(preload=False),
+               dict(block_t=16, num_warps=4), dict(block_t=4, stack=False, symmetric=False)):
+        cache = torch.full((4, bs, hkv, params.layout.slot_bytes), 7, dtype=torch.uint8)
+        side = TQSide.empty(1, 4, hkv, d, torch.bfloat16)
+        rot = torch.full((2, t, hkv, d), float("nan"), dtype=torch.bfloat16)
+        deq = (torch.full((t, hkv, d), float("nan"), dtype=torch.bfloat16),
+               torch.full((t, hkv, d), float("nan"), dtype=torch.bfloat16),
+               torch.full((t, hkv), 7, dtype=torch.int32))
+        own = (torch.zeros(t, hkv, d, dtype=torch.bfloat16),
+               torch.zeros(t, hkv, d, dtype=torch.bfloat16), own_idx)
+        tq_store(k, v, cache, slots, params, side, rows, pos, end, rot_out=(rot[0], rot[1]),
+                 deq_out=deq, own_out=own, **kw)
+        outs.append((kw, [cache, *side, rot, *deq, own[0], own[1]]))
+    base = outs[0][1]
+    assert (base[0] != 7).any() and (base[2] >= 0).any() and not base[5].isnan().any()
+    for kw, got in outs[1:]:
+        for i, (a, b) in enumerate(zip(got, base)):
+            assert torch.equal(a.view(torch.uint8), b.view(torch.uint8)), (kw, i)
 
 
 # -- decode -----------------------------------------------------------------------------------

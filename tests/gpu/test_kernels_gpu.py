@@ -615,24 +615,51 @@ def test_decode_counters_cannot_grow_inside_capture():
             split_counters(have + 1, DEV)
 
 
-@pytest.mark.parametrize("t,hkv,d", [(1, 3, 64), (37, 3, 64), (200, 8, 128)])
-def test_store_decode_step_tiles_match_codec(t, hkv, d):
-    """Decode-step stores take store_config's small tiles (16 tokens, 4 warps): their bytes
-    must be the codec's (up to a rounding-boundary level, as above) and the large tiles'."""
+# Every store configuration kernels.py times: the default and each of its parts undone.
+STORE_VARIANTS = [dict(), dict(block_t=8, num_warps=1), dict(block_t=8, num_warps=2),
+                  dict(block_t=16, num_warps=4), dict(rot="dot16"), dict(stack=False),
+                  dict(symmetric=False), dict(preload=False), dict(block_t=64, num_warps=8),
+                  dict(block_t=32, num_warps=8, stack=False, symmetric=False, preload=False)]
+
+
+@pytest.mark.parametrize("kw", STORE_VARIANTS, ids=lambda kw: "-".join(
+    f"{k}={v}" for k, v in kw.items()) or "default")
+@pytest.mark.parametrize("t,hkv,d,window", [(1, 3, 64, 64), (37, 3, 64, 0), (200, 8, 128, 64),
+                                            (5, 2, 256, 64)])
+def test_store_decode_step_tiles_match_codec(t, hkv, d, window, kw):
+    """Decode-step stores take store_config's small tiles (8 tokens, 4 warps, keys and values
+    stacked): their bytes, for every config option, must be the codec's (up to a
+    rounding-boundary level, as above) and the large tiles'; the window side copy, its tags
+    and check words the reference's."""
     from vllm_turboquant.kernels.store import store_config
-    assert store_config(t, hkv, d, DEV) == (16, 4)
+    assert store_config(t, hkv, d, DEV) == (8, 4)
+    if d > 128 and kw.get("block_t", 8) > 16:
+        pytest.skip("head 256 takes 8-token tiles only (store_config: shared memory)")
     codec, params = _params("turboquant", d)
     k = (torch.randn(t, hkv, d, device=DEV) * 4).to(torch.bfloat16)
     v = torch.randn(t, hkv, d, device=DEV).to(torch.bfloat16)
     bs = 128
     nb = t // bs + 4
     slots = torch.randperm(nb * bs, device=DEV)[:t]
+    slots[t // 2] = -1 if t > 1 else slots[0]
     caches = [torch.full((nb, bs, hkv, params.layout.slot_bytes), 7, dtype=torch.uint8,
                          device=DEV) for _ in range(3)]
-    tq_store(k, v, caches[0], slots, params)                        # default: small tiles
-    tq_store(k, v, caches[1], slots, params, block_t=64, num_warps=8)
-    tq_store_ref(k, v, caches[2], slots, params)
-    for other, what in ((caches[1], "64-token tiles"), (caches[2], "codec")):
+    sides = [TQSide.empty(t, max(window, 1), hkv, d, torch.bfloat16, DEV) for _ in range(3)]
+    rows = torch.arange(t, dtype=torch.int32, device=DEV)
+    pos = torch.full((t,), 300, dtype=torch.int32, device=DEV)
+    side_args = lambda i: (sides[i], rows, pos, pos + 1) if window else ()  # noqa: E731
+    tq_store(k, v, caches[0], slots, params, *side_args(0), **kw)
+    big = dict(block_t=32, num_warps=8) if d <= 128 else dict(stack=False)
+    tq_store(k, v, caches[1], slots, params, *side_args(1), **big)
+    tq_store_ref(k, v, caches[2], slots, params, *side_args(2))
+    for other, what in ((caches[1], "large tiles"), (caches[2], "codec")):
         diff = (caches[0] != other).float().mean().item()
         assert diff < 1e-3, (what, diff)
     assert (caches[0] != 7).any()
+    if window:
+        assert torch.equal(sides[0].tag, sides[2].tag)
+        # check words hold the slot's scales: equal where the scales are (all but a boundary)
+        assert (sides[0].check != sides[2].check).float().mean().item() < 1e-2
+        atol, rtol = TOL[torch.bfloat16]
+        torch.testing.assert_close(sides[0].k, sides[2].k, atol=atol, rtol=rtol)
+        torch.testing.assert_close(sides[0].v, sides[2].v, atol=atol, rtol=rtol)
