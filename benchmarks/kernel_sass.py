@@ -155,7 +155,7 @@ STORE_PTRS = {"key_ptr": "*bf16", "value_ptr": "*bf16", "cache_ptr": "*u8", "slo
 
 
 def store_row(block_t: int = 8, num_warps: int = 4, d: int = 64, stack: bool = True,
-              sym: bool = True, preload: bool = True, side: bool = True, rot: int = 0) -> dict:
+              sym: bool = True, preload: bool = True, side: bool = True, rot: int = 2) -> dict:
     """The store kernel has no tile loop: the whole program's instructions, its barriers
     (BAR.SYNC: each cross-warp row reduction is one or two) and its global loads, in a
     decode step's config (store_config: 8 tokens / 4 warps, keys and values stacked) at
@@ -211,7 +211,7 @@ def main() -> None:
     rows.append(prefill_row())
     # decode-step config, its parts off one at a time, 1 and 2 warps; the large-store config
     stores = [store_row(8, 4), store_row(8, 4, stack=False), store_row(8, 4, sym=False),
-              store_row(8, 4, preload=False), store_row(8, 4, rot=2), store_row(8, 1),
+              store_row(8, 4, preload=False), store_row(8, 4, rot=0), store_row(8, 1),
               store_row(8, 2), store_row(32, 8)]
     print("| kernel | words | prefetch | block_n | warps | stages | loop instrs | per 64 tokens "
           "| loads 1 / 4 / 16 B | regs | shared B |")

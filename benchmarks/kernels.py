@@ -322,27 +322,27 @@ def _vllm_cache_write(k, v, slots, bs, fp8=False):
 
 # (label, tq_store keywords) of the store sweep: the default first, then its parts undone one
 # at a time (the kernel of before 2026-12-03 was 16 tokens / 4 warps, no stacking, the full
-# centroid search, the rotation read per dot and 2-byte stores of picked rows).
+# centroid search, the rotation read per dot, tf32 rotation dots and 2-byte stores of picked
+# rows).
 STORE_VARIANTS = [
     ("default", {}),
-    ("8/4", dict(block_t=8, num_warps=4)),
     ("8/2", dict(block_t=8, num_warps=2)),
     ("8/1", dict(block_t=8, num_warps=1)),
     ("16/4", dict(block_t=16, num_warps=4)),
-    ("8/4 dot16", dict(block_t=8, num_warps=4, rot="dot16")),
+    ("8/4 tf32", dict(block_t=8, num_warps=4, rot="tf32")),
     ("8/4 unstacked", dict(block_t=8, num_warps=4, stack=False)),
-    ("16/4 unstacked", dict(block_t=16, num_warps=4, stack=False)),
     ("8/4 full search", dict(block_t=8, num_warps=4, symmetric=False)),
     ("8/4 no preload", dict(block_t=8, num_warps=4, preload=False)),
 ]
 LARGE_STORE_VARIANTS = [
     ("default", {}),
+    ("32/8 tf32", dict(block_t=32, num_warps=8, rot="tf32")),
     ("64/8", dict(block_t=64, num_warps=8)),
-    ("32/4", dict(block_t=32, num_warps=4)),
+    ("32/8", dict(block_t=32, num_warps=8)),
     ("16/4", dict(block_t=16, num_warps=4)),
-    ("32/8 dot16", dict(block_t=32, num_warps=8, rot="dot16")),
+    ("64/4", dict(block_t=64, num_warps=4)),
     ("32/8 full search", dict(block_t=32, num_warps=8, symmetric=False)),
-    ("64/8 unstacked", dict(block_t=64, num_warps=8, stack=False)),
+    ("32/8 unstacked", dict(block_t=32, num_warps=8, stack=False)),
 ]
 
 

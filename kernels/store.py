@@ -416,23 +416,23 @@ def _tq_store_kernel(
 def store_config(tokens: int, num_kv_heads: int, head_size: int, device,
                  fixed: bool = False) -> tuple[int, int]:
     """(tokens per program, warps) of tq_store; a program's tile is twice as many rows (keys
-    and values stacked, every preset). Large stores (prefill chunks): 32 tokens / 8 warps,
-    64 rows (before stacking: 64 tokens / 8 warps, the best of a sweep on the H100, 8K tokens x
-    8 heads x 128, bf16: 153 us, vs 162 for 32 / 4 and 219 for 16 / 4). Stores whose large grid
-    would not give every SM a program (decode steps: one token per request), 8 tokens / 4
-    warps: the 16-row minimum of a tensor-core dot, so a decode step's few programs finish
-    sooner (before stacking, H200, CUDA graphs, SmolLM2's 3 KV heads x 64, 1 / 32 / 256 tokens:
-    12.0 / 12.2 / 12.6 us for 16 / 4 vs 19.8 / 20.0 / 20.5 for 64 / 8; `benchmarks/kernels.py
-    --only store`, benchmarks/results/h200-20261203e/). Head 256 always 8 / 4 (its fp32
-    operand tiles must fit shared memory). fixed: always the large-store config (vLLM's
-    batch-invariant mode: a token's bytes then never depend on the batch it was stored with,
-    since the tile shape picks the tensor-core instruction and so the order of the rotation's
-    fp32 sums)."""
+    and values stacked, every preset). Large stores (prefill chunks): 32 tokens / 4 warps,
+    64 rows (H200, CUDA graphs, 8K tokens x 8 heads x 128, bf16, the 16-bit rotation dot: 82.9
+    us, vs 98.6 for 32 / 8, 88.7 for 16 / 4, 89.4 for 64 / 8; `benchmarks/kernels.py --only
+    store`, 2026-12-03 evening lease, re-measured in benchmarks/results/h200-20261204a/).
+    Stores whose large grid would not give every SM a program (decode steps: one token per
+    request), 8 tokens / 4 warps: the 16-row minimum of a tensor-core dot, so a decode step's
+    few programs finish sooner (SmolLM2's 3 KV heads x 64, 1 / 32 / 256 tokens: 6.8 / 7.0 /
+    7.7 us; 16 / 4: 9.1 / 9.1 / 10.2; benchmarks/results/h200-20261203f/). Head 256 always
+    8 / 4 (its operand tiles must fit shared memory). fixed: always the large-store config
+    (vLLM's batch-invariant mode: a token's bytes then never depend on the batch it was stored
+    with, since the tile shape picks the tensor-core instruction and so the order of the
+    rotation's fp32 sums)."""
     if head_size > 128:
         return 8, 4
     if not fixed and -(-tokens // 32) * num_kv_heads < _num_sms(device):
         return 8, 4
-    return 32, 8
+    return 32, 4
 
 
 def tq_store(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
@@ -466,8 +466,13 @@ def tq_store(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
                    own_index[i]: the keys and values FlashAttention reads for the chunks' own
                    packed tokens (backend/own_attention.py). Rows nobody writes stay as they
                    were.
-    rot: how the rotation's dot runs: "ieee" (exact fp32 FMA), "tf32" (tensor cores, exact
-    products of fp16/bf16 inputs), "dot16" (tensor cores in the input dtype); default below.
+    rot: how the rotation's dot runs: "dot16" (the default: tensor cores in the input's
+    16-bit dtype, exact +-1 products, fp32 sums), "tf32" (tensor cores on fp32 operand tiles:
+    the same math, twice the registers and shared memory), "ieee" (exact fp32 FMA; fp32
+    inputs and the interpreter always). H200, CUDA graphs, 2026-12-03: dot16 99.1 vs tf32
+    141.9 us at 8K tokens x 8 heads x 128 (32 / 8); SmolLM2 decode-step stores (8 / 4) within
+    0.4 us either way, 6.8 / 7.0 / 7.7 vs 7.0 / 7.4 / 7.5 us at 1 / 32 / 256 tokens
+    (benchmarks/results/h200-20261203f/).
     block_t, num_warps: tokens per program and warps, default `store_config` (by the store's
     size; fixed_tiles: one config for every size, see there).
     stack, symmetric, preload (default: wherever possible; False for A/B runs and tests):
@@ -533,7 +538,7 @@ def tq_store(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
     rot_mat, rot_scale = p.rotation_pm1, p.rotation_scale
     if prescaled:                        # R itself (not exact in tf32/16-bit): fp32 FMA dot
         rot_mat, rot_scale, rot = p.rotation, 1.0, "ieee"
-    rot_code = {"tf32": 0, "ieee": 1, "dot16": 2}[rot or "tf32"]
+    rot_code = {"tf32": 0, "ieee": 1, "dot16": 2}[rot or "dot16"]
     # The kernel reads R^T row-major; the +-1 matrix in the input's dtype for "dot16" (exact,
     # half the bytes).
     rot_dtype = key.dtype if rot_code == 2 else torch.float32

@@ -62,7 +62,7 @@ def test_decode_loop_loads_code_rows_as_vectors(tmp_path):
     # and the side copy stores 8 bytes at a time (2-byte accesses: only the scale halves).
     st = {(r["block_t"], r["num_warps"], r["stack"], r["symmetric"], r["preload"], r["rot"]): r
           for r in json.loads(out.read_text())["store"]}
-    dflt, unstacked = st[(8, 4, True, True, True, 0)], st[(8, 4, False, True, False, 0)]
+    dflt, unstacked = st[(8, 4, True, True, True, 2)], st[(8, 4, False, True, False, 2)]
     assert dflt["barriers"] < 0.6 * unstacked["barriers"], (dflt, unstacked)
     widths = dflt["global_by_width"]
     assert widths.get("LDG.E.U16", 0) == 0 and widths.get("LDG.E.128", 0) >= 2, widths

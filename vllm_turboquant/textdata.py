@@ -70,7 +70,15 @@ def ensure_english_text() -> Path:
         fetch = ["apt-get", "download", DEBIAN_PACKAGE]
         if subprocess.run(fetch, cwd=tmp, capture_output=True).returncode != 0:
             subprocess.run(["apt-get", "update", "-qq"], capture_output=True)
-            subprocess.run(fetch, cwd=tmp, check=True, capture_output=True)
+            done = subprocess.run(fetch, cwd=tmp, capture_output=True, text=True)
+            if done.returncode != 0:
+                # A machine without the Debian archive (the GPU machine has no network):
+                # say where the file goes instead of a bare CalledProcessError.
+                raise RuntimeError(
+                    f"cannot fetch the evaluation text: `apt-get download {DEBIAN_PACKAGE}` "
+                    f"failed ({done.stderr.strip()[-200:]!r}). Run `python -m "
+                    f"vllm_turboquant.textdata` where apt works and copy {out} here (its "
+                    f"folder is $VLLM_TURBOQUANT_CACHE, default ~/.cache/vllm_turboquant).")
         deb = glob.glob(os.path.join(tmp, "*.deb"))[0]
         subprocess.run(["dpkg-deb", "-x", deb, os.path.join(tmp, "x")], check=True)
         text = "\n\n".join(novels_from_rdb(Path(tmp, "x", _RDB)))

@@ -617,8 +617,9 @@ def test_decode_counters_cannot_grow_inside_capture():
 
 # Every store configuration kernels.py times: the default and each of its parts undone.
 STORE_VARIANTS = [dict(), dict(block_t=8, num_warps=1), dict(block_t=8, num_warps=2),
-                  dict(block_t=16, num_warps=4), dict(rot="dot16"), dict(stack=False),
+                  dict(block_t=16, num_warps=4), dict(rot="tf32"), dict(stack=False),
                   dict(symmetric=False), dict(preload=False), dict(block_t=64, num_warps=8),
+                  dict(block_t=32, num_warps=8),
                   dict(block_t=32, num_warps=8, stack=False, symmetric=False, preload=False)]
 
 
