@@ -417,9 +417,9 @@ def store_config(tokens: int, num_kv_heads: int, head_size: int, device,
                  fixed: bool = False) -> tuple[int, int]:
     """(tokens per program, warps) of tq_store; a program's tile is twice as many rows (keys
     and values stacked, every preset). Large stores (prefill chunks): 32 tokens / 4 warps,
-    64 rows (H200, CUDA graphs, 8K tokens x 8 heads x 128, bf16, the 16-bit rotation dot: 82.9
-    us, vs 98.6 for 32 / 8, 88.7 for 16 / 4, 89.4 for 64 / 8; `benchmarks/kernels.py --only
-    store`, 2026-12-03 evening lease, re-measured in benchmarks/results/h200-20261204a/).
+    64 rows (H200, CUDA graphs, 8K tokens x 8 heads x 128, bf16, the 16-bit rotation dot: 82.7
+    us, vs 99.3 for 32 / 8, 89.3 for 16 / 4, 89.6 for 64 / 8; `benchmarks/kernels.py --only
+    store`, benchmarks/results/h200-20261204a/).
     Stores whose large grid would not give every SM a program (decode steps: one token per
     request), 8 tokens / 4 warps: the 16-row minimum of a tensor-core dot, so a decode step's
     few programs finish sooner (SmolLM2's 3 KV heads x 64, 1 / 32 / 256 tokens: 6.8 / 7.0 /
@@ -471,7 +471,7 @@ def tq_store(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
     the same math, twice the registers and shared memory), "ieee" (exact fp32 FMA; fp32
     inputs and the interpreter always). H200, CUDA graphs, 2026-12-03: dot16 99.1 vs tf32
     141.9 us at 8K tokens x 8 heads x 128 (32 / 8); SmolLM2 decode-step stores (8 / 4) within
-    0.4 us either way, 6.8 / 7.0 / 7.7 vs 7.0 / 7.4 / 7.5 us at 1 / 32 / 256 tokens
+    0.4 us either way, 6.8 / 7.0 / 7.7 vs 7.1 / 7.4 / 7.5 us at 1 / 32 / 256 tokens
     (benchmarks/results/h200-20261203f/).
     block_t, num_warps: tokens per program and warps, default `store_config` (by the store's
     size; fixed_tiles: one config for every size, see there).
