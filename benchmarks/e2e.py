@@ -462,16 +462,16 @@ def main(argv=None) -> dict:
         ap.error(f"--dtypes lists an entry twice: {args.dtypes!r}")
     if args.repeats < 1:
         ap.error(f"--repeats must be >= 1, got {args.repeats}")
-    eager = args.eager or not gpu  # CPU: torch.compile costs minutes
-    budget = args.budget_s or (540.0 if gpu else 1500.0)
-    from vllm_turboquant.models import resolve_model
-    model = resolve_model(args.model)
-    if args.prompts == "real":  # fetch the text now: a worker that cannot is minutes in
+    if args.prompts == "real":  # fetch the text now: a worker that cannot is minutes in, past the model build
         from vllm_turboquant.textdata import ensure_english_text
         try:
             ensure_english_text()
         except RuntimeError as e:
             ap.error(str(e))
+    eager = args.eager or not gpu  # CPU: torch.compile costs minutes
+    budget = args.budget_s or (540.0 if gpu else 1500.0)
+    from vllm_turboquant.models import resolve_model
+    model = resolve_model(args.model)
     info = machine_info()
     args.out_dir.mkdir(parents=True, exist_ok=True)
     for d in dtypes:  # an earlier run's worker files must not pass for this run's

@@ -282,6 +282,23 @@ def test_e2e_dtype_variants_parse_and_refuse_bad_entries():
         assert exc.value.code == 2
 
 
+def test_e2e_without_the_text_stops_before_any_model(monkeypatch):
+    """A machine that cannot fetch the evaluation text (no network) gets the fetch's message
+    as a usage error before the model is built or any engine starts."""
+    import e2e
+
+    def no_text():
+        raise RuntimeError("cannot fetch the evaluation text: copy austen.txt here")
+
+    def no_model(*a, **kw):
+        raise AssertionError("the model was resolved before the text was checked")
+    monkeypatch.setattr("vllm_turboquant.textdata.ensure_english_text", no_text)
+    monkeypatch.setattr("vllm_turboquant.models.resolve_model", no_model)
+    with pytest.raises(SystemExit) as exc:
+        e2e.main(["--dtypes", "auto", "--out-dir", "/nonexistent/e2e"])
+    assert exc.value.code == 2
+
+
 def test_e2e_variant_rows_keep_their_entry_as_label(monkeypatch, tmp_path):
     """A variant's row is labelled with its whole --dtypes entry, not the worker's plain
     dtype (which once overwrote it: the A/B rows of one run both read "turboquant"), and its
