@@ -344,6 +344,22 @@ def profile(fn, n: int) -> str:
     return buf.getvalue()
 
 
+def host_table(fn, n: int) -> str:
+    """torch.profiler's CPU-side table of n calls of fn (self CPU time per op, what each
+    torch op, Triton launch and cuda* runtime call costs on this host), sorted by self CPU."""
+    from torch.profiler import ProfilerActivity, profile as tprofile
+
+    acts = [ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        acts.append(ProfilerActivity.CUDA)     # adds the runtime/driver calls (cuLaunch*)
+    for _ in range(3):
+        fn()
+    with tprofile(activities=acts) as prof:
+        for _ in range(n):
+            fn()
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--json", default=None)
@@ -357,6 +373,9 @@ def main():
                     help="comma list of substrings: run only the cases whose name has one")
     ap.add_argument("--ab-launch", action="store_true",
                     help="time every op also with Triton's plain launch (kernels/_launch.py off)")
+    ap.add_argument("--host-table", default=None, metavar="OP",
+                    help="also record torch.profiler's CPU table of this op (e.g. "
+                         "forward_split_own) per case: which calls its host time is made of")
     ap.add_argument("--best", metavar="JSON", help="print the fastest correct SmolLM2 prefill "
                     "config of a --sweep run, as $VLLM_TURBOQUANT_PREFILL_CONFIG takes it")
     args = ap.parse_args()
@@ -414,6 +433,9 @@ def main():
                 row["fa_error"] = f"{type(e).__name__}: {str(e)[:300]}"
         if chunk:
             row["profile_forward"] = profile(fns["forward"], 3 if args.smoke else 40)
+        if args.host_table and args.host_table in fns:
+            row["host_table"] = host_table(fns[args.host_table], 2 if args.smoke else 20)
+            print(f"== host table {args.host_table}, {name} (20 calls)\n{row['host_table']}")
         result["cases"].append(row)
         print(f"== {name}")
         for op, r in row["ops"].items():

@@ -117,6 +117,12 @@ PROFILES = {
                 phases={"decode": dict(requests=[(128, 1024, 128)], active=40),
                         "decode_c1": dict(requests=[(1, 2048, 64)], active=40),
                         "mixed": dict(requests=[(64, 256, 40), (6, 3072, 4)])}),
+    # e2e.py's long workload's mixed steps (16,384-token budget, 7,700-token prompts: each
+    # step carries fresh prompts, one prompt's continuation chunk and the running decodes):
+    # 16 prompts give ~7 such steps, 5 of them recorded.
+    "long": dict(kv_bytes=4 * GiB, max_num_seqs=128, max_model_len=8192,
+                 max_num_batched_tokens=16384, warm_runs=1, stack_active=3,
+                 phases={"mixed": dict(requests=[(16, 7700, 4)])}),
     # float32: bf16 matmuls on a CPU without bf16 units cost ~1 s per decode step here.
     "cpu": dict(dtype="float32", kv_bytes=64 * MiB, max_num_seqs=4, max_model_len=512,
                 max_num_batched_tokens=64, warm_runs=0, stack_active=2,
@@ -124,7 +130,7 @@ PROFILES = {
                         "decode_c1": dict(requests=[(1, 32, 8)], active=3),
                         "mixed": dict(requests=[(2, 16, 8), (1, 288, 2)])}),
 }
-DEFAULT_PHASES = {"gpu": "decode,decode_c1,mixed", "cpu": "decode,mixed"}
+DEFAULT_PHASES = {"gpu": "decode,decode_c1,mixed", "cpu": "decode,mixed", "long": "mixed"}
 
 
 # -- pure helpers (tested in tests/test_profile_step.py) ---------------------------------------

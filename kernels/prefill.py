@@ -224,13 +224,17 @@ def _tq_prefill_kernel(
     KMODE: tl.constexpr, VMODE: tl.constexpr, KASM: tl.constexpr = "", VASM: tl.constexpr = "",
     DEQ: tl.constexpr = False, DEQ_STAGES: tl.constexpr = 1,
     INVARIANT: tl.constexpr = False, ALIGN: tl.constexpr = 0, ALIGN_B: tl.constexpr = 4,
-    OWN: tl.constexpr = False,
+    OWN: tl.constexpr = False, OWN_PREFIX: tl.constexpr = False,
 ):
     """OWN (with DEQ): the attention of each row over its chunk's own keys j <= t - WIN comes
     precomputed (own_o, own_lse: FlashAttention over the chunk's dequantized copy, in the
     rotated space, with softmax scale ln 2 on these prescaled queries); the deq loop then
     covers only the keys in (t - WIN, last_packed(t)], which the aligned window reads packed
-    (none for an unaligned one), and the two parts are merged by log-sum-exp after the loops."""
+    (none for an unaligned one), and the two parts are merged by log-sum-exp after the loops.
+    OWN_PREFIX (with OWN): own_o / own_lse cover the cached prefix's keys j <= t - WIN too
+    (FlashAttention over the prefix unpacked by kernels/unpack.py, then the chunk's own), so
+    the packed-prefix loop reads only the prefix keys inside the rows' windows (j > t - WIN:
+    at most the prefix's last WIN tokens, for the chunk's first rows)."""
     b = tl.program_id(0)
     # Longest rows first: under causal masking the last blocks of a chunk do the most tiles,
     # and the GPU starts programs in launch order.
@@ -293,7 +297,10 @@ def _tq_prefill_kernel(
         gather_end = packed_end
         if DEQ:
             gather_end = prefix
-        for n0 in range(0, gather_end, BLOCK_N):
+        gather_lo = 0
+        if OWN_PREFIX:   # prefix keys j <= t - WIN came with own_o: the window's part remains
+            gather_lo = (tl.maximum(first_pos - WIN + 1, 0) // BLOCK_N) * BLOCK_N
+        for n0 in range(gather_lo, gather_end, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             nmask = offs_n < gather_end
             blk, in_blk, vp, sp, s = _packed_scores(
@@ -303,6 +310,8 @@ def _tq_prefill_kernel(
             # prefix keys: every row; chunk keys: only rows whose window they have left
             valid = nmask[None, :] & ((offs_n[None, :] < prefix)
                                       | (offs_n[None, :] <= last_packed[:, None]))
+            if OWN_PREFIX:
+                valid = valid & (offs_n[None, :] + WIN > pos_r[:, None])
 
             # [ROWS, BLOCK_N] "read exactly"; defined outside the runtime `if` (Triton scopes
             # names bound inside it).
@@ -464,7 +473,7 @@ def tq_prefill(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                rotated: bool = False, block_m: int | None = None, block_n: int | None = None,
                num_warps: int | None = None, num_stages: int = 1,
                lookup: int = 3, deq=None, deq_stages: int | None = None,
-               invariant: bool = False, own=None,
+               invariant: bool = False, own=None, own_prefix: bool = False,
                q_rotated: torch.Tensor | None = None) -> torch.Tensor:
     """Triton prefill over packed pages; same contract as `reference.tq_prefill_ref`.
 
@@ -483,6 +492,9 @@ def tq_prefill(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     ln 2 (FlashAttention's output and natural log-sum-exp, +inf for a row without keys):
     the kernel then reads only the remaining own keys and merges the two by log-sum-exp (see
     _tq_prefill_kernel's OWN).
+    own_prefix: `own` also covers each row's cached prefix keys j <= t - W (FlashAttention
+    over the copy with the prefix unpacked first, kernels/unpack.py): the kernel then reads
+    from the packed prefix only the keys inside the rows' windows.
     q_rotated: rotate_query(query, params, scale), when the caller has it already.
     invariant: batch-invariant order (vLLM's VLLM_BATCH_INVARIANT; see _invariant_tiles):
     a row's output is bit for bit the same however its prompt was chunked; takes no deq
@@ -565,6 +577,8 @@ def tq_prefill(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     else:
         own_o = own_lse = unused_arg(p, query.device)
         lse_strides = (0, 0)
+        if own_prefix:
+            raise ValueError("tq_prefill: own_prefix needs own")
     if deq_stages is None:
         # Pipeline depth of the deq loop's loads (benchmarks/layer_step.py --sweep, H200,
         # 2026-12-02, benchmarks/results/h200-20261202b/): head 64 fresh 7,700-token prompt
@@ -596,7 +610,8 @@ def tq_prefill(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
         BLOCK_N=block_n,
         HAS_SIDE=has_side, F32=f32, COLS=min(d, 64), WIN=win, KMODE=kmode, VMODE=vmode,
         KASM=kasm, VASM=vasm, DEQ=deq is not None, DEQ_STAGES=deq_stages,
-        INVARIANT=invariant, OWN=own is not None, ALIGN=p.align if has_side else 0,
+        INVARIANT=invariant, OWN=own is not None, OWN_PREFIX=bool(own_prefix),
+        ALIGN=p.align if has_side else 0,
         ALIGN_B=align_b, num_warps=num_warps,
         num_stages=num_stages)
     return out

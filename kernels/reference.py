@@ -329,9 +329,12 @@ def own_attention_ref(q_rot: torch.Tensor, own_k: torch.Tensor, own_v: torch.Ten
     backend/own_attention.py (varlen, causal, bottom-right aligned, softmax scale ln 2).
 
     q_rot [T, Hq, D]: rotated, prescaled queries (decode.rotate_query); own_k, own_v
-    [T_own, Hkv, D]: chunk b's first max(L_b - window, 0) tokens dequantized, at rows
-    cu_seqlens_k[b]..cu_seqlens_k[b + 1] (tq_store's own_out); cu_seqlens_q int32 [B + 1].
-    Query i of chunk b attends its keys j <= i - window. Returns (out [T, Hq, D] in q_rot's
+    [T_own, Hkv, D]: request b's first K_b = max(P_b + L_b - window, 0) positions
+    dequantized (P_b cached prefix tokens from tq_unpack_pages, then the chunk's own from
+    tq_store's own_out; P_b = 0 for the chunks' own keys alone), at rows
+    cu_seqlens_k[b]..cu_seqlens_k[b + 1]; cu_seqlens_q int32 [B + 1]. Query i of chunk b
+    (position P_b + i) attends key rows j <= i + K_b - L_b, i.e. positions <= its own minus
+    window (window itself is implied by the key counts). Returns (out [T, Hq, D] in q_rot's
     dtype, lse [Hq, T] float32: natural log-sum-exp, +inf for a row without keys, as
     FlashAttention reports it; out 0 there)."""
     t, hq, d = q_rot.shape
@@ -347,12 +350,41 @@ def own_attention_ref(q_rot: torch.Tensor, own_k: torch.Tensor, own_v: torch.Ten
         k = own_k[k0:k1].float().repeat_interleave(g, dim=1)
         v = own_v[k0:k1].float().repeat_interleave(g, dim=1)
         s = torch.einsum("qhd,khd->hqk", q, k) * math.log(2.0)
+        # causal, aligned bottom-right as FlashAttention's: query i sees key j <= i + K - L
+        # (K = L - window for the own keys alone: j <= i - window)
         i = torch.arange(q1 - q0, device=q.device)[:, None]
         j = torch.arange(k1 - k0, device=q.device)[None, :]
-        s = s.masked_fill(~(j <= i - window), float("-inf"))
+        s = s.masked_fill(~(j <= i + (k1 - k0) - (q1 - q0)), float("-inf"))
         row_lse = torch.logsumexp(s, dim=-1)                                   # [H, q]
         has = torch.isfinite(row_lse)
         p = torch.where(has[..., None], torch.exp(s - row_lse[..., None]), 0.0)
         out[q0:q1] = torch.einsum("hqk,khd->qhd", p, v)
         lse[:, q0:q1] = torch.where(has, row_lse, float("inf"))
     return out.to(q_rot.dtype), lse
+
+
+def tq_unpack_pages_ref(kv_cache: torch.Tensor, block_table: torch.Tensor, req: torch.Tensor,
+                        pos: torch.Tensor, dst: torch.Tensor, params, out_k: torch.Tensor,
+                        out_v: torch.Tensor) -> None:
+    """What kernels/unpack.tq_unpack_pages writes: token r (position pos[r] of request req[r])
+    dequantized into out_k / out_v [rows, Hkv, D] at row dst[r] (skipped where < 0), as C[code] * scale with the
+    centroid first rounded to the output dtype and the product rounded once (tq_store's
+    own_out values)."""
+    p = as_params(params, kv_cache.device)
+    if req.numel() == 0:
+        return
+    keep = dst >= 0
+    req, pos, dst = req[keep], pos[keep], dst[keep]
+    lay, d, bs = p.layout, p.head_size, kv_cache.shape[1]
+    pos64 = pos.long()
+    blocks = block_table.long()[req.long(), pos64 // bs]
+    slots = read_slots(kv_cache, lay, blocks, pos64 % bs)           # [R, Hkv, slot_bytes]
+    dt = out_k.dtype
+    kc = unpack_codes(slots[..., :lay.k_code_bytes], p.key_bits, d)
+    vc = unpack_codes(slots[..., lay.v_codes_offset:lay.k_scale_offset], p.value_bits, d)
+    ks = slots[..., lay.k_scale_offset:lay.k_scale_offset + 2].contiguous().view(torch.float16)
+    vs = slots[..., lay.v_scale_offset:lay.v_scale_offset + 2].contiguous().view(torch.float16)
+    k = p.key_centroids.to(dt).float()[kc] * ks.float()
+    v = p.value_centroids.to(dt).float()[vc] * vs.float()
+    out_k[dst.long()] = k.to(dt)
+    out_v[dst.long()] = v.to(dt)

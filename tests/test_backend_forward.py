@@ -115,7 +115,9 @@ class Harness:
             seq_lens=torch.tensor(seq_lens, dtype=torch.int32), num_reqs=len(batch),
             num_actual_tokens=t_total, max_query_len=max(n for _, n in batch),
             max_seq_len=max(seq_lens), block_table_tensor=bt,
-            slot_mapping=torch.tensor(slots, dtype=torch.int64))
+            slot_mapping=torch.tensor(slots, dtype=torch.int64),
+            # what vLLM's model runner passes beside the device lengths (metadata._prefix_rows)
+            seq_lens_cpu_upper_bound=torch.tensor(seq_lens, dtype=torch.int32))
         md = self.builder.build(0, cm)
         out = torch.full((t_total, HQ, D), float("nan"))
         self.impl.forward(self.layer, torch.cat(qs), torch.cat(ks), torch.cat(vs),
@@ -213,18 +215,24 @@ def test_forward_matches_semantics_over_prefill_chunk_and_decode_steps(window, s
 
 @pytest.mark.skipif(os.environ.get("VLLM_TURBOQUANT_FORCE_TRITON") != "1",
                     reason="the Triton launchers' path (run by the interpreted subprocess test)")
-@pytest.mark.parametrize("window,split,align", [(0, False, 0), (0, True, 0), (4, True, 0),
-                                               (3, False, 4)])
-def test_forward_with_own_attention_matches_semantics(window, split, align, monkeypatch):
+@pytest.mark.parametrize("window,split,align,prefix", [
+    (0, False, 0, False), (0, True, 0, False), (4, True, 0, False), (3, False, 4, False),
+    (0, True, 0, True), (4, True, 0, True), (3, False, 4, True), (4, True, 4, True)])
+def test_forward_with_own_attention_matches_semantics(window, split, align, prefix,
+                                                      monkeypatch):
     """backend/own_attention.py on: the chunks' own packed keys through the FlashAttention
-    call (its torch stand-in off the GPU), merged into the prefill kernel's result; same answers."""
+    call (its torch stand-in off the GPU), merged into the prefill kernel's result; same answers.
+    prefix: the continuation chunks' cached prefixes through it too (metadata's own_prefix,
+    unpacked by kernels/unpack.py; the split path and decode-free steps only)."""
     from vllm_turboquant.backend import own_attention
 
     h = Harness(window, align=align)
     h.builder.own_fa = True
     h.builder.own_min_query = 2       # below it (1-token chunks: decodes) the kernel alone
+    h.builder.own_prefix_max = 10 ** 6 if prefix else 0
     if split:
         h.impl.split_decode_ctx = 0
+        h.builder.split_ctx = 0
     calls = []
     real = own_attention.attend
 
@@ -246,7 +254,10 @@ def test_forward_with_own_attention_matches_semantics(window, split, align, monk
     md, res = h.step([("A", 10), ("B", 4)])
     assert md.own_index is not None
     _check(h, res, window)
+    assert not md.own_prefix                          # fresh prompts: no prefix
     md, res = h.step([("A", 1), ("B", 9)])
+    # B's 4 cached tokens go through FlashAttention where the decode takes the split kernel
+    assert md.own_prefix == (prefix and split)
     _check(h, res, window)
     md, res = h.step([("A", 1), ("B", 1)])            # decodes only: no own attention
     assert md.own_index is None
@@ -255,8 +266,12 @@ def test_forward_with_own_attention_matches_semantics(window, split, align, monk
     md, res = h.step([("A", 1), ("B", 3)])            # the longest chunk below the minimum
     assert md.own_index is None
     _check(h, res, window)
+    # continuation chunks, no decodes (each request on its row: the window ring is per row)
+    md, res = h.step([("A", 5), ("B", 6)])
+    assert md.own_prefix == prefix
+    _check(h, res, window)
     # one call per mixed/prefill step, over the chunks (split) or every row (one launch)
-    assert calls == ([2, 1] if split else [2, 2]), calls
+    assert calls == ([2, 1, 2] if split else [2, 2, 2]), calls
 
 
 def test_split_decode_ctx_setting():
@@ -578,6 +593,11 @@ def test_own_attention_switch_defaults_on_and_refuses_bad_values(monkeypatch):
     with pytest.raises(TurboQuantConfigError, match="VLLM_TURBOQUANT_OWN_FA"):
         Harness(4)
     monkeypatch.delenv("VLLM_TURBOQUANT_OWN_FA")
+    # the cached prefixes through FlashAttention: opt-in (0 = off), a token count or an error
+    assert own_attention.prefix_max({}) == own_attention.PREFIX_MAX == 0
+    assert own_attention.prefix_max({"VLLM_TURBOQUANT_OWN_FA_PREFIX_MAX": "16384"}) == 16384
+    with pytest.raises(ValueError, match="VLLM_TURBOQUANT_OWN_FA_PREFIX_MAX"):
+        own_attention.prefix_max({"VLLM_TURBOQUANT_OWN_FA_PREFIX_MAX": "16k"})
     assert own_attention.min_query_len({}) == own_attention.MIN_QUERY
     assert own_attention.min_query_len({"VLLM_TURBOQUANT_OWN_FA_MIN_QUERY": "0"}) == 0
     with pytest.raises(ValueError, match="VLLM_TURBOQUANT_OWN_FA_MIN_QUERY"):

@@ -25,6 +25,8 @@ from vllm_turboquant.kernels import store as _store  # noqa: E402
 from vllm_turboquant.kernels._tl import interpreting  # noqa: E402
 from vllm_turboquant.kernels.decode import tq_decode  # noqa: E402
 from vllm_turboquant.kernels.prefill import tq_prefill  # noqa: E402
+from vllm_turboquant.kernels.reference import decode_slots, tq_unpack_pages_ref  # noqa: E402
+from vllm_turboquant.kernels.unpack import tq_unpack_pages  # noqa: E402
 from vllm_turboquant.kernels.reference import (own_attention_ref, tq_decode_ref,  # noqa: E402
                                                 tq_prefill_ref, tq_store_ref)
 from vllm_turboquant.kernels.store import tq_store  # noqa: E402
@@ -470,6 +472,107 @@ def test_prefill_own_attention_from_flash_matches_reference(window, align, g):
     bad = tq_prefill(q, kr, vr, cu, sl, cache, bt, params, scale, side, block_m=4, block_n=16,
                      rotated=True, deq=deq, own=(own[0] * 0.5, own[1]), q_rotated=q_rot)
     assert (bad.float() - want.float()).norm() > 1e-2 * want.float().norm()
+
+
+def _prefix_copy_rows(cu, sl, window):
+    """The backend's rows of the copy FlashAttention reads when it covers the cached prefix too
+    (backend/metadata.py, own_prefix): request b's first K_b = max(seq_len_b - window, 0)
+    positions at rows cu_k[b]..: its prefix positions < min(P_b, K_b) unpacked from the cache
+    (tq_unpack_pages' req / pos / dst), then its chunk tokens i < L_b - window from the store
+    (own_index). -> (own_index, cu_k, req, pos, dst)."""
+    lens = (cu[1:] - cu[:-1]).long()
+    prefix = sl.long() - lens
+    keys = (sl.long() - window).clamp(min=0)
+    n_pre = torch.minimum(prefix, keys)
+    cu_k = torch.cat([torch.zeros(1, dtype=torch.long), keys.cumsum(0)])
+    idx, req, pos, dst = [], [], [], []
+    for b in range(len(lens)):
+        i = torch.arange(int(lens[b]))
+        idx.append(torch.where(prefix[b] + i < keys[b], cu_k[b] + prefix[b] + i, -1))
+        j = torch.arange(int(n_pre[b]))
+        req.append(torch.full_like(j, b))
+        pos.append(j)
+        dst.append(cu_k[b] + j)
+    cat = lambda xs: torch.cat(xs).int()  # noqa: E731
+    return cat(idx), cu_k.int(), cat(req), cat(pos), cat(dst)
+
+
+@pytest.mark.parametrize("dtype,name,bs", [(torch.bfloat16, "turboquant", 16),
+                                           (torch.float16, "tq-k3v3", 32)])
+def test_unpack_pages_matches_reference(dtype, name, bs):
+    """Cached slots -> rows C[code] * scale: the kernel writes the reference's values, at the
+    rows asked (rows with dst < 0 untouched), and they decode the slots."""
+    codec, params = make_params(name)
+    hkv, d = 2, 64
+    lens = [37, 5, 70]
+    cache, bt, _ = paged(lens, hkv, d, bs, params, dtype, permuted=True)
+    g = torch.Generator().manual_seed(3)
+    req = torch.cat([torch.full((n,), b) for b, n in enumerate(lens)])
+    pos = torch.cat([torch.arange(n) for n in lens])
+    perm = torch.randperm(len(req), generator=g)
+    dst = perm.clone()
+    dst[::7] = -1                                      # skipped rows
+    req, pos, dst = req.int(), pos.int(), dst.int()
+    outs = []
+    for fn in (tq_unpack_pages, tq_unpack_pages_ref):
+        ok = torch.full((len(req), hkv, d), 7.0, dtype=dtype)
+        ov = torch.full((len(req), hkv, d), 7.0, dtype=dtype)
+        fn(cache, bt, req, pos, dst, params, ok, ov)
+        outs.append((ok, ov))
+    (gk, gv), (wk, wv) = outs
+    # (not bit for bit here: the CPU interpreter's fp32 -> bf16 cast rounds otherwise than
+    # CUDA's, as noted for the store's deq copy; the GPU suite compares bits)
+    assert_close(gk, wk, dtype, "unpacked keys vs reference")
+    assert_close(gv, wv, dtype, "unpacked values vs reference")
+    skipped = torch.ones(len(req), dtype=torch.bool)
+    skipped[dst[dst >= 0].long()] = False
+    assert bool((gk[skipped] == 7.0).all()) and bool((gk[~skipped] != 7.0).any())
+    # the values are the slots' dequantized keys / values (up to the output dtype's rounding)
+    keep = dst >= 0
+    blocks = bt.long()[req[keep].long(), pos[keep].long() // bs]
+    slots = read_slots(cache, params.layout, blocks, pos[keep].long() % bs)
+    k_ref, v_ref = decode_slots(params, slots)
+    assert_close(gk[dst[keep].long()], k_ref, dtype, "unpacked keys")
+    assert_close(gv[dst[keep].long()], v_ref, dtype, "unpacked values")
+
+
+@pytest.mark.parametrize("window,align,g", [(0, 0, 2), (8, 0, 3), (8, 16, 3)])
+def test_prefill_own_prefix_from_flash_matches_reference(window, align, g):
+    """OWN_PREFIX: FlashAttention's (out, lse) covers every key j <= t - W, the cached prefix
+    unpacked by tq_unpack_pages and the chunk's own from the store, and the kernel adds only
+    the window's part (prefix keys j > t - W, the aligned band, the exact window): the
+    policy's answer, unchanged. Continuation chunks shorter and longer than the window."""
+    dtype, hkv, d, bs = torch.bfloat16, 2, 64, 16
+    codec, params = make_params("turboquant", window=window, align=align)
+    lens, qlens = [30, 45, 26, 40, 50], [30, 20, 1, 11, 5]
+    side, cache, bt, k, v, q, cu, sl = chunk_batch(lens, qlens, hkv, g, d, bs, params, dtype,
+                                                   window)
+    scale = d ** -0.5
+    kr = (k.float() @ params.rotation.T).to(dtype)
+    vr = (v.float() @ params.rotation.T).to(dtype)
+    want = tq_prefill_ref(q, kr, vr, cu, sl, cache, bt, params, scale, side, rotated=True)
+    own_idx, cu_k, req, pos, dst = _prefix_copy_rows(cu, sl, window)
+    assert int(req.numel()) > 0
+    t = k.shape[0]
+    slots = torch.empty(t, dtype=torch.long)
+    for b in range(len(lens)):
+        p_ = torch.arange(lens[b] - qlens[b], lens[b])
+        slots[int(cu[b]):int(cu[b + 1])] = bt[b].long()[p_ // bs] * bs + p_ % bs
+    n_rows = int(cu_k[-1])
+    deq = (torch.empty(t, hkv, d, dtype=dtype), torch.empty(t, hkv, d, dtype=dtype),
+           torch.empty(t, hkv, dtype=torch.int32))
+    own_kv = (torch.zeros(n_rows, hkv, d, dtype=dtype), torch.zeros(n_rows, hkv, d, dtype=dtype))
+    tq_store(k, v, cache, slots, params, deq_out=deq, own_out=(*own_kv, own_idx))
+    tq_unpack_pages(cache, bt, req, pos, dst, params, *own_kv)
+    q_rot = _decode.rotate_query(q, params, scale)
+    own = own_attention_ref(q_rot, *own_kv, cu, cu_k, window)
+    got = tq_prefill(q, kr, vr, cu, sl, cache, bt, params, scale, side, block_m=4, block_n=16,
+                     rotated=True, deq=deq, own=own, own_prefix=True, q_rotated=q_rot)
+    assert_close(got, want, dtype, "prefill with the prefix through FlashAttention")
+    # the kernel really skips the covered prefix: without own_prefix it is counted twice
+    twice = tq_prefill(q, kr, vr, cu, sl, cache, bt, params, scale, side, block_m=4,
+                       block_n=16, rotated=True, deq=deq, own=own, q_rotated=q_rot)
+    assert (twice.float() - want.float()).norm() > 1e-2 * want.float().norm()
 
 
 def _chunk_deq(k, v, cu, seq_lens, bt, bs, params, dtype, cache):

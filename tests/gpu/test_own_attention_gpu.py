@@ -135,3 +135,72 @@ def test_prefill_with_flash_own_part_matches_the_deq_path(preset, window, align,
     assert bool(torch.isfinite(base).all()) and bool(torch.isfinite(got).all())
     assert _rel_err(got, base) < 1e-2, _rel_err(got, base)
     assert _rel_err(got, want) < 2e-2, _rel_err(got, want)
+
+
+@pytest.mark.parametrize("attend", ["flash", "torch"])
+@pytest.mark.parametrize("preset,window,align", [("turboquant", 64, 128), ("tq-k4v4", 0, 0)])
+def test_prefill_with_the_prefix_through_flash_matches_the_reference(preset, window, align,
+                                                                     attend, request):
+    """own_prefix (backend/metadata.py): the continuation chunks' cached prefixes unpacked by
+    tq_unpack_pages (bit for bit the reference's values) into the copy beside the chunks' own
+    keys, FlashAttention over every key j <= t - W, the prefill kernel adds only the window's
+    part. Against the reference and the kernel-only path; a chunk shorter than the window
+    (its copy stops inside the prefix) included."""
+    from vllm_turboquant.kernels.reference import tq_unpack_pages_ref
+    from vllm_turboquant.kernels.unpack import tq_unpack_pages
+
+    attend = request.getfixturevalue("flash") if attend == "flash" else _torch_attend
+    d, hq, hkv, bs, dtype = 64, 9, 3, 128, torch.bfloat16
+    lens, qlens = [2500, 1500, 3000, 900], [2000, 1500, 40, 300]
+    _, params = _params(preset, d, window=window, align=align)
+    side = TQSide.empty(len(lens), window, hkv, d, dtype, DEV) if window else None
+    cache, bt, seqs = _paged(lens, hkv, d, bs, params, dtype, side=side)
+    k = torch.cat([s[0][n - m:] for s, n, m in zip(seqs, lens, qlens)])
+    v = torch.cat([s[1][n - m:] for s, n, m in zip(seqs, lens, qlens)])
+    q = torch.randn(sum(qlens), hq, d, device=DEV).to(dtype)
+    cu = torch.tensor([0] + qlens, device=DEV).cumsum(0).int()
+    keys = [max(n - window, 0) for n in lens]                 # copy rows per request
+    cu_k = torch.tensor([0] + keys, device=DEV).cumsum(0).int()
+    t = k.shape[0]
+    own_idx = torch.full((t,), -1, dtype=torch.int32, device=DEV)
+    slots = torch.empty(t, dtype=torch.long, device=DEV)
+    req, pos, dst = [], [], []
+    for b, (n, m) in enumerate(zip(lens, qlens)):
+        p = torch.arange(n - m, n, device=DEV)
+        slots[int(cu[b]):int(cu[b + 1])] = bt[b].long()[p // bs] * bs + p % bs
+        n_pre = min(n - m, keys[b])
+        own_n = keys[b] - n_pre
+        own_idx[int(cu[b]):int(cu[b]) + own_n] = (torch.arange(own_n, device=DEV) + n_pre
+                                                  + int(cu_k[b])).int()
+        req += [b] * n_pre
+        pos += list(range(n_pre))
+        dst += [int(cu_k[b]) + j for j in range(n_pre)]
+    i32 = dict(dtype=torch.int32, device=DEV)
+    req, pos, dst = (torch.tensor(x, **i32) for x in (req, pos, dst))
+    buf = torch.full((4, t, hkv, d), float("nan"), dtype=dtype, device=DEV)
+    words = torch.empty(t, hkv, dtype=torch.int32, device=DEV)
+    deq = (buf[2], buf[3], words)
+    copy = torch.zeros(2, int(cu_k[-1]), hkv, d, dtype=dtype, device=DEV)
+    tq_store(k, v, cache, slots, params, rot_out=(buf[0], buf[1]), deq_out=deq,
+             own_out=(copy[0], copy[1], own_idx))
+    ref = torch.zeros_like(copy)
+    tq_unpack_pages_ref(cache, bt, req, pos, dst, params, ref[0], ref[1])
+    tq_unpack_pages(cache, bt, req, pos, dst, params, copy[0], copy[1])
+    rows = dst.long()
+    assert torch.equal(copy[:, rows], ref[:, rows]), "unpacked rows differ from the reference"
+    scale = d ** -0.5
+    q_rot = rotate_query(q, params, scale)
+    seq_lens = torch.tensor(lens, **i32)
+    own = attend(q_rot, copy[0], copy[1], cu, cu_k, max(qlens), window) if attend is \
+        _torch_attend else own_attention.attend(q_rot, copy[0], copy[1], cu, cu_k, max(qlens),
+                                                window, max(lens))
+    got = tq_prefill(q, buf[0], buf[1], cu, seq_lens, cache, bt, params, scale, side,
+                     max_query_len=max(qlens), rotated=True, deq=deq, own=own,
+                     own_prefix=True, q_rotated=q_rot)
+    base = tq_prefill(q, buf[0], buf[1], cu, seq_lens, cache, bt, params, scale, side,
+                      max_query_len=max(qlens), rotated=True, deq=deq)
+    want = tq_prefill_ref(q, buf[0], buf[1], cu, seq_lens, cache, bt, params, scale, side,
+                          rotated=True)
+    assert bool(torch.isfinite(got).all())
+    assert _rel_err(got, base) < 1e-2, _rel_err(got, base)
+    assert _rel_err(got, want) < 2e-2, _rel_err(got, want)

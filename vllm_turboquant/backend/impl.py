@@ -213,21 +213,34 @@ class TurboQuantImpl(AttentionImpl):
             # rotated K/V (0, 1), the deq copy (2, 3) and, when the chunks' own packed keys go
             # through FlashAttention (md.own_index, backend/own_attention.py), its copy (4, 5)
             own = md.own_index is not None
-            rot = torch.empty((6 if own else 4, t, hkv, d), dtype=query.dtype,
+            # the copy FlashAttention reads: beside the chunk's planes, or (own_prefix) its
+            # own buffer of md.own_rows rows, the cached prefixes first
+            in_rot = own and not md.own_prefix
+            rot = torch.empty((6 if in_rot else 4, t, hkv, d), dtype=query.dtype,
                               device=query.device)
-            if own:
+            if in_rot:
                 # FlashAttention's last key tile reads past the rows the store writes: zeros
                 # there, not stale bits (its masked P = 0 times a NaN value is NaN)
                 rot[4:].zero_()
+                own_kv = (rot[4], rot[5])
+            elif own:
+                copy = torch.zeros((2, md.own_rows, hkv, d), dtype=query.dtype,
+                                   device=query.device)
+                own_kv = (copy[0], copy[1])
             words = torch.empty((t, hkv), dtype=torch.int32, device=query.device)
             deq = (rot[2], rot[3], words)
-            own_kv = (rot[4], rot[5]) if own else None
         else:
             rot = torch.empty((2, t, hkv, d), dtype=query.dtype, device=query.device)
         ops.store(k, v, cache, md.slot_mapping, params, side, md.token_rows, md.token_pos,
                   md.store_seq_end, rot_out=(rot[0], rot[1]), deq_out=deq,
                   own_out=None if own_kv is None else (*own_kv, md.own_index),
                   invariant=invariant)
+        if own_kv is not None and md.own_prefix:
+            # the chunks' cached prefixes into the copy's first rows (the chunk's own came with
+            # the store), for FlashAttention to cover every key j <= t - W
+            ops.unpack(cache, md.block_table, md.unpack_req, md.unpack_pos, md.unpack_dst,
+                       params, *own_kv)
+        max_k = md.max_seq_len if md.own_prefix else None
         # 2. One attention launch for the whole batch: a decode is a one-token chunk, and the
         # prefill kernel applies the same per-query precision policy to it (its own token
         # exact from rot, its window from the ring, the rest packed): 2 launches and a second
@@ -240,20 +253,22 @@ class TurboQuantImpl(AttentionImpl):
                        params, self.scale, side, num_splits=self.splits(nd, query.device),
                        fused=self.decode_fused)
             q_rot, own = self._own_attention(q[nd:], own_kv, md.prefill_qsl, md.own_cu_k_p,
-                                             md.max_query_len, params)
+                                             md.max_query_len, params, max_k)
             ops.prefill(out[nd:], q[nd:], rot[0, nd:], rot[1, nd:], md.prefill_qsl,
                         md.seq_lens[nd:], cache, md.block_table[nd:], params, self.scale,
                         None if side is None else TQSide(*(x[nd:] for x in side)),
                         max_query_len=md.max_query_len, rotated=True,
                         deq=None if deq is None else tuple(x[nd:] for x in deq),
-                        invariant=invariant, own=own, q_rotated=q_rot)
+                        invariant=invariant, own=own, q_rotated=q_rot,
+                        own_prefix=md.own_prefix)
         else:
             q_rot, own = self._own_attention(q, own_kv, md.query_start_loc, md.own_cu_k,
-                                             md.max_query_len, params)
+                                             md.max_query_len, params, max_k)
             ops.prefill(out, q, rot[0], rot[1], md.query_start_loc, md.seq_lens, cache,
                         md.block_table, params, self.scale, side,
                         max_query_len=md.max_query_len, rotated=True, deq=deq,
-                        invariant=invariant, own=own, q_rotated=q_rot)
+                        invariant=invariant, own=own, q_rotated=q_rot,
+                        own_prefix=md.own_prefix)
         # 3. The chunks' window entries: their last W tokens again (the same packed bytes up
         # to the rotation's fp32 summation order: this smaller store may take smaller tiles,
         # kernels/store.store_config; it rewrites the slots and their window check together).
@@ -264,14 +279,15 @@ class TurboQuantImpl(AttentionImpl):
         return output
 
 
-    def _own_attention(self, q, own_kv, cu_q, cu_k, max_query_len, params):
+    def _own_attention(self, q, own_kv, cu_q, cu_k, max_query_len, params, max_seqlen_k=None):
         """(rotated query, own) for ops.prefill: FlashAttention over the chunks' own packed
-        keys (backend/own_attention.py) when this step wrote their copy, else (None, None)."""
+        keys (backend/own_attention.py) when this step wrote their copy, else (None, None).
+        max_seqlen_k: the longest key run (the step's longest sequence with own_prefix)."""
         if own_kv is None:
             return None, None
         q_rot = rotate_query(q, params, self.scale)
         return q_rot, own_attention.attend(q_rot, *own_kv, cu_q, cu_k, max_query_len,
-                                           self.config.window)
+                                           self.config.window, max_seqlen_k)
 
 
 def _refuse(cond: bool, what: str) -> None:

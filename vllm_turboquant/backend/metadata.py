@@ -9,6 +9,7 @@ persistent buffers, so a decode CUDA graph replays with this step's values.
 from __future__ import annotations
 
 from dataclasses import dataclass
+import logging
 from typing import ClassVar
 
 import torch
@@ -18,6 +19,8 @@ from vllm.v1.attention.backends.utils import split_decodes_and_prefills
 
 from vllm_turboquant import compat, settings
 from vllm_turboquant.backend import own_attention, warmup
+
+logger = logging.getLogger("vllm.turboquant")
 
 
 @dataclass
@@ -47,6 +50,13 @@ class TurboQuantMetadata(AttentionMetadata):
     own_cu_k  int32 [B + 1]: row starts per request (every row of the batch, decodes too);
     own_cu_k_p  int32 [P + 1]: the chunks' alone (the split path; a view of own_cu_k, so it
         starts past the decodes' rows, which exist when W = 0).
+    own_prefix  (host bool) the copy also holds the chunks' cached prefixes, for
+        FlashAttention to cover every key j <= t - W (backend/own_attention.py): request b's
+        rows are its first K_b = max(seq_len_b - W, 0) positions (decodes: none), the first
+        n_b = min(prefix_b, K_b) unpacked from the cache (unpack_req / unpack_pos /
+        unpack_dst, int32 [R]: request, position, row; row -1 = a spare entry of the upper
+        bound R), the chunk's own tokens after them (own_index). own_rows (host int): an
+        upper bound of the copy's rows, what the forward allocates.
     """
 
     num_actual_tokens: int
@@ -73,6 +83,11 @@ class TurboQuantMetadata(AttentionMetadata):
     own_index: torch.Tensor | None = None
     own_cu_k: torch.Tensor | None = None
     own_cu_k_p: torch.Tensor | None = None
+    own_prefix: bool = False
+    own_rows: int = 0
+    unpack_req: torch.Tensor | None = None
+    unpack_pos: torch.Tensor | None = None
+    unpack_dst: torch.Tensor | None = None
 
 # store_seq_end of a prefill token in the step's first store: no position reaches
 # NO_SIDE - W, so that store writes it no window entry.
@@ -106,6 +121,13 @@ class TurboQuantMetadataBuilder(AttentionMetadataBuilder[TurboQuantMetadata]):
         # Mixed and prefill steps hand the chunks' own packed keys to FlashAttention (CUDA).
         self.own_fa = (own_attention.enabled(device) and not compat.batch_invariant())
         self.own_min_query = own_attention.min_query_len()
+        self.own_prefix_max = own_attention.prefix_max()
+        from vllm_turboquant.backend.impl import split_decode_ctx
+        # the step kinds whose decodes do not ride in the prefill kernel (impl.forward): only
+        # there can FlashAttention cover the chunks' prefixes (a decode's context is no chunk)
+        self.split_ctx = split_decode_ctx()
+        logger.info("vllm-turboquant: chunks' own packed keys through FlashAttention: %s",
+                    f"on (chunks from {self.own_min_query} tokens)" if self.own_fa else "off")
         # The kernels' serving variants compile at the first build (backend/warmup.py).
         self._warmed_up = False
 
@@ -143,7 +165,7 @@ class TurboQuantMetadataBuilder(AttentionMetadataBuilder[TurboQuantMetadata]):
         if num_decodes and num_prefills:
             md.prefill_qsl = qsl[num_decodes:] - num_decode_tokens
         if self.own_fa and num_prefills and t > 0 and cm.max_query_len >= self.own_min_query:
-            self._own_rows(md, qsl, num_decodes)
+            self._own_rows(md, qsl, num_decodes, self._prefix_rows(cm, num_decodes))
         if self.window > 0 and t > 0 and b > 0:
             md.token_rows, md.token_pos, md.token_seq_end = self._token_positions(
                 qsl, cm.seq_lens[:b], t)
@@ -152,20 +174,64 @@ class TurboQuantMetadataBuilder(AttentionMetadataBuilder[TurboQuantMetadata]):
                 self._deferred_side_store(md, qsl[num_decodes:])
         return md
 
-    def _own_rows(self, md: TurboQuantMetadata, qsl: torch.Tensor, nd: int) -> None:
-        """Fill md.own_index / own_cu_k / own_cu_k_p (see TurboQuantMetadata), on device."""
-        t = md.num_actual_tokens
-        self._ensure_arange(t)
-        keys = (qsl[1:] - qsl[:-1] - self.window).clamp(min=0).to(torch.int32)
+    def _prefix_rows(self, cm: CommonAttentionMetadata, nd: int) -> tuple[int, int] | None:
+        """(R, K): upper bounds of the prefix rows to unpack and of the copy's rows, when this
+        step's chunks' cached prefixes go to FlashAttention too (md.own_prefix), else None.
+        From vLLM's host-side sequence lengths (an upper bound of the device ones, so no
+        device->host sync): only where the decodes take the split kernel (or there are none),
+        the prefixes are within own_prefix_max and there is one at all."""
+        b = cm.num_reqs
+        seq_cpu = getattr(cm, "seq_lens_cpu_upper_bound", None)
+        qsl_cpu = getattr(cm, "query_start_loc_cpu", None)
+        if (self.own_prefix_max <= 0 or seq_cpu is None or qsl_cpu is None
+                or (nd and cm.max_seq_len < self.split_ctx)):
+            return None
+        seq = seq_cpu[:b].long()
+        lens = (qsl_cpu[1:b + 1] - qsl_cpu[:b]).long()
+        keys = (seq - self.window).clamp(min=0)
+        keys[:nd] = 0
+        n_pre = torch.minimum((seq - lens).clamp(min=0), keys)
+        r = int(n_pre.sum())
+        if r == 0 or r > self.own_prefix_max:
+            return None
+        return r, int(keys.sum())
+
+    def _own_rows(self, md: TurboQuantMetadata, qsl: torch.Tensor, nd: int,
+                  prefix_rows: tuple[int, int] | None = None) -> None:
+        """Fill md.own_index / own_cu_k / own_cu_k_p and, with prefix_rows (_prefix_rows),
+        md.own_prefix / own_rows / unpack_* (see TurboQuantMetadata), on device."""
+        t, b = md.num_actual_tokens, md.num_reqs
+        self._ensure_arange(max(t, prefix_rows[0] if prefix_rows else 0))
+        lens = (qsl[1:] - qsl[:-1]).to(torch.int32)
+        if prefix_rows is None:
+            keys = (lens - self.window).clamp(min=0).to(torch.int32)
+            n_pre = torch.zeros_like(keys)
+        else:
+            seq = md.seq_lens.to(torch.int32)
+            keys = (seq - self.window).clamp(min=0).to(torch.int32)
+            keys = torch.where(self._arange[:b] >= nd, keys, 0)     # decodes: no rows
+            n_pre = torch.minimum(seq - lens, keys)
         cu_k = torch.zeros(len(keys) + 1, dtype=torch.int32, device=qsl.device)
         torch.cumsum(keys, 0, out=cu_k[1:])
         tok = self._arange[:t]
         ends = qsl[1:].to(torch.int32)
         rows = torch.searchsorted(ends, tok, right=True).clamp_(max=max(len(ends) - 1, 0))
-        local = tok - qsl[:-1].to(torch.int32)[rows]
+        local = tok - qsl[:-1].to(torch.int32)[rows] + n_pre[rows]   # position in the copy
         md.own_index = torch.where(local < keys[rows], cu_k[rows] + local, -1).to(torch.int32)
         md.own_cu_k = cu_k
         md.own_cu_k_p = cu_k[nd:]   # the chunks' rows (not rebased: W = 0 gives decodes rows)
+        if prefix_rows is not None:
+            r_max, k_max = prefix_rows
+            cu_p = torch.zeros(b + 1, dtype=torch.int32, device=qsl.device)
+            torch.cumsum(n_pre, 0, out=cu_p[1:])
+            r = self._arange[:r_max]
+            req = torch.searchsorted(cu_p[1:], r, right=True).clamp_(max=max(b - 1, 0))
+            pos = r - cu_p[req]
+            md.unpack_req = req.to(torch.int32)
+            md.unpack_pos = pos.to(torch.int32)
+            md.unpack_dst = torch.where(r < cu_p[-1], cu_k[req] + pos, -1).to(torch.int32)
+            md.own_prefix = True
+            md.own_rows = max(k_max, 1)
 
     def _ensure_arange(self, t: int) -> None:
         if getattr(self, "_arange", None) is None or self._arange.numel() < t:

@@ -69,19 +69,31 @@ def decode(out, query, kv_cache, block_table, seq_lens, params, scale, side=None
 
 def prefill(out, query, key, value, cu_seqlens_q, seq_lens, kv_cache, block_table, params,
             scale, side=None, max_query_len: int | None = None, rotated: bool = False,
-            deq=None, invariant: bool = False, own=None, q_rotated=None) -> None:
+            deq=None, invariant: bool = False, own=None, q_rotated=None,
+            own_prefix: bool = False) -> None:
     """max_query_len: an upper bound on the chunk lengths (sizes the Triton grid without a
     device->host sync). rotated: key/value are already rotated (the store's rot_out).
     deq: the store's deq_out for these tokens (Triton only, see wants_deq). invariant: the
     Triton kernel's batch-invariant order (VLLM_BATCH_INVARIANT; the reference, which serves
     the CPU build, has none: compat refuses that combination at startup). own, q_rotated:
     the chunks' own packed keys' attention and the rotated queries it used (Triton only, with
-    deq; see backend/own_attention.py)."""
+    deq; see backend/own_attention.py); own_prefix: it covers the cached prefixes too."""
     if _use_triton(query.device):
         from vllm_turboquant.kernels import tq_prefill
         tq_prefill(query, key, value, cu_seqlens_q, seq_lens, kv_cache, block_table, params,
                    scale, side, max_query_len=max_query_len, out=out, rotated=rotated, deq=deq,
-                   invariant=invariant, own=own, q_rotated=q_rotated)
+                   invariant=invariant, own=own, q_rotated=q_rotated, own_prefix=own_prefix)
     else:
         out.copy_(tq_prefill_ref(query, key, value, cu_seqlens_q, seq_lens, kv_cache,
                                  block_table, params, scale, side, rotated=rotated))
+
+
+def unpack(kv_cache, block_table, req, pos, dst, params, out_k, out_v) -> None:
+    """Cached tokens dequantized into rows (kernels/unpack.py): the prefixes FlashAttention
+    covers with own_prefix (backend/metadata.py)."""
+    if _use_triton(kv_cache.device):
+        from vllm_turboquant.kernels import tq_unpack_pages
+        tq_unpack_pages(kv_cache, block_table, req, pos, dst, params, out_k, out_v)
+    else:
+        from vllm_turboquant.kernels import tq_unpack_pages_ref
+        tq_unpack_pages_ref(kv_cache, block_table, req, pos, dst, params, out_k, out_v)

@@ -53,6 +53,29 @@ def min_query_len(environ=os.environ) -> int:
     return settings.env_token_count(_MIN_ENV, MIN_QUERY, environ)
 
 
+# The cached prefix through FlashAttention too (metadata.py's own_prefix; OFF by default:
+# its one end-to-end run, 2026-12-04, came in a lease where every figure of ours was slower,
+# the paths it does not touch too, so its effect is unmeasured; opt in with
+# $VLLM_TURBOQUANT_OWN_FA_PREFIX_MAX=16384): a step whose
+# continuation chunks have at most this many cached prefix tokens in all unpacks them
+# (kernels/unpack.py) into the copy FlashAttention reads, instead of the prefill kernel
+# re-reading the packed pages in every 128-row program. Why: on the H200 that loop took 14.9
+# of 33 ms of kernel time per mixed step of the e2e long workload (SmolLM2,
+# benchmarks/results/h200-20261204b/). The bound keeps the copy's memory fixed: 16,384 tokens
+# are 2 x 16,384 x Hkv x D x 2 bytes (12.6 MB for SmolLM2, 67 MB at 8 KV heads x 128) beside
+# the chunk's own; a step with more prefix (long prefix-cache hits) reads it packed, in the
+# kernel, with no bf16 copy of it. 16,384 is the suggested value; the default 0 keeps the
+# kernel-only path that the committed e2e figures before 2026-12-04 measured.
+PREFIX_MAX = 0
+_PREFIX_ENV = "VLLM_TURBOQUANT_OWN_FA_PREFIX_MAX"
+
+
+def prefix_max(environ=os.environ) -> int:
+    """The most cached prefix tokens a step unpacks for FlashAttention (PREFIX_MAX = 0: never,
+    the kernel reads them; $VLLM_TURBOQUANT_OWN_FA_PREFIX_MAX overrides it, e.g. 16384)."""
+    return settings.env_token_count(_PREFIX_ENV, PREFIX_MAX, environ)
+
+
 def requested(environ=os.environ) -> bool:
     """$VLLM_TURBOQUANT_OWN_FA: unset, empty or 1 = on (the default), 0 = off; any other value
     is a TurboQuantConfigError naming the variable (raised when the backend starts)."""
@@ -69,19 +92,22 @@ def enabled(device, environ=os.environ) -> bool:
 
 def attend(q_rot: torch.Tensor, own_k: torch.Tensor, own_v: torch.Tensor,
            cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, max_query_len: int,
-           window: int) -> tuple[torch.Tensor, torch.Tensor]:
+           window: int, max_seqlen_k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(out [T, Hq, D] in q_rot's dtype, lse [Hq, T] float32) of each query over its chunk's
     own keys j <= i - window: q_rot [T, Hq, D] rotated, prescaled (decode.rotate_query);
     own_k/own_v [>= cu_seqlens_k[-1], Hkv, D] the store's own_out; cu_seqlens_q, cu_seqlens_k
     int32 [B + 1] (chunk b has L_b queries and max(L_b - window, 0) keys). Every row of
     own_k/own_v must be finite, the ones past cu_seqlens_k[-1] too: FlashAttention's last key
-    tile loads them (masked scores, but P = 0 times a NaN value is NaN)."""
+    tile loads them (masked scores, but P = 0 times a NaN value is NaN). max_seqlen_k: an
+    upper bound of the key counts (default max_query_len: the chunks' own keys alone; the
+    step's longest sequence when the copy holds the prefixes too)."""
     fa = compat.flash_attn_varlen() if q_rot.is_cuda else None
     if fa is None:
         return own_attention_ref(q_rot, own_k, own_v, cu_seqlens_q, cu_seqlens_k, window)
     func, version = fa
     out, lse = func(q_rot, own_k, own_v, max_seqlen_q=max_query_len, cu_seqlens_q=cu_seqlens_q,
-                    max_seqlen_k=max_query_len, cu_seqlens_k=cu_seqlens_k,
+                    max_seqlen_k=max_query_len if max_seqlen_k is None else max_seqlen_k,
+                    cu_seqlens_k=cu_seqlens_k,
                     softmax_scale=_LN2, causal=True, return_softmax_lse=True,
                     fa_version=version)
     return out, lse

@@ -20,7 +20,8 @@ of every composition forward tells apart:
 with decode counts 1 and 4 for the mixed kinds (int32 slices at element offsets 1 and 4 differ
 in 16-byte alignment, one thing Triton may specialize on), and where the chunks' own keys go
 through FlashAttention (backend/own_attention.py) once more with chunks long enough to take
-it (the store and prefill kernels' variants for it). The tensors mirror what vLLM hands
+it (the store and prefill kernels' variants for it; its continuation chunks also take the
+unpacking of their prefix for FlashAttention, metadata.py's own_prefix). The tensors mirror what vLLM hands
 forward: q/k/v as views of one fused [T, (Hq + 2 Hkv) * D] projection, the step's block
 table with the real one's row stride. Every slot is -1 (padding): the store writes nothing
 into the KV cache; the attention kernels read block 0 and their output is discarded; the
@@ -98,8 +99,12 @@ def _batch(cm, spec: list[tuple[int, int]], device) -> object:
     real_bt = cm.block_table_tensor
     bt = torch.zeros((len(spec), real_bt.shape[1]), dtype=real_bt.dtype, device=device)
     qsl_cpu = torch.tensor(qsl, dtype=torch.int32)
+    extra = {}
+    if "seq_lens_cpu_upper_bound" in {f.name for f in dataclasses.fields(cm)}:
+        # the builder sizes the prefix rows for FlashAttention from it (metadata._prefix_rows)
+        extra["seq_lens_cpu_upper_bound"] = torch.tensor(seq_lens, dtype=torch.int32)
     return dataclasses.replace(
-        cm, query_start_loc=qsl_cpu.to(device), query_start_loc_cpu=qsl_cpu,
+        cm, **extra, query_start_loc=qsl_cpu.to(device), query_start_loc_cpu=qsl_cpu,
         seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
         num_reqs=len(spec), num_actual_tokens=t, max_query_len=max(n for _, n in spec),
         max_seq_len=max(seq_lens), block_table_tensor=bt,
