@@ -108,7 +108,8 @@ def _own_rows(qlens, nd, window, device) -> dict:
 
 
 def new_rot(s) -> tuple[torch.Tensor, tuple]:
-    """The buffers impl.forward allocates per mixed step on CUDA: [4, T, Hkv, D] for the
+    """The buffers impl.forward allocated per layer and mixed step on CUDA until 2026-12-04
+    (now views of backend/workspace.py's buffers): [4, T, Hkv, D] for the
     rotated K/V (0, 1) and the dequantized slots (2, 3), and the [T, Hkv] scale words.
     Returns (rot, deq) with deq = (rot[2], rot[3], words), the store's deq_out."""
     rot = torch.empty((4, s["t"]) + s["k"].shape[1:], dtype=s["q"].dtype, device=s["q"].device)
@@ -160,15 +161,29 @@ def ops(s):
         prefill()
         side_store()
 
-    def forward():           # impl.forward now: store, one prefill launch, window store
+    def forward():           # impl.forward before 2026-12-04: buffers allocated per layer
         new_rot(s)
+        store()
+        unified()
+        side_store()
+
+    # impl.forward since 2026-12-04 (backend/workspace.py): the buffers are views of the
+    # device's workspace, made once per step, so a layer allocates nothing ("_ws")
+    def forward_split_ws():
+        store()
+        decode()
+        prefill()
+        side_store()
+
+    def forward_ws():
         store()
         unified()
         side_store()
 
     res = {"store": store, "decode": decode, "decode_rotation": decode_rotation,
            "prefill": prefill, "side_store": side_store,
-           "unified_prefill": unified, "forward_split": forward_split, "forward": forward}
+           "unified_prefill": unified, "forward_split": forward_split, "forward": forward,
+           "forward_split_ws": forward_split_ws, "forward_ws": forward_ws}
     from vllm_turboquant.backend import own_attention
     if own_attention.enabled(s["q"].device):
         res.update(_own_ops(s, rot, deq, splits, side_p, store, decode, side_store))
@@ -181,10 +196,11 @@ def _own_ops(s, rot, deq, splits, side_p, store, decode, side_store):
     compact copy, FlashAttention runs over it, the prefill kernel merges its result in."""
     from vllm_turboquant.backend import own_attention
     nd, w, mq = s["nd"], s["window"], max(s["chunk"], 1)
-    # zeroed as impl.forward does (FlashAttention's last key tile reads past the written rows)
+    # zeroed (FlashAttention's last key tile reads past the written rows)
     buf = torch.zeros((2,) + tuple(s["k"].shape), dtype=s["q"].dtype, device=s["q"].device)
 
-    def new_rot_own():       # impl.forward's per-step buffers with the own copy, zeroed
+    def new_rot_own():       # impl.forward's per-layer buffers with the own copy, zeroed,
+                             # until 2026-12-04
         rot6 = torch.empty((6, s["t"]) + s["k"].shape[1:], dtype=s["q"].dtype,
                            device=s["q"].device)
         rot6[4:].zero_()
@@ -228,9 +244,21 @@ def _own_ops(s, rot, deq, splits, side_p, store, decode, side_store):
         unified_own()
         side_store()
 
+    def forward_split_own_ws():   # the workspace's forward: no allocation, no zero fill
+        store_own()
+        decode()
+        prefill_own()
+        side_store()
+
+    def forward_own_ws():
+        store_own()
+        unified_own()
+        side_store()
+
     return {"store_own": store_own, "own_fa": own_fa, "prefill_own": prefill_own,
             "unified_prefill_own": unified_own, "forward_split_own": forward_split_own,
-            "forward_own": forward_own}
+            "forward_own": forward_own, "forward_split_own_ws": forward_split_own_ws,
+            "forward_own_ws": forward_own_ws}
 
 
 def fa_ops(s):

@@ -21,17 +21,15 @@ __all__ = ["TQLayerParams", "TQSide", "as_params", "page_planes", "read_slots",
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
+_LAUNCHERS = {"tq_store": "store", "tq_decode": "decode", "tq_prefill": "prefill",
+              "tq_unpack_pages": "unpack"}
+
+
 def __getattr__(name):
-    if name == "tq_store":
-        from .store import tq_store
-        return tq_store
-    if name == "tq_decode":
-        from .decode import tq_decode
-        return tq_decode
-    if name == "tq_prefill":
-        from .prefill import tq_prefill
-        return tq_prefill
-    if name == "tq_unpack_pages":
-        from .unpack import tq_unpack_pages
-        return tq_unpack_pages
-    raise AttributeError(name)
+    module = _LAUNCHERS.get(name)
+    if module is None:
+        raise AttributeError(name)
+    fn = getattr(importlib.import_module(f".{module}", __name__), name)
+    # bound here once: the backend imports these per launch (host time of eager steps)
+    globals()[name] = fn
+    return fn

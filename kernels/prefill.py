@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import TQSide, as_params, next_pow2, page_align, unused_arg
+from ._common import TQSide, as_params, cdiv, next_pow2, page_align, unused_arg
 from ._launch import launch
 from ._tl import dequant_halves, interpreting, mma
 from .decode import _tile_base, lookup_tables, rotate_query
@@ -596,7 +596,7 @@ def tq_prefill(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
         raise ValueError("tq_prefill: table-lookup dequantization (lookup 1 or 2, or codes of "
                          "other than 4 bits) with a window at head size >= 128 is miscompiled "
                          "on CUDA (triton 3.6); use 4-bit codes with lookup=3 (the default)")
-    grid = (bsz, triton.cdiv(max_query_len, block_m), hkv)
+    grid = (bsz, cdiv(max_query_len, block_m), hkv)
     launch(_tq_prefill_kernel, grid,
         q, k, v, out, cu_seqlens_q, seq_lens, kv_cache, block_table,
         p.key_centroids, p.value_centroids, kpair, vpair, p.rotation_pm1,

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import TQSide, _num_sms, as_params, cached, page_align, stored_order
+from ._common import TQSide, _num_sms, as_params, cached, cdiv, page_align, stored_order
 from ._launch import launch
 from ._tl import interpreting, sign_magnitude, slot_ptrs, store_codes
 
@@ -557,7 +557,7 @@ def tq_store(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
     outs = [x for x in (sk, sv, rk, rv, dk, dv, ok, ov) if x is not slot_mapping]
     out_align = 16 if all(x.data_ptr() % 16 == 0 and d * x.element_size() % 16 == 0
                           for x in outs) else 1
-    grid = (triton.cdiv(t, block_t), hkv)
+    grid = (cdiv(t, block_t), hkv)
     launch(_tq_store_kernel, grid,
         key, value, kv_cache, slot_mapping, rot_mat, dkc, dvc,
         sk, sv, stag, schk, rows, pos, send, idx, rk, rv, dk, dv, dsc,

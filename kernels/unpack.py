@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import as_params, page_align
+from ._common import as_params, cdiv, page_align
 from ._launch import launch
 from ._tl import dequant_halves, interpreting, slot_ptrs
 from .decode import lookup_tables
@@ -107,7 +107,7 @@ def tq_unpack_pages(kv_cache: torch.Tensor, block_table: torch.Tensor, req: torc
     kmode, vmode, kt, vt, kasm, vasm = lookup_tables(
         p, out_k.dtype, lookup, allow_asm=not interpreting(_tq_unpack_kernel))
     lay = p.layout
-    launch(_tq_unpack_kernel, (triton.cdiv(n, block_t), hkv),
+    launch(_tq_unpack_kernel, (cdiv(n, block_t), hkv),
            kv_cache, block_table, req, pos, dst, p.key_centroids, p.value_centroids, kt, vt,
            out_k, out_v, n, hkv, block_table.stride(0), kv_cache.stride(0),
            D=d, KBITS=p.key_bits, VBITS=p.value_bits, SLOT=lay.slot_bytes,

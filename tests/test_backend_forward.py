@@ -238,7 +238,9 @@ def test_forward_with_own_attention_matches_semantics(window, split, align, pref
 
     def attend(q_rot, own_k, own_v, *rest):
         # FlashAttention's last key tile reads the copy past its written rows, so the whole
-        # copy must be finite (impl.forward zeroes it): checked with torch.empty poisoned
+        # copy must be finite (the workspace is zeroed once and only ever gets finite values,
+        # backend/workspace.py; later steps see earlier steps' rows): checked with
+        # torch.empty poisoned
         assert bool(torch.isfinite(own_k).all() and torch.isfinite(own_v).all())
         calls.append(rest[1].numel() - 1)
         return real(q_rot, own_k, own_v, *rest)

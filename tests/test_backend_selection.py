@@ -96,13 +96,14 @@ class FakeModel:
 
 
 def _fake_config(cache_dtype="turboquant", model=None, additional=None, skip=(), spec=None,
-                 dcp=1):
+                 dcp=1, dbo=False, ubatch=1):
     return types.SimpleNamespace(
         cache_config=types.SimpleNamespace(cache_dtype=cache_dtype,
                                            kv_cache_dtype_skip_layers=list(skip)),
         model_config=model if model is not None else FakeModel(),
         additional_config=additional or {}, speculative_config=spec,
-        parallel_config=types.SimpleNamespace(decode_context_parallel_size=dcp))
+        parallel_config=types.SimpleNamespace(decode_context_parallel_size=dcp,
+                                              enable_dbo=dbo, ubatch_size=ubatch))
 
 
 def test_validation_resolves_and_activates_the_preset(monkeypatch):
@@ -123,6 +124,8 @@ def test_validation_resolves_and_activates_the_preset(monkeypatch):
     (dict(skip=["0"]), "--kv-cache-dtype-skip-layers"),
     (dict(spec=object()), "speculative decoding"),
     (dict(dcp=2), "decode context parallelism"),
+    (dict(dbo=True), "--enable-dbo"),
+    (dict(ubatch=2), "micro-batching"),
 ])
 def test_startup_refusals(kw, needle, monkeypatch):
     monkeypatch.delenv(settings.ENV_PRESET, raising=False)

@@ -48,12 +48,17 @@ def _use_tree(tree: str) -> None:
 
 
 def count(tests_dir: str = os.path.dirname(os.path.abspath(__file__))) -> dict:
-    """Per step kind: Triton launches and aten ops of one layer's forward."""
+    """Per step kind: Triton launches and aten ops of one layer's forward, for the step's
+    first layer ("<kind>_first_layer", which makes the step's workspace views) and for the
+    others ("<kind>"). Kinds: decode-only, mixed (one prefill launch), mixed_split (decodes
+    through the split-KV kernel), and both mixed kinds with the chunks' own keys through
+    FlashAttention (_own; its torch stand-in counted as one launch, "flash_attn")."""
     sys.path.insert(0, tests_dir)
     import test_backend_forward as tb
     import triton.runtime.interpreter as it
     from torch.utils._python_dispatch import TorchDispatchMode
 
+    from vllm_turboquant.backend import own_attention
     from vllm_turboquant.plugin import register
 
     register()
@@ -70,35 +75,54 @@ def count(tests_dir: str = os.path.dirname(os.path.abspath(__file__))) -> dict:
             return func(*args, **(kwargs or {}))
 
     mode, launches = Ops(), collections.Counter()
+
+    def uncounted(name, fn):               # a launch: its own torch work is not counted
+        def wrapped(*a, **k):
+            launches[name] += 1
+            mode.paused += 1
+            try:
+                return fn(*a, **k)
+            finally:
+                mode.paused -= 1
+        return wrapped
+
     run = it.InterpretedFunction.run
-
-    def counted_run(self, *a, **k):       # the interpreter's own torch work is not counted
-        launches[self.fn.__name__] += 1
-        mode.paused += 1
-        try:
-            return run(self, *a, **k)
-        finally:
-            mode.paused -= 1
-
-    it.InterpretedFunction.run = counted_run
-    h = tb.Harness(4)
-    forward = h.impl.forward
-    h.step([("A", 6), ("B", 5)])
+    it.InterpretedFunction.run = lambda self, *a, **k: uncounted(self.fn.__name__, run)(
+        self, *a, **k)
+    own_attention.attend = uncounted("flash_attn", own_attention.attend)
     result = {}
-    for kind, batch in (("mixed", [("A", 1), ("B", 7)]), ("decode", [("A", 1), ("B", 1)])):
-        mode.ops.clear()
-        launches.clear()
+    for split, own in ((False, False), (True, False), (False, True), (True, True)):
+        h = tb.Harness(4)
+        if split:
+            h.impl.split_decode_ctx = 0
+        if own:
+            h.builder.own_fa, h.builder.own_min_query = True, 2
+        forward = h.impl.forward
+        h.step([("A", 6), ("B", 5)])
+        kinds = [("mixed", [("A", 1), ("B", 7)])]
+        if not split and not own:
+            kinds.append(("decode", [("A", 1), ("B", 1)]))
+        for kind, batch in kinds:
+            kind += "_split" * split + "_own" * own
+            counts = []
 
-        def fwd(*a, **k):
-            with mode:
-                return forward(*a, **k)
+            def fwd(*a, **k):
+                # twice on the step's metadata: its first layer, then the others (which reuse
+                # the first one's workspace views, backend/workspace.py)
+                for _ in range(2):
+                    mode.ops.clear()
+                    launches.clear()
+                    with mode:
+                        res = forward(*a, **k)
+                    compute = {k: v for k, v in mode.ops.items() if k not in VIEW_OPS}
+                    counts.append({"launches": dict(launches), "aten_ops": dict(mode.ops),
+                                   "compute_ops": compute})
+                return res
 
-        h.impl.forward = fwd
-        h.step(batch)
-        h.impl.forward = forward
-        compute = {k: v for k, v in mode.ops.items() if k not in VIEW_OPS}
-        result[kind] = {"launches": dict(launches), "aten_ops": dict(mode.ops),
-                        "compute_ops": compute}
+            h.impl.forward = fwd
+            h.step(batch)
+            h.impl.forward = forward
+            result[kind + "_first_layer"], result[kind] = counts
     return result
 
 
@@ -125,6 +149,29 @@ def test_layer_forward_launches_and_torch_ops():
     # nothing else computes (the split counters were allocated when the layer state was)
     assert decode["launches"] == {"_tq_store_kernel": 1, "_tq_decode_split_kernel": 1}, decode
     assert decode["compute_ops"] == {}, decode
+    # every mixed kind: no allocation, fill or plane select of its own buffers, in the step's
+    # first layer (it only takes views of the device's workspace, backend/workspace.py) or
+    # in the others (they reuse those views); before 2026-12-04 each layer allocated them and
+    # zeroed FlashAttention's copy (2 allocations, a fill and 6-8 selects per layer)
+    own = {"flash_attn": 1}
+    for kind, launches, empties in (
+            ("mixed", {}, 0), ("mixed_own", own, 0),
+            # the split-KV decode kernel's partial results: its launcher's 2 allocations
+            ("mixed_split", {"_tq_decode_split_kernel": 1}, 2),
+            ("mixed_split_own", {"_tq_decode_split_kernel": 1, **own}, 2)):
+        for layer in (kind + "_first_layer", kind):
+            r = res[layer]
+            assert r["launches"] == {"_tq_store_kernel": 2, "_tq_prefill_kernel": 1,
+                                     **launches}, (layer, r)
+            assert r["compute_ops"] == {"aten.addmm": 1}, (layer, r)
+            assert r["aten_ops"].get("aten.empty", 0) == empties, (layer, r)
+        # the other layers make no views of the workspace or the step's metadata either:
+        # the 4 slices of q/k/v/output to the step's tokens, the split path's 4 of q and
+        # output at the decodes' end, 1 in the decode launcher
+        assert res[kind]["aten_ops"].get("aten.select", 0) == 0, (kind, res[kind])
+        assert res[kind]["aten_ops"]["aten.slice"] == (9 if "split" in kind else 4), (
+            kind, res[kind])
+
 
 if __name__ == "__main__":
     import argparse

@@ -353,6 +353,14 @@ def validate_vllm_config(vllm_config):
     if parallel is not None and getattr(parallel, "decode_context_parallel_size", 1) > 1:
         raise TurboQuantConfigError(
             "decode context parallelism is not supported with the TurboQuant KV cache")
+    if parallel is not None and (getattr(parallel, "enable_dbo", False)
+                                 or getattr(parallel, "ubatch_size", 1) > 1):
+        # micro-batches run their layers concurrently on two streams; the mixed steps'
+        # scratch buffers are one set per device, shared by layers that run in turn
+        # (backend/workspace.py)
+        raise TurboQuantConfigError(
+            "dual-batch overlap / micro-batching (--enable-dbo, --ubatch-size) is not "
+            "supported with the TurboQuant KV cache; drop the option")
     settings.activate(config)
     if model_config is not None:
         mode = "; batch-invariant mode (VLLM_BATCH_INVARIANT=1)" if batch_invariant() else ""

@@ -26,6 +26,8 @@ paid per layer and step: 3 Triton launches and one small GEMM, the query rotatio
 Before 2026-12-02 mixed steps ran decodes through the split kernel too (5 launches, 2 GEMMs):
 on the H200, benchmarks/layer_step.py measured that forward at 440 us of host time per layer.
 CUDA runs the Triton launchers, anything else the torch references (backend/ops.py).
+The buffers of steps 1-2 are views of one per-device workspace, made once per step by its
+first layer (backend/workspace.py): no allocation or fill per layer.
 
 Under vLLM's batch-invariant mode (VLLM_BATCH_INVARIANT=1, CUDA only) mixed steps always take
 the split path, every decode uses one fixed split count, and the prefill kernel runs its
@@ -40,7 +42,7 @@ import torch
 from vllm.v1.attention.backend import AttentionImpl, AttentionType
 
 from vllm_turboquant import compat, settings
-from vllm_turboquant.backend import ops, own_attention
+from vllm_turboquant.backend import ops, own_attention, workspace
 from vllm_turboquant.backend.state import LayerState, get_layer_state, side_bytes
 from vllm_turboquant.kernels._common import TQSide, default_num_splits, next_pow2
 from vllm_turboquant.kernels.decode import rotate_query, split_counters
@@ -135,6 +137,7 @@ class TurboQuantImpl(AttentionImpl):
         self.sliding_window = None
         self.attn_type = attn_type
         self.rows = vllm_config.scheduler_config.max_num_seqs
+        self.max_tokens = vllm_config.scheduler_config.max_num_batched_tokens
         model_config = getattr(vllm_config, "model_config", None)
         self.max_model_len = getattr(model_config, "max_model_len", None) or 8192
         # The model dtype: vLLM sets it as the default dtype while it builds the model.
@@ -151,6 +154,16 @@ class TurboQuantImpl(AttentionImpl):
     def window_bytes(self) -> int:
         return side_bytes(self.rows, self.config.window, self.num_kv_heads, self.head_size,
                           self.model_dtype)
+
+    def _reserve_workspace(self, device, dtype) -> None:
+        """Allocate the device's step workspace (backend/workspace.py) for the largest step
+        this engine schedules, with the planes this configuration's mixed steps use."""
+        deq = ops.wants_deq(device) and not self.batch_invariant
+        own = deq and own_attention.enabled(device)
+        prefix = own_attention.prefix_max() if own else 0
+        workspace.workspace(device, dtype, self.num_kv_heads, self.head_size,
+                            planes=6 if own else 4 if deq else 2, tokens=self.max_tokens,
+                            own_rows=self.max_tokens + prefix if prefix > 0 else 0)
 
     def layer_state(self, layer_name: str, device: torch.device) -> LayerState:
         state = self._state
@@ -178,6 +191,8 @@ class TurboQuantImpl(AttentionImpl):
         if output_scale is not None or output_block_scale is not None:
             raise NotImplementedError("fused output quantization is not supported by TurboQuant")
         if attn_metadata is None:  # profiling run: no cache yet
+            # the step workspace now, so that vLLM's memory profile counts it
+            self._reserve_workspace(query.device, query.dtype)
             return output.fill_(0)
         md = attn_metadata
         t = md.num_actual_tokens
@@ -194,11 +209,14 @@ class TurboQuantImpl(AttentionImpl):
         if not md.num_prefills:
             # Decode-only step (what vLLM captures in FULL CUDA graphs): the store writes each
             # token's packed slot and window entry, the split-KV decode kernel reads them.
+            # Every request is a decode here (nd = B, block_table and seq_lens have B rows);
+            # the query rows too, unless vLLM pads the tokens (then the first nd).
             ops.store(k, v, cache, md.slot_mapping, params, side, md.token_rows, md.token_pos,
                       md.store_seq_end, invariant=self.batch_invariant)
-            ops.decode(out[:nd], q[:nd], cache, md.block_table[:nd], md.seq_lens[:nd],
-                       params, self.scale, side, num_splits=self.splits(nd, query.device),
-                       fused=self.decode_fused)
+            if t != nd:
+                q, out = q[:nd], out[:nd]
+            ops.decode(out, q, cache, md.block_table, md.seq_lens, params, self.scale, side,
+                       num_splits=self.splits(nd, query.device), fused=self.decode_fused)
             return output
         # Mixed or prefill-only step (eager: every launch is host time per layer and step).
         # 1. One store for every token, handing back the rotated K/V for step 2; prefill
@@ -207,32 +225,16 @@ class TurboQuantImpl(AttentionImpl):
         # On CUDA the store also hands back the packed slots dequantized (centroids + scale
         # words), so step 2 reads the chunk's own older tokens as contiguous tiles instead of
         # gathering and unpacking their slots.
-        deq = own_kv = None
         invariant = self.batch_invariant
-        if ops.wants_deq(query.device) and not invariant:
-            # rotated K/V (0, 1), the deq copy (2, 3) and, when the chunks' own packed keys go
-            # through FlashAttention (md.own_index, backend/own_attention.py), its copy (4, 5)
-            own = md.own_index is not None
-            # the copy FlashAttention reads: beside the chunk's planes, or (own_prefix) its
-            # own buffer of md.own_rows rows, the cached prefixes first
-            in_rot = own and not md.own_prefix
-            rot = torch.empty((6 if in_rot else 4, t, hkv, d), dtype=query.dtype,
-                              device=query.device)
-            if in_rot:
-                # FlashAttention's last key tile reads past the rows the store writes: zeros
-                # there, not stale bits (its masked P = 0 times a NaN value is NaN)
-                rot[4:].zero_()
-                own_kv = (rot[4], rot[5])
-            elif own:
-                copy = torch.zeros((2, md.own_rows, hkv, d), dtype=query.dtype,
-                                   device=query.device)
-                own_kv = (copy[0], copy[1])
-            words = torch.empty((t, hkv), dtype=torch.int32, device=query.device)
-            deq = (rot[2], rot[3], words)
-        else:
-            rot = torch.empty((2, t, hkv, d), dtype=query.dtype, device=query.device)
+        split = bool(nd) and (invariant or md.max_seq_len >= self.split_decode_ctx)
+        # The step's buffers (rotated K/V; on CUDA the deq copy and, when the chunks' own
+        # packed keys go through FlashAttention, md.own_index, its copy): views of the
+        # device's workspace, made by the step's first layer (backend/workspace.py).
+        sv = workspace.step_views(md, query.dtype, hkv, d, query.device,
+                                  ops.wants_deq(query.device) and not invariant, split)
+        deq, own_kv = sv.deq, sv.own_kv
         ops.store(k, v, cache, md.slot_mapping, params, side, md.token_rows, md.token_pos,
-                  md.store_seq_end, rot_out=(rot[0], rot[1]), deq_out=deq,
+                  md.store_seq_end, rot_out=sv.rot, deq_out=deq,
                   own_out=None if own_kv is None else (*own_kv, md.own_index),
                   invariant=invariant)
         if own_kv is not None and md.own_prefix:
@@ -245,26 +247,24 @@ class TurboQuantImpl(AttentionImpl):
         # prefill kernel applies the same per-query precision policy to it (its own token
         # exact from rot, its window from the ring, the rest packed): 2 launches and a second
         # query rotation fewer per layer than the split path below, which long contexts take.
-        if nd and (invariant or md.max_seq_len >= self.split_decode_ctx):
+        if split:
             # Long contexts (and batch-invariant mode, where a decode must take the kernel of
             # decode-only steps): the decodes through the split-KV kernel, the chunks alone
             # through the prefill kernel (their batch rows from nd on, also in the ring).
-            ops.decode(out[:nd], q[:nd], cache, md.block_table[:nd], md.seq_lens[:nd],
+            ops.decode(out[:nd], q[:nd], cache, sv.dec_block_table, sv.dec_seq_lens,
                        params, self.scale, side, num_splits=self.splits(nd, query.device),
                        fused=self.decode_fused)
             q_rot, own = self._own_attention(q[nd:], own_kv, md.prefill_qsl, md.own_cu_k_p,
                                              md.max_query_len, params, max_k)
-            ops.prefill(out[nd:], q[nd:], rot[0, nd:], rot[1, nd:], md.prefill_qsl,
-                        md.seq_lens[nd:], cache, md.block_table[nd:], params, self.scale,
-                        None if side is None else TQSide(*(x[nd:] for x in side)),
-                        max_query_len=md.max_query_len, rotated=True,
-                        deq=None if deq is None else tuple(x[nd:] for x in deq),
+            ops.prefill(out[nd:], q[nd:], *sv.pre_rot, md.prefill_qsl, sv.pre_seq_lens,
+                        cache, sv.pre_block_table, params, self.scale, state.side_from(nd),
+                        max_query_len=md.max_query_len, rotated=True, deq=sv.pre_deq,
                         invariant=invariant, own=own, q_rotated=q_rot,
                         own_prefix=md.own_prefix)
         else:
             q_rot, own = self._own_attention(q, own_kv, md.query_start_loc, md.own_cu_k,
                                              md.max_query_len, params, max_k)
-            ops.prefill(out, q, rot[0], rot[1], md.query_start_loc, md.seq_lens, cache,
+            ops.prefill(out, q, *sv.rot, md.query_start_loc, md.seq_lens, cache,
                         md.block_table, params, self.scale, side,
                         max_query_len=md.max_query_len, rotated=True, deq=deq,
                         invariant=invariant, own=own, q_rotated=q_rot,

@@ -56,7 +56,9 @@ class TurboQuantMetadata(AttentionMetadata):
         n_b = min(prefix_b, K_b) unpacked from the cache (unpack_req / unpack_pos /
         unpack_dst, int32 [R]: request, position, row; row -1 = a spare entry of the upper
         bound R), the chunk's own tokens after them (own_index). own_rows (host int): an
-        upper bound of the copy's rows, what the forward allocates.
+        upper bound of the copy's rows (of the workspace's prefix copy, backend/workspace.py).
+    views  (host) the step's workspace views, made by its first layer's forward and shared by
+        the others (workspace.StepViews; None until then).
     """
 
     num_actual_tokens: int
@@ -88,6 +90,7 @@ class TurboQuantMetadata(AttentionMetadata):
     unpack_req: torch.Tensor | None = None
     unpack_pos: torch.Tensor | None = None
     unpack_dst: torch.Tensor | None = None
+    views: object | None = None
 
 # store_seq_end of a prefill token in the step's first store: no position reaches
 # NO_SIDE - W, so that store writes it no window entry.

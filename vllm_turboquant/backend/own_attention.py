@@ -20,8 +20,9 @@ interpreter tests) the same computation runs in torch (kernels.reference.own_att
 Status: ON by default on CUDA with vLLM's FlashAttention ($VLLM_TURBOQUANT_OWN_FA=0 turns it
 off; off the GPU and in batch-invariant mode it is never used). The NaN its first GPU run
 returned with the aligned window (2026-12-03) came from FlashAttention's last key tile reading
-rows of the copy the store does not write (stale NaN bits; P = 0 times NaN is NaN): impl.forward
-zeroes those planes now. On the H200 (benchmarks/results/h200-20261203d/) the GPU tests pass
+rows of the copy the store does not write (stale NaN bits; P = 0 times NaN is NaN): the copy
+lives in the step workspace now, zeroed once and only ever written with finite values
+(backend/workspace.py). On the H200 (benchmarks/results/h200-20261203d/) the GPU tests pass
 (FlashAttention and the torch stand-in, windowed and plain presets), and one layer of SmolLM2
 takes 301 us of GPU time for a fresh 7,700-token prompt instead of 660 (FlashAttention-3 over
 bf16: 219) and 397 instead of 751 for 47 decodes x 8K + that prompt; its host time is higher

@@ -15,7 +15,7 @@ exactly the memory that is left: the side buffers never come on top of the plann
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -52,7 +52,18 @@ def side_bytes(rows: int, window: int, num_kv_heads: int, head_size: int,
 class LayerState:
     params: TQLayerParams
     side: TQSide | None
+    _side_rows: dict = field(default_factory=dict, repr=False)
 
+    def side_from(self, row: int) -> TQSide | None:
+        """The window buffers from batch row `row` on (impl.forward's split path hands the
+        prefill kernel the chunks' rows), made once per row count: mixed steps run eagerly,
+        and 4 views per layer and step are host time."""
+        if self.side is None:
+            return None
+        rows = self._side_rows.get(row)
+        if rows is None:
+            rows = self._side_rows[row] = TQSide(*(x[row:] for x in self.side))
+        return rows
 
     def reset_window(self) -> None:
         """Mark every window entry empty (a new engine: nothing stored is valid any more)."""
@@ -85,5 +96,9 @@ def get_layer_state(layer_name: str, config: TQConfig, head_size: int, num_kv_he
 
 
 def clear_states() -> None:
-    """Drop every layer's state (tests; a new engine in the same process)."""
+    """Drop every layer's state and the step workspaces (tests; a new engine in the same
+    process)."""
+    from vllm_turboquant.backend.workspace import clear_workspaces
+
     _STATES.clear()
+    clear_workspaces()

@@ -8,6 +8,7 @@ of a slot lives; ``docs/layout.md`` draws the same thing.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 
 SUPPORTED_BITS = tuple(range(1, 9))
@@ -41,6 +42,9 @@ class SlotLayout:
         k_scale_offset      key scale     float16
         v_scale_offset      value scale   float16
         ...                 zero padding up to slot_bytes (a multiple of 4)
+
+    The sizes are cached properties: every kernel launch reads several of them (host time
+    of eager mixed steps), and a frozen layout never changes.
     """
 
     head_size: int
@@ -55,36 +59,36 @@ class SlotLayout:
         code_planes(self.key_bits)
         code_planes(self.value_bits)
 
-    @property
+    @functools.cached_property
     def k_code_bytes(self) -> int:
         return self.head_size * self.key_bits // 8
 
-    @property
+    @functools.cached_property
     def v_code_bytes(self) -> int:
         return self.head_size * self.value_bits // 8
 
-    @property
+    @functools.cached_property
     def qjl_bytes(self) -> int:
         """Sign bits of the QJL residual sketch plus its float16 residual norm."""
         return self.head_size // 8 + 2 if self.key_qjl else 0
 
-    @property
+    @functools.cached_property
     def k_qjl_offset(self) -> int:
         return self.k_code_bytes
 
-    @property
+    @functools.cached_property
     def v_codes_offset(self) -> int:
         return self.k_code_bytes + self.qjl_bytes
 
-    @property
+    @functools.cached_property
     def k_scale_offset(self) -> int:
         return self.v_codes_offset + self.v_code_bytes
 
-    @property
+    @functools.cached_property
     def v_scale_offset(self) -> int:
         return self.k_scale_offset + 2
 
-    @property
+    @functools.cached_property
     def slot_bytes(self) -> int:
         return _round_up(self.v_scale_offset + 2, 4)
 

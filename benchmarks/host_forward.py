@@ -1,0 +1,134 @@
+"""Host time of the backend's real layer forward (`TurboQuantImpl.forward`), launches stubbed.
+
+    python benchmarks/host_forward.py [--tree DIR] [--json OUT.json]
+
+The CUDA code path (VLLM_TURBOQUANT_FORCE_TRITON=1) on CPU tensors of the tests' one-layer
+harness (tests/test_backend_forward.py: 8 query / 2 KV heads x 16, fp32), with every Triton
+launch and FlashAttention's call stubbed out: what remains is the forward's own Python and
+torch calls (allocations, fills, views, the query-rotation addmm, our launchers' argument
+work), which mixed steps pay per layer on the host (vLLM runs attention eagerly there). Per
+step kind (benchmarks/layer_step.py times the same kinds' whole launches on a GPU):
+  mixed            2 decodes + a 7-token chunk, one prefill launch;
+  mixed_split      the same batch, decodes through the split-KV kernel;
+  *_own            the chunks' own keys through FlashAttention (backend/own_attention.py);
+  decode           2 decodes (eager; CUDA graphs replay this kind);
+"first layer" times a step's first layer (since 2026-12-04 it makes the step's workspace
+views, backend/workspace.py), the plain figure every other layer. Medians in microseconds of
+this machine's CPU: a relative measure (old vs new tree on one machine), not a GPU host's
+absolute cost. --tree DIR times another checkout (e.g. a `git worktree` of an older commit;
+its tests/ harness), so both trees run on the same machine in the same way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+KINDS = ("mixed", "mixed_split", "mixed_own", "mixed_split_own", "decode")
+
+
+def median_us(fn, reps: int) -> float:
+    for _ in range(20):
+        fn()
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        ts.append((time.perf_counter() - t0) * 1e6)
+    return statistics.median(ts)
+
+
+def measure(tree: str, reps: int) -> dict:
+    """Per kind: median us of one layer's forward (the step's first layer and the others)."""
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    if os.path.abspath(tree) != ROOT:
+        import test_host_ops
+        test_host_ops._use_tree(tree)
+        sys.path.insert(0, os.path.join(tree, "tests"))
+    import torch
+    import test_backend_forward as tb
+
+    import vllm_turboquant.kernels.decode as dc
+    import vllm_turboquant.kernels.prefill as pf
+    import vllm_turboquant.kernels.store as st
+    from vllm_turboquant.backend import own_attention
+    from vllm_turboquant.plugin import register
+
+    register()
+    for m in (st, pf, dc):
+        m.launch = lambda kernel, grid, *a, **k: None
+    try:
+        import vllm_turboquant.kernels.unpack as up
+        up.launch = lambda kernel, grid, *a, **k: None
+    except ImportError:   # trees before kernels/unpack.py
+        pass
+    own_attention.attend = lambda q_rot, *a, **k: (
+        torch.empty_like(q_rot), torch.empty(q_rot.shape[1], q_rot.shape[0]))
+    result = {}
+    for kind in KINDS:
+        h = tb.Harness(4)
+        if "split" in kind:
+            h.impl.split_decode_ctx = 0
+        if "own" in kind:
+            h.builder.own_fa, h.builder.own_min_query = True, 2
+        h.step([("A", 6), ("B", 5)])
+        captured = []
+        forward = h.impl.forward
+        h.impl.forward = lambda *a, **k: captured.append((a, k)) or forward(*a, **k)
+        h.step([("A", 1), ("B", 1)] if kind == "decode" else [("A", 1), ("B", 7)])
+        h.impl.forward = forward
+        a, k = captured[0]
+        md = a[5]
+
+        def first():
+            if hasattr(md, "views"):
+                md.views = None
+            forward(*a, **k)
+
+        result[kind] = {"first_layer_us": round(median_us(first, reps), 1),
+                        "other_layers_us": round(median_us(lambda: forward(*a, **k), reps), 1)}
+    return result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--tree", default=ROOT, help="the checkout to time (default: this one)")
+    ap.add_argument("--reps", type=int, default=500)
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.child:
+        print(json.dumps(measure(a.tree, a.reps)))
+        return
+    # a fresh process per tree: its modules, and the launchers' import-time switch
+    env = dict(os.environ, VLLM_TURBOQUANT_FORCE_TRITON="1")
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.run([sys.executable, __file__, "--child", "--tree", a.tree,
+                           "--reps", str(a.reps)], env=env, capture_output=True, text=True,
+                          timeout=1800)
+    if proc.returncode != 0:
+        sys.exit(proc.stdout[-3000:] + proc.stderr[-3000:])
+    import torch
+    tree = os.path.abspath(a.tree)
+    sha = subprocess.run(["git", "-C", tree, "describe", "--always", "--dirty"],
+                         capture_output=True, text=True).stdout.strip()
+    result = {"machine": f"{platform.processor() or platform.machine()}, "
+                         f"{os.cpu_count()} CPUs, Python {platform.python_version()}",
+              "torch": torch.__version__, "tree": tree, "git": sha,
+              "forward_us_launches_stubbed": json.loads(proc.stdout.strip().splitlines()[-1])}
+    print(json.dumps(result, indent=1))
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
