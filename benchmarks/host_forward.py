@@ -25,25 +25,15 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
-import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
 KINDS = ("mixed", "mixed_split", "mixed_own", "mixed_split_own", "decode")
 
-
-def median_us(fn, reps: int) -> float:
-    for _ in range(20):
-        fn()
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        ts.append((time.perf_counter() - t0) * 1e6)
-    return statistics.median(ts)
+from host_python import median_us  # noqa: E402
 
 
 def measure(tree: str, reps: int) -> dict:

@@ -173,6 +173,20 @@ def test_layer_forward_launches_and_torch_ops():
             kind, res[kind])
 
 
+def test_host_forward_benchmark_times_every_kind(tmp_path):
+    """benchmarks/host_forward.py (the CPU proxy of the forward's host time) runs on this
+    tree and reports both layer figures for every step kind."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "hf.json"
+    proc = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "host_forward.py"),
+                           "--reps", "3", "--json", str(out)], capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    res = json.loads(out.read_text())["forward_us_launches_stubbed"]
+    assert set(res) == {"mixed", "mixed_split", "mixed_own", "mixed_split_own", "decode"}
+    assert all(v["first_layer_us"] > 0 and v["other_layers_us"] > 0 for v in res.values())
+
+
 if __name__ == "__main__":
     import argparse
 
