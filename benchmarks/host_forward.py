@@ -12,6 +12,7 @@ step kind (benchmarks/layer_step.py times the same kinds' whole launches on a GP
   mixed_split      the same batch, decodes through the split-KV kernel;
   *_own            the chunks' own keys through FlashAttention (backend/own_attention.py);
   decode           2 decodes (eager; CUDA graphs replay this kind);
+  build_decode_16  the metadata builder for 16 decodes (once per step, eager under graphs);
 "first layer" times a step's first layer (since 2026-12-04 it makes the step's workspace
 views, backend/workspace.py), the plain figure every other layer. Medians in microseconds of
 this machine's CPU: a relative measure (old vs new tree on one machine), not a GPU host's
@@ -85,7 +86,24 @@ def measure(tree: str, reps: int) -> dict:
 
         result[kind] = {"first_layer_us": round(median_us(first, reps), 1),
                         "other_layers_us": round(median_us(lambda: forward(*a, **k), reps), 1)}
+    # the metadata builder, once per step (eager even where CUDA graphs replay the layers)
+    result["build_decode_16"] = {"us": round(median_us(_decode_build(tb, torch), reps), 1)}
     return result
+
+
+def _decode_build(tb, torch):
+    """A zero-argument build() of a 16-request decode-only step of the window preset."""
+    from vllm.v1.attention.backend import CommonAttentionMetadata
+
+    h = tb.Harness(4)
+    seq = torch.arange(100, 116, dtype=torch.int32)
+    qsl = torch.arange(17, dtype=torch.int32)
+    cm = CommonAttentionMetadata(
+        query_start_loc=qsl, query_start_loc_cpu=qsl.clone(), seq_lens=seq, num_reqs=16,
+        num_actual_tokens=16, max_query_len=1, max_seq_len=115,
+        block_table_tensor=torch.zeros(16, 40, dtype=torch.int32),
+        slot_mapping=torch.arange(16, dtype=torch.int64))
+    return lambda: h.builder.build(0, cm)
 
 
 def main() -> None:

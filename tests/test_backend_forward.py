@@ -630,3 +630,19 @@ def test_decode_fused_switch_reaches_the_kernel_and_refuses_bad_values(monkeypat
     monkeypatch.setenv("VLLM_TURBOQUANT_DECODE_FUSED", "yes")
     with pytest.raises(TurboQuantConfigError, match="VLLM_TURBOQUANT_DECODE_FUSED"):
         Harness(4)
+
+
+def test_decode_only_token_positions_match_the_general_path():
+    """The builder's decode-only shortcut (token i = row i at position seq_len - 1) writes what
+    the general per-chunk arithmetic writes, into the same persistent buffers (the ones a
+    decode CUDA graph reads)."""
+    h = Harness(4)
+    seq = torch.tensor([5, 17, 1, 9], dtype=torch.int32)
+    qsl = torch.arange(5, dtype=torch.int32)
+    general = [x.clone() for x in h.builder._token_positions(qsl, seq, 4)]
+    h.builder._rows.fill_(-7), h.builder._pos.fill_(-7), h.builder._seq_end.fill_(-7)
+    fast = h.builder._token_positions(qsl, seq, 4, decodes_only=True)
+    for g, f, buf in zip(general, fast, (h.builder._rows, h.builder._pos,
+                                         h.builder._seq_end)):
+        assert torch.equal(g, f) and f.data_ptr() == buf.data_ptr()
+    assert fast[1].tolist() == [4, 16, 0, 8]

@@ -183,8 +183,10 @@ def test_host_forward_benchmark_times_every_kind(tmp_path):
                           timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     res = json.loads(out.read_text())["forward_us_launches_stubbed"]
+    build = res.pop("build_decode_16")
     assert set(res) == {"mixed", "mixed_split", "mixed_own", "mixed_split_own", "decode"}
     assert all(v["first_layer_us"] > 0 and v["other_layers_us"] > 0 for v in res.values())
+    assert build["us"] > 0
 
 
 if __name__ == "__main__":

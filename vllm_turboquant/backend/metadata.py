@@ -171,7 +171,7 @@ class TurboQuantMetadataBuilder(AttentionMetadataBuilder[TurboQuantMetadata]):
             self._own_rows(md, qsl, num_decodes, self._prefix_rows(cm, num_decodes))
         if self.window > 0 and t > 0 and b > 0:
             md.token_rows, md.token_pos, md.token_seq_end = self._token_positions(
-                qsl, cm.seq_lens[:b], t)
+                qsl, cm.seq_lens[:b], t, decodes_only=not num_prefills and t == b)
             md.store_seq_end = md.token_seq_end
             if num_prefills:
                 self._deferred_side_store(md, qsl[num_decodes:])
@@ -259,22 +259,31 @@ class TurboQuantMetadataBuilder(AttentionMetadataBuilder[TurboQuantMetadata]):
         idx = qsl[1:, None].long() - self.window + self._arange[:self.window].long()
         return torch.where(idx >= qsl[:-1, None], idx, -1).flatten()
 
-    def _token_positions(self, qsl: torch.Tensor, seq_lens: torch.Tensor, t: int):
+    def _token_positions(self, qsl: torch.Tensor, seq_lens: torch.Tensor, t: int,
+                         decodes_only: bool = False):
         """Row, position and request seq_len of each of the t tokens, on device, no host sync.
 
         Padding tokens past the last request get the last row and positions past its end;
-        their slot is < 0, so the store skips them."""
+        their slot is < 0, so the store skips them. decodes_only (t requests of one token
+        each): token i is row i at position seq_lens[i] - 1, in 3 small launches instead of
+        12 (host time of every decode step, graphs or not: the builder runs eagerly)."""
         if t > self.max_tokens:  # never under CUDA graphs (t <= the largest capture size)
             self.max_tokens = t
             self._arange = torch.arange(t, dtype=torch.int32, device=qsl.device)
             self._rows, self._pos, self._seq_end = (torch.zeros_like(self._arange)
                                                     for _ in range(3))
+        rows_out, pos_out, end_out = self._rows[:t], self._pos[:t], self._seq_end[:t]
+        if decodes_only:
+            rows_out.copy_(self._arange[:t])
+            torch.sub(seq_lens.to(torch.int32), 1, out=pos_out)
+            end_out.copy_(seq_lens)
+            return rows_out, pos_out, end_out
         tok = self._arange[:t]
         ends = qsl[1:].to(torch.int32)
         rows = torch.searchsorted(ends, tok, right=True).clamp_(max=max(len(ends) - 1, 0))
         starts = qsl[:-1].to(torch.int32)
         context = seq_lens.to(torch.int32) - (ends - starts)      # tokens cached before the chunk
-        self._rows[:t].copy_(rows)
-        self._pos[:t].copy_(context[rows] + tok - starts[rows])
-        self._seq_end[:t].copy_(seq_lens[rows])
-        return self._rows[:t], self._pos[:t], self._seq_end[:t]
+        rows_out.copy_(rows)
+        pos_out.copy_(context[rows] + tok - starts[rows])
+        end_out.copy_(seq_lens[rows])
+        return rows_out, pos_out, end_out
