@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 
@@ -34,7 +33,7 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 KINDS = ("mixed", "mixed_split", "mixed_own", "mixed_split_own", "decode")
 
-from host_python import median_us  # noqa: E402
+from host_python import machine, median_us, report  # noqa: E402
 
 
 def measure(tree: str, reps: int) -> dict:
@@ -128,14 +127,9 @@ def main() -> None:
     tree = os.path.abspath(a.tree)
     sha = subprocess.run(["git", "-C", tree, "describe", "--always", "--dirty"],
                          capture_output=True, text=True).stdout.strip()
-    result = {"machine": f"{platform.processor() or platform.machine()}, "
-                         f"{os.cpu_count()} CPUs, Python {platform.python_version()}",
-              "torch": torch.__version__, "tree": tree, "git": sha,
-              "forward_us_launches_stubbed": json.loads(proc.stdout.strip().splitlines()[-1])}
-    print(json.dumps(result, indent=1))
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(result, f, indent=1)
+    report({"machine": machine(), "torch": torch.__version__, "tree": tree, "git": sha,
+            "forward_us_launches_stubbed": json.loads(proc.stdout.strip().splitlines()[-1])},
+           a.json)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,19 @@ sys.path.insert(0, HERE)
 import torch  # noqa: E402
 
 
+def machine() -> str:
+    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+            f"Python {platform.python_version()}")
+
+
+def report(result: dict, path: str | None) -> None:
+    """Print the result as JSON and write it to path (if given)."""
+    print(json.dumps(result, indent=1))
+    if path:
+        with open(path, "w") as f:
+            json.dump(result, f, indent=1)
+
+
 def median_us(fn, reps: int) -> float:
     for _ in range(20):
         fn()
@@ -86,16 +99,12 @@ def main() -> None:
     key = median_us(lambda: tuple(map(_launch._spec, args)), 20 * a.reps)
     native = median_us(lambda: [native_specialize_impl(BaseBackend, x, False, True, True)
                                 for x in args], 20 * a.reps)
-    result = {"machine": f"{platform.processor() or platform.machine()}, "
-                         f"{os.cpu_count()} CPUs, Python {platform.python_version()}",
+    result = {"machine": machine(),
               "torch": torch.__version__, "triton": triton.__version__,
               "launcher_python_us_launches_stubbed": launchers,
               "direct_launch_key_us_37_args": round(key, 1),
               "triton_native_specialize_us_37_args": round(native, 1)}
-    print(json.dumps(result, indent=1))
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(result, f, indent=1)
+    report(result, a.json)
 
 
 if __name__ == "__main__":
