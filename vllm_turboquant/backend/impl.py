@@ -44,7 +44,7 @@ from vllm.v1.attention.backend import AttentionImpl, AttentionType
 from vllm_turboquant import compat, settings
 from vllm_turboquant.backend import ops, own_attention, workspace
 from vllm_turboquant.backend.state import LayerState, get_layer_state, side_bytes
-from vllm_turboquant.kernels._common import TQSide, default_num_splits, next_pow2
+from vllm_turboquant.kernels._common import default_num_splits, next_pow2
 from vllm_turboquant.kernels.decode import rotate_query, split_counters
 from vllm_turboquant.settings import TurboQuantConfigError
 
