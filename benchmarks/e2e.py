@@ -42,7 +42,6 @@ import argparse
 import gc
 import json
 import os
-import re
 import signal
 import sys
 import time
@@ -54,8 +53,9 @@ HERE = Path(__file__).resolve().parent
 # kernels package. (Run as a script, benchmarks/ is sys.path[0] anyway.)
 sys.path.extend(p for p in (str(HERE), str(HERE.parent)) if p not in sys.path)
 
-from serving_common import (bar_plot, header_lines, machine_info, markdown_table,  # noqa: E402
-                            on_gpu, plugin_env, run_worker, runner_env)
+from serving_common import (bar_plot, check_dtype_entries, file_label,  # noqa: E402
+                            header_lines, machine_info, markdown_table, on_gpu, parse_variant,
+                            plugin_env, run_worker, runner_env)
 
 GiB, MiB = 1 << 30, 1 << 20
 # Ours first, then the baseline, then fp8: when the budget runs out, vLLM's presets go first
@@ -320,30 +320,6 @@ def size(n: int) -> str:
     return f"{n / GiB:g} GiB" if n >= GiB else f"{n / MiB:g} MiB"
 
 
-_ENV_NAME = re.compile(r"[A-Z_][A-Z0-9_]*")
-
-
-def parse_variant(entry: str) -> tuple[str, dict[str, str]]:
-    """One --dtypes entry -> (kv-cache dtype, environment overrides). ``NAME`` alone, or
-    ``NAME@VAR=VALUE[@VAR=VALUE...]`` to run that dtype once more with its worker's
-    environment changed, in the same call (an A/B of a knob: ``turboquant,
-    turboquant@VLLM_TURBOQUANT_OWN_FA=0``); the row is labelled with the whole entry."""
-    name, *pairs = entry.split("@")
-    env = {}
-    for pair in pairs:
-        var, eq, value = pair.partition("=")
-        if not (name and eq and _ENV_NAME.fullmatch(var)):
-            raise ValueError(f"--dtypes entry {entry!r}: expected NAME or "
-                             f"NAME@VAR=VALUE[@VAR=VALUE...] (VAR in capitals)")
-        env[var] = value
-    return name, env
-
-
-def file_label(entry: str) -> str:
-    """A --dtypes entry as a file-name part (variants' @ and = become _)."""
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", entry)
-
-
 def run_dtype(entry: str, spec: dict, out_dir: Path, timeout_s: float) -> dict:
     """Run `worker` for the --dtypes entry (a dtype, or a variant: parse_variant) in a fresh
     Python process; its log goes to a file. A worker that crashes or runs out of time gives
@@ -453,13 +429,7 @@ def main(argv=None) -> dict:
     name = args.profile or (("quick" if args.quick else "full") if gpu else "cpu")
     profile = PROFILES[name]
     dtypes = args.dtypes.split(",") if args.dtypes else list(GPU_DTYPES if gpu else CPU_DTYPES)
-    for d in dtypes:  # malformed variants fail here, before a model is built
-        try:
-            parse_variant(d)
-        except ValueError as e:
-            ap.error(str(e))
-    if len(set(dtypes)) != len(dtypes):
-        ap.error(f"--dtypes lists an entry twice: {args.dtypes!r}")
+    check_dtype_entries(ap, dtypes)  # malformed variants fail here, before a model is built
     if args.repeats < 1:
         ap.error(f"--repeats must be >= 1, got {args.repeats}")
     if args.prompts == "real":  # fetch the text now: a worker that cannot is minutes in, past the model build

@@ -52,7 +52,7 @@ kernel groups (ours ``_tq_*``, attention, GEMM, Inductor Triton, other), the top
 driver calls), vLLM's scopes per step, the ``vllm::unified_attention_with_output`` op (the
 attention layer's host time where it runs eagerly, and the GPU time it launches), and from
 pass (4) the backend forward and metadata build with their top Python callees and ops.
-``--trace`` keeps the chrome traces (``trace_<dtype>_<phase>[_stack].json.gz``; open them in
+``--trace`` keeps the chrome traces (``trace_<entry>_<phase>[_stack].json.gz``; open them in
 https://ui.perfetto.dev).
 
 Caveats: the engine in-process does the frontend's output processing between steps (the
@@ -80,8 +80,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.extend(p for p in (str(HERE), str(HERE.parent)) if p not in sys.path)
 
-from serving_common import (header_lines, machine_info, markdown_table, on_gpu,  # noqa: E402
-                            plugin_env, run_worker, runner_env)
+from serving_common import (check_dtype_entries, file_label, header_lines,  # noqa: E402
+                            machine_info, markdown_table, on_gpu, parse_variant, plugin_env,
+                            run_worker, runner_env)
 
 GiB, MiB = 1 << 30, 1 << 20
 GPU_MEMORY_UTILIZATION = 0.5  # as e2e.py: kv_cache_memory_bytes sizes the cache
@@ -736,7 +737,7 @@ def worker(spec: dict, out_path: str | None = None) -> dict:
                 passes.append(("stack", True, min(p["stack_active"], plan["active"])))
             for key, stack, active in passes:
                 suffix = "_stack" if stack else ""
-                path = out_dir / f"trace_{dtype}_{phase}{suffix}.json.gz"
+                path = out_dir / f"trace_{spec.get('label', dtype)}_{phase}{suffix}.json.gz"
                 t = time.perf_counter()
                 profiled_run(llm, hook, inputs, params, plan["wait"], active, stack, path)
                 t_parse = time.perf_counter()
@@ -758,22 +759,27 @@ def worker(spec: dict, out_path: str | None = None) -> dict:
 
 
 # -- the driver ----------------------------------------------------------------------------------
-def run_in_process_worker(script: str, prefix: str, dtype: str, spec: dict, out_dir: Path,
+def run_in_process_worker(script: str, prefix: str, entry: str, spec: dict, out_dir: Path,
                           timeout_s: float, extra_env: dict | None = None) -> dict:
-    """`script --worker SPEC` for one kv-cache dtype in a fresh process whose vLLM engine runs
+    """`script --worker SPEC` for one --dtypes entry (a kv-cache dtype, or a variant
+    NAME@VAR=VALUE: serving_common.parse_variant) in a fresh process whose vLLM engine runs
     in-process (the profiler and the step hooks must see the model runner and the scheduler);
-    result in out_dir/PREFIX_DTYPE.json, log beside it. Shared with step_log.py."""
-    spec = {**spec, "dtype": dtype}
-    result_path = out_dir / f"{prefix}_{dtype}.json"
-    log_path = out_dir / f"{prefix}_{dtype}.log"
+    result in out_dir/PREFIX_ENTRY.json (file_label), log beside it; the row is labelled with
+    the entry. Shared with step_log.py."""
+    dtype, overrides = parse_variant(entry)
+    spec = {**spec, "dtype": dtype, "label": file_label(entry)}   # label: the worker's files
+    result_path = out_dir / f"{prefix}_{file_label(entry)}.json"
+    log_path = out_dir / f"{prefix}_{file_label(entry)}.log"
     env = {**os.environ, **plugin_env(), **runner_env(dtype),
-           "VLLM_ENABLE_V1_MULTIPROCESSING": "0", **(extra_env or {})}
+           "VLLM_ENABLE_V1_MULTIPROCESSING": "0", **(extra_env or {}), **overrides}
     env.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")  # as gpu_suite.sh (ours fails on V2)
     env.pop("VLLM_CPU_KVCACHE_SPACE", None)  # would override kv_cache_memory_bytes on CPU
     cmd = [sys.executable, script, "--worker", json.dumps(spec), "--worker-out",
            str(result_path)]
     t0 = time.perf_counter()
-    row = {"dtype": dtype, **run_worker(cmd, result_path, log_path, env, timeout_s)}
+    # the entry last: the worker's own "dtype" field is the plain kv-cache dtype
+    row = {**run_worker(cmd, result_path, log_path, env, timeout_s), "dtype": entry,
+           "kv_cache_dtype": dtype}
     row["driver_wall_s"] = time.perf_counter() - t0
     return row
 
@@ -804,7 +810,9 @@ def main(argv=None) -> dict:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None,
                     help="model folder (default: SmolLM2 via `python -m vllm_turboquant.models`)")
-    ap.add_argument("--dtypes", default="auto,turboquant", help="comma-separated kv-cache dtypes")
+    ap.add_argument("--dtypes", default="auto,turboquant",
+                    help="comma-separated kv-cache dtypes; NAME@VAR=VALUE runs NAME again with "
+                         "an environment variable set (an A/B of a knob, as in e2e.py)")
     ap.add_argument("--profile", choices=sorted(PROFILES), default=None,
                     help="sizes (default: gpu with CUDA, else cpu)")
     ap.add_argument("--phases", default=None,
@@ -817,7 +825,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--skip", type=int, default=0,
                     help="recorded model steps to leave out of each window")
     ap.add_argument("--trace", action="store_true",
-                    help="keep the chrome traces (trace_<dtype>_<phase>[_stack].json.gz)")
+                    help="keep the chrome traces (trace_<entry>_<phase>[_stack].json.gz)")
     ap.add_argument("--budget-s", type=float, default=None,
                     help="wall-clock bound (default 450 s on GPU, 900 s on CPU)")
     ap.add_argument("--out-dir", type=Path, default=HERE / "results" / "profile")
@@ -837,6 +845,7 @@ def main(argv=None) -> dict:
     if unknown:
         raise SystemExit(f"unknown phases {unknown}; valid: {sorted(profile['phases'])}")
     dtypes = args.dtypes.split(",")
+    check_dtype_entries(ap, dtypes)
     eager = args.eager or not gpu  # CPU: no CUDA graphs, torch.compile costs minutes
     budget = args.budget_s or (450.0 if gpu else 900.0)
     from vllm_turboquant.models import resolve_model
@@ -873,12 +882,13 @@ def main(argv=None) -> dict:
         done = {r["dtype"] for r in results}
         for d in dtypes:  # stopped: what the running worker saved
             if d not in done:
-                row = {"dtype": d}
+                row = {}
                 try:
-                    row.update(json.loads((args.out_dir / f"profile_{d}.json").read_text()))
+                    row.update(json.loads(
+                        (args.out_dir / f"profile_{file_label(d)}.json").read_text()))
                 except (OSError, ValueError):
                     pass
-                results.append({**row, "error": "not run or not finished (stopped)"})
+                results.append({**row, "dtype": d, "error": "not run or not finished (stopped)"})
         table = write_report(results, info, {**meta, "wall time": _since(t_start)},
                              args.out_dir)
     print("\n" + table)

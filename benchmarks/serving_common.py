@@ -1,4 +1,5 @@
-"""Shared by serving_compare.py and e2e.py: machine facts, a `vllm serve` process, tables.
+"""Shared by the serving benchmarks (e2e.py, profile_step.py, step_log.py, ...): machine facts,
+a `vllm serve` process, tables, --dtypes variants.
 
 Everything here stays on this machine: servers listen on 127.0.0.1 only.
 """
@@ -9,6 +10,7 @@ import importlib.util
 import json
 import os
 import platform
+import re
 import signal
 import socket
 import subprocess
@@ -41,6 +43,42 @@ def run_worker(cmd: list[str], result_path: Path, log_path: Path, env: dict,
     if error:
         row["error"] = error
     return row
+
+
+_ENV_NAME = re.compile(r"[A-Z_][A-Z0-9_]*")
+
+
+def parse_variant(entry: str) -> tuple[str, dict[str, str]]:
+    """One --dtypes entry -> (kv-cache dtype, environment overrides). ``NAME`` alone, or
+    ``NAME@VAR=VALUE[@VAR=VALUE...]`` to run that dtype once more with its worker's
+    environment changed, in the same call (an A/B of a knob: ``turboquant,
+    turboquant@VLLM_TURBOQUANT_OWN_FA=0``); the row is labelled with the whole entry."""
+    name, *pairs = entry.split("@")
+    env = {}
+    for pair in pairs:
+        var, eq, value = pair.partition("=")
+        if not (name and eq and _ENV_NAME.fullmatch(var)):
+            raise ValueError(f"--dtypes entry {entry!r}: expected NAME or "
+                             f"NAME@VAR=VALUE[@VAR=VALUE...] (VAR in capitals)")
+        env[var] = value
+    return name, env
+
+
+def check_dtype_entries(ap, dtypes: list[str]) -> None:
+    """Refuse (argparse error, exit 2) a malformed or repeated --dtypes entry before any model
+    is built or engine started."""
+    for d in dtypes:
+        try:
+            parse_variant(d)
+        except ValueError as e:
+            ap.error(str(e))
+    if len(set(dtypes)) != len(dtypes):
+        ap.error(f"--dtypes lists an entry twice: {','.join(dtypes)!r}")
+
+
+def file_label(entry: str) -> str:
+    """A --dtypes entry as a file-name part (variants' @ and = become _)."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", entry)
 
 
 def runner_env(dtype: str) -> dict[str, str]:

@@ -86,7 +86,8 @@ HERE = Path(__file__).resolve().parent
 # kernels package. (Run as a script, benchmarks/ is sys.path[0] anyway.)
 sys.path.extend(p for p in (str(HERE), str(HERE.parent)) if p not in sys.path)
 
-from serving_common import header_lines, machine_info, markdown_table, on_gpu  # noqa: E402
+from serving_common import (check_dtype_entries, file_label, header_lines,  # noqa: E402
+                            machine_info, markdown_table, on_gpu)
 
 GiB, MiB = 1 << 30, 1 << 20
 DEFAULT_DTYPES = "turboquant,auto"
@@ -559,7 +560,9 @@ def main(argv=None) -> dict:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None,
                     help="model folder (default: SmolLM2 via `python -m vllm_turboquant.models`)")
-    ap.add_argument("--dtypes", default=DEFAULT_DTYPES, help="comma-separated kv-cache dtypes")
+    ap.add_argument("--dtypes", default=DEFAULT_DTYPES,
+                    help="comma-separated kv-cache dtypes; NAME@VAR=VALUE runs NAME again with "
+                         "an environment variable set (an A/B of a knob, as in e2e.py)")
     ap.add_argument("--sizes", choices=sorted(PROFILES), default=None,
                     help="e2e.py profile whose long phase is the workload (default: full on "
                          "GPU, cpu without one)")
@@ -595,6 +598,7 @@ def main(argv=None) -> dict:
         ap.error(f"prompt + output ({workload[1]} + {workload[2]}) exceeds max_model_len "
                  f"{profile['max_model_len']} of the {name} sizes")
     dtypes = [d for d in args.dtypes.split(",") if d]
+    check_dtype_entries(ap, dtypes)
     eager = args.eager or not gpu  # CPU: torch.compile costs minutes
     budget = args.budget_s or (540.0 if gpu else 900.0)
     from vllm_turboquant.models import resolve_model
@@ -634,12 +638,13 @@ def main(argv=None) -> dict:
         done = {r["dtype"] for r in results}
         for d in dtypes:  # stopped (SIGTERM): what the running worker saved
             if d not in done:
-                row = {"dtype": d}
+                row = {}
                 try:
-                    row.update(json.loads((args.out_dir / f"step_log_{d}.json").read_text()))
+                    row.update(json.loads(
+                        (args.out_dir / f"step_log_{file_label(d)}.json").read_text()))
                 except (OSError, ValueError):
                     pass
-                results.append({**row, "error": "not run or not finished (stopped)"})
+                results.append({**row, "dtype": d, "error": "not run or not finished (stopped)"})
         table = write_report(results, info, {**meta, "wall time": _since(t_start)},
                              json_path, args.md)
     print("\n" + table)

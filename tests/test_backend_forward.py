@@ -606,6 +606,24 @@ def test_own_attention_switch_defaults_on_and_refuses_bad_values(monkeypatch):
         own_attention.min_query_len({"VLLM_TURBOQUANT_OWN_FA_MIN_QUERY": "1k"})
 
 
+def test_builder_reads_the_prefix_bound_and_says_so_at_startup(monkeypatch):
+    """The builder takes $VLLM_TURBOQUANT_OWN_FA_PREFIX_MAX when it starts, and its startup
+    line names it, so an e2e A/B's engine log shows which side of the A/B it ran."""
+    monkeypatch.setenv("VLLM_TURBOQUANT_OWN_FA_PREFIX_MAX", "16384")
+    b = Harness(4).builder
+    assert b.own_prefix_max == 16384
+    assert b._own_fa_summary() == "off"           # no FlashAttention on this CPU build
+    b.own_fa = True
+    assert b._own_fa_summary() == (
+        f"on (chunks from {b.own_min_query} tokens; cached prefixes too, up to 16384 tokens "
+        "a step)")
+    monkeypatch.delenv("VLLM_TURBOQUANT_OWN_FA_PREFIX_MAX")
+    b = Harness(4).builder
+    b.own_fa = True
+    assert b.own_prefix_max == 0
+    assert b._own_fa_summary().endswith("; cached prefixes read packed)")
+
+
 def test_decode_fused_switch_reaches_the_kernel_and_refuses_bad_values(monkeypatch):
     """$VLLM_TURBOQUANT_DECODE_FUSED: unset = the one-launch decode, 0 = three launches (the
     e2e A/B), anything else a startup error; the impl hands its choice to every decode."""

@@ -130,9 +130,17 @@ class TurboQuantMetadataBuilder(AttentionMetadataBuilder[TurboQuantMetadata]):
         # there can FlashAttention cover the chunks' prefixes (a decode's context is no chunk)
         self.split_ctx = split_decode_ctx()
         logger.info("vllm-turboquant: chunks' own packed keys through FlashAttention: %s",
-                    f"on (chunks from {self.own_min_query} tokens)" if self.own_fa else "off")
+                    self._own_fa_summary())
         # The kernels' serving variants compile at the first build (backend/warmup.py).
         self._warmed_up = False
+
+    def _own_fa_summary(self) -> str:
+        """The startup log's word on the own-keys path, its threshold and the prefix bound."""
+        if not self.own_fa:
+            return "off"
+        prefix = (f"cached prefixes too, up to {self.own_prefix_max} tokens a step"
+                  if self.own_prefix_max > 0 else "cached prefixes read packed")
+        return f"on (chunks from {self.own_min_query} tokens; {prefix})"
 
     def _create_layer_states(self, vllm_config, device) -> None:
         """Allocate every layer's window buffers now (right after the KV cache, out of the
