@@ -54,8 +54,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.extend(p for p in (str(HERE), str(HERE.parent)) if p not in sys.path)
 
 from serving_common import (bar_plot, check_dtype_entries, file_label,  # noqa: E402
-                            header_lines, machine_info, markdown_table, on_gpu, parse_variant,
-                            plugin_env, run_worker, runner_env)
+                            header_lines, machine_info, markdown_table, on_gpu, run_entry)
 
 GiB, MiB = 1 << 30, 1 << 20
 # Ours first, then the baseline, then fp8: when the budget runs out, vLLM's presets go first
@@ -322,20 +321,10 @@ def size(n: int) -> str:
 
 def run_dtype(entry: str, spec: dict, out_dir: Path, timeout_s: float) -> dict:
     """Run `worker` for the --dtypes entry (a dtype, or a variant: parse_variant) in a fresh
-    Python process; its log goes to a file. A worker that crashes or runs out of time gives
-    what it had saved, plus an ``error``."""
-    dtype, overrides = parse_variant(entry)
-    spec = {**spec, "dtype": dtype}
-    result_path = out_dir / f"e2e_{file_label(entry)}.json"
-    log_path = out_dir / f"e2e_{file_label(entry)}.log"
-    env = {**os.environ, **plugin_env(), **runner_env(dtype), **overrides}
-    cmd = [sys.executable, __file__, "--worker", json.dumps(spec), "--worker-out",
-           str(result_path)]
+    Python process (serving_common.run_entry); its log goes to a file. A worker that crashes
+    or runs out of time gives what it had saved, plus an ``error``."""
     t0 = time.perf_counter()
-    # labelled by the entry, after the worker's fields (its own "dtype" is the plain name:
-    # before 2026-12-03 evening it overwrote the label, so a variant's row read as its dtype)
-    row = {**run_worker(cmd, result_path, log_path, env, timeout_s), "dtype": entry,
-           "kv_cache_dtype": dtype}
+    row = run_entry(__file__, "e2e", entry, spec, out_dir, timeout_s)
     if "timed out" in row.get("error", ""):
         row["error"] += " (its share of the budget)"
     row["wall_s"] = time.perf_counter() - t0

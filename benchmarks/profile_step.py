@@ -68,7 +68,6 @@ import argparse
 import bisect
 import gzip
 import json
-import os
 import re
 import signal
 import sys
@@ -81,8 +80,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.extend(p for p in (str(HERE), str(HERE.parent)) if p not in sys.path)
 
 from serving_common import (check_dtype_entries, file_label, header_lines,  # noqa: E402
-                            machine_info, markdown_table, on_gpu, parse_variant, plugin_env,
-                            run_worker, runner_env)
+                            machine_info, markdown_table, on_gpu, run_entry)
 
 GiB, MiB = 1 << 30, 1 << 20
 GPU_MEMORY_UTILIZATION = 0.5  # as e2e.py: kv_cache_memory_bytes sizes the cache
@@ -737,7 +735,7 @@ def worker(spec: dict, out_path: str | None = None) -> dict:
                 passes.append(("stack", True, min(p["stack_active"], plan["active"])))
             for key, stack, active in passes:
                 suffix = "_stack" if stack else ""
-                path = out_dir / f"trace_{spec.get('label', dtype)}_{phase}{suffix}.json.gz"
+                path = out_dir / f"trace_{spec['label']}_{phase}{suffix}.json.gz"
                 t = time.perf_counter()
                 profiled_run(llm, hook, inputs, params, plan["wait"], active, stack, path)
                 t_parse = time.perf_counter()
@@ -761,25 +759,18 @@ def worker(spec: dict, out_path: str | None = None) -> dict:
 # -- the driver ----------------------------------------------------------------------------------
 def run_in_process_worker(script: str, prefix: str, entry: str, spec: dict, out_dir: Path,
                           timeout_s: float, extra_env: dict | None = None) -> dict:
-    """`script --worker SPEC` for one --dtypes entry (a kv-cache dtype, or a variant
-    NAME@VAR=VALUE: serving_common.parse_variant) in a fresh process whose vLLM engine runs
-    in-process (the profiler and the step hooks must see the model runner and the scheduler);
-    result in out_dir/PREFIX_ENTRY.json (file_label), log beside it; the row is labelled with
-    the entry. Shared with step_log.py."""
-    dtype, overrides = parse_variant(entry)
-    spec = {**spec, "dtype": dtype, "label": file_label(entry)}   # label: the worker's files
-    result_path = out_dir / f"{prefix}_{file_label(entry)}.json"
-    log_path = out_dir / f"{prefix}_{file_label(entry)}.log"
-    env = {**os.environ, **plugin_env(), **runner_env(dtype),
-           "VLLM_ENABLE_V1_MULTIPROCESSING": "0", **(extra_env or {}), **overrides}
-    env.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")  # as gpu_suite.sh (ours fails on V2)
-    env.pop("VLLM_CPU_KVCACHE_SPACE", None)  # would override kv_cache_memory_bytes on CPU
-    cmd = [sys.executable, script, "--worker", json.dumps(spec), "--worker-out",
-           str(result_path)]
+    """`script --worker SPEC` for one --dtypes entry (serving_common.run_entry: a dtype or a
+    variant, files named by its label, the row by the entry) in a fresh process whose vLLM
+    engine runs in-process (the profiler and the step hooks must see the model runner and the
+    scheduler). Shared with step_log.py."""
     t0 = time.perf_counter()
-    # the entry last: the worker's own "dtype" field is the plain kv-cache dtype
-    row = {**run_worker(cmd, result_path, log_path, env, timeout_s), "dtype": entry,
-           "kv_cache_dtype": dtype}
+    row = run_entry(script, prefix, entry, spec, out_dir, timeout_s,
+                    extra_env={"VLLM_ENABLE_V1_MULTIPROCESSING": "0", **(extra_env or {})},
+                    # V1 unless set (as gpu_suite.sh: ours fails on V2; runner_env's V2 for
+                    # vLLM's presets stays); VLLM_CPU_KVCACHE_SPACE would override
+                    # kv_cache_memory_bytes on CPU
+                    env_defaults={"VLLM_USE_V2_MODEL_RUNNER": "0"},
+                    env_drop=("VLLM_CPU_KVCACHE_SPACE",))
     row["driver_wall_s"] = time.perf_counter() - t0
     return row
 

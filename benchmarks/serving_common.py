@@ -14,6 +14,7 @@ import re
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.request
@@ -79,6 +80,30 @@ def check_dtype_entries(ap, dtypes: list[str]) -> None:
 def file_label(entry: str) -> str:
     """A --dtypes entry as a file-name part (variants' @ and = become _)."""
     return re.sub(r"[^A-Za-z0-9_.-]", "_", entry)
+
+
+def run_entry(script: str, prefix: str, entry: str, spec: dict, out_dir: Path,
+              timeout_s: float, extra_env: dict | None = None,
+              env_defaults: dict | None = None, env_drop: tuple = ()) -> dict:
+    """`script --worker SPEC --worker-out FILE` for one --dtypes entry (a kv-cache dtype, or a
+    variant NAME@VAR=VALUE: parse_variant) in a fresh process group (run_worker). The worker's
+    spec gets the plain dtype and `label` (file_label: a prefix for any file it writes);
+    result in out_dir/PREFIX_LABEL.json, log beside it. Environment, lowest priority first:
+    env_defaults, ours, plugin_env, runner_env(dtype), extra_env, the variant's variables;
+    then env_drop is removed. The row is labelled with the entry (after the worker's fields:
+    its own "dtype" is the plain name)."""
+    dtype, overrides = parse_variant(entry)
+    label = file_label(entry)
+    result_path = out_dir / f"{prefix}_{label}.json"
+    log_path = out_dir / f"{prefix}_{label}.log"
+    env = {**(env_defaults or {}), **os.environ, **plugin_env(), **runner_env(dtype),
+           **(extra_env or {}), **overrides}
+    for name in env_drop:
+        env.pop(name, None)
+    cmd = [sys.executable, script, "--worker", json.dumps({**spec, "dtype": dtype, "label": label}),
+           "--worker-out", str(result_path)]
+    return {**run_worker(cmd, result_path, log_path, env, timeout_s), "dtype": entry,
+            "kv_cache_dtype": dtype}
 
 
 def runner_env(dtype: str) -> dict[str, str]:

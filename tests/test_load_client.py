@@ -266,20 +266,73 @@ def test_e2e_dtype_variants_parse_and_refuse_bad_entries():
     """--dtypes NAME@VAR=VALUE: the same dtype again with its worker's environment changed
     (an A/B in one call); malformed entries are an error before any engine starts."""
     import e2e
+    from serving_common import file_label, parse_variant
 
-    assert e2e.parse_variant("auto") == ("auto", {})
-    assert e2e.parse_variant("turboquant@VLLM_TURBOQUANT_OWN_FA=0") == (
+    assert parse_variant("auto") == ("auto", {})
+    assert parse_variant("turboquant@VLLM_TURBOQUANT_OWN_FA=0") == (
         "turboquant", {"VLLM_TURBOQUANT_OWN_FA": "0"})
-    assert e2e.parse_variant("tq-k4v4@A=1@B_2=x=y") == ("tq-k4v4", {"A": "1", "B_2": "x=y"})
+    assert parse_variant("tq-k4v4@A=1@B_2=x=y") == ("tq-k4v4", {"A": "1", "B_2": "x=y"})
     for bad in ("turboquant@", "turboquant@own=0", "turboquant@A", "@A=1"):
         with pytest.raises(ValueError, match="--dtypes entry"):
-            e2e.parse_variant(bad)
-    assert e2e.file_label("turboquant@VLLM_TURBOQUANT_OWN_FA=0") == (
+            parse_variant(bad)
+    assert file_label("turboquant@VLLM_TURBOQUANT_OWN_FA=0") == (
         "turboquant_VLLM_TURBOQUANT_OWN_FA_0")
     for argv in (["--dtypes", "turboquant@own=0"], ["--dtypes", "auto,turboquant,auto"]):
         with pytest.raises(SystemExit) as exc:      # argparse's usage error, exit code 2
             e2e.main(argv + ["--out-dir", "/nonexistent/e2e"])
         assert exc.value.code == 2
+
+
+def test_a_variant_reaches_its_worker_with_its_environment(monkeypatch, tmp_path):
+    """serving_common.run_entry, under e2e.py's workers and the in-process ones of
+    profile_step.py / step_log.py: the worker gets the plain kv-cache dtype, the variant's
+    variable and its own files; the row keeps the entry (the worker's JSON says the plain
+    dtype). In-process: the engine in this process, V1 unless the caller's environment or
+    runner_env (vLLM's presets: V2) says otherwise, no VLLM_CPU_KVCACHE_SPACE."""
+    import e2e
+    import profile_step
+    import serving_common
+
+    seen = {}
+
+    def fake_run_worker(cmd, result_path, log_path, env, timeout_s):
+        seen.update(spec=json.loads(cmd[cmd.index("--worker") + 1]), env=env,
+                    result=result_path, log=log_path, script=cmd[1])
+        return {"dtype": "turboquant", "short_out_tok_s": 1.0}
+    monkeypatch.setattr(serving_common, "run_worker", fake_run_worker)
+    monkeypatch.delenv("VLLM_TURBOQUANT_OWN_FA_PREFIX_MAX", raising=False)
+    monkeypatch.delenv("VLLM_USE_V2_MODEL_RUNNER", raising=False)
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "4")
+    entry = "turboquant@VLLM_TURBOQUANT_OWN_FA_PREFIX_MAX=16384"
+    label = "turboquant_VLLM_TURBOQUANT_OWN_FA_PREFIX_MAX_16384"
+    for mod, prefix in ((e2e, "e2e"), (profile_step, "profile")):
+        row = mod.run_dtype(entry, {"out_dir": str(tmp_path)}, tmp_path, 60)
+        # labelled by the entry, not the worker's plain dtype (which once overwrote it: the
+        # A/B rows of one e2e run both read "turboquant"); the worker's fields pass through
+        assert row["dtype"] == entry and row["kv_cache_dtype"] == "turboquant"
+        assert row["short_out_tok_s"] == 1.0
+        assert seen["script"] == mod.__file__
+        assert seen["spec"]["dtype"] == "turboquant" and seen["spec"]["label"] == label
+        assert seen["env"]["VLLM_TURBOQUANT_OWN_FA_PREFIX_MAX"] == "16384"
+        assert seen["result"] == tmp_path / f"{prefix}_{label}.json"
+        assert seen["log"] == tmp_path / f"{prefix}_{label}.log"
+        mod.run_dtype("auto", {"out_dir": str(tmp_path)}, tmp_path, 60)
+        assert "VLLM_TURBOQUANT_OWN_FA_PREFIX_MAX" not in seen["env"]   # the A side: unchanged
+    # e2e's engines run in their own processes, in the caller's environment
+    e2e.run_dtype("auto", {}, tmp_path, 60)
+    assert "VLLM_ENABLE_V1_MULTIPROCESSING" not in seen["env"]
+    assert seen["env"]["VLLM_CPU_KVCACHE_SPACE"] == "4"
+    # the in-process runner's environment
+    profile_step.run_dtype("auto", {}, tmp_path, 60)
+    assert seen["env"]["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
+    assert seen["env"]["VLLM_CUSTOM_SCOPES_FOR_PROFILING"] == "1"
+    assert seen["env"]["VLLM_USE_V2_MODEL_RUNNER"] == "0"
+    assert "VLLM_CPU_KVCACHE_SPACE" not in seen["env"]
+    profile_step.run_dtype("turboquant_4bit_nc", {}, tmp_path, 60)
+    assert seen["env"]["VLLM_USE_V2_MODEL_RUNNER"] == "1"              # runner_env wins
+    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "1")
+    profile_step.run_dtype("auto", {}, tmp_path, 60)
+    assert seen["env"]["VLLM_USE_V2_MODEL_RUNNER"] == "1"              # the caller's wins
 
 
 def test_e2e_without_the_text_stops_before_any_model(monkeypatch):
@@ -297,24 +350,6 @@ def test_e2e_without_the_text_stops_before_any_model(monkeypatch):
     with pytest.raises(SystemExit) as exc:
         e2e.main(["--dtypes", "auto", "--out-dir", "/nonexistent/e2e"])
     assert exc.value.code == 2
-
-
-def test_e2e_variant_rows_keep_their_entry_as_label(monkeypatch, tmp_path):
-    """A variant's row is labelled with its whole --dtypes entry, not the worker's plain
-    dtype (which once overwrote it: the A/B rows of one run both read "turboquant"), and its
-    worker got the override in its environment."""
-    import e2e
-
-    seen = {}
-
-    def fake_worker(cmd, result_path, log_path, env, timeout_s):
-        seen["env"] = env
-        return {"dtype": "turboquant", "short_out_tok_s": 1.0}
-    monkeypatch.setattr(e2e, "run_worker", fake_worker)
-    row = e2e.run_dtype("turboquant@VLLM_TURBOQUANT_DECODE_FUSED=0", {}, tmp_path, 10.0)
-    assert row["dtype"] == "turboquant@VLLM_TURBOQUANT_DECODE_FUSED=0"
-    assert row["kv_cache_dtype"] == "turboquant" and row["short_out_tok_s"] == 1.0
-    assert seen["env"]["VLLM_TURBOQUANT_DECODE_FUSED"] == "0"
 
 
 def test_e2e_throughput_reports_the_median_of_its_repeats(monkeypatch):

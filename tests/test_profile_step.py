@@ -216,33 +216,8 @@ def test_ratio_to_auto_and_details():
     assert "`kernels/decode.py(342): tq_decode` 300" in md
 
 
-# -- the driver: --dtypes variants (NAME@VAR=VALUE), as in e2e.py ------------------------------
-def test_a_variant_reaches_its_in_process_worker_with_its_environment(monkeypatch, tmp_path):
-    """profile_step.py and step_log.py share run_in_process_worker: a variant's worker gets
-    the plain kv-cache dtype, the variable set, its own files, and its row keeps the label
-    (the worker's JSON says the plain dtype)."""
-    seen = {}
-
-    def fake_run_worker(cmd, result_path, log_path, env, timeout_s):
-        seen.update(spec=json.loads(cmd[cmd.index("--worker") + 1]), env=env,
-                    result=result_path, log=log_path)
-        return {"dtype": "turboquant", "phases": {}}
-    monkeypatch.setattr(ps, "run_worker", fake_run_worker)
-    entry = "turboquant@VLLM_TURBOQUANT_OWN_FA_PREFIX_MAX=16384"
-    row = ps.run_dtype(entry, {"out_dir": str(tmp_path)}, tmp_path, 60)
-    assert row["dtype"] == entry and row["kv_cache_dtype"] == "turboquant"
-    assert seen["spec"]["dtype"] == "turboquant"
-    assert seen["env"]["VLLM_TURBOQUANT_OWN_FA_PREFIX_MAX"] == "16384"
-    assert seen["env"]["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
-    label = "turboquant_VLLM_TURBOQUANT_OWN_FA_PREFIX_MAX_16384"
-    assert seen["spec"]["label"] == label
-    assert seen["result"] == tmp_path / f"profile_{label}.json"
-    assert seen["log"] == tmp_path / f"profile_{label}.log"
-    monkeypatch.delenv("VLLM_TURBOQUANT_OWN_FA_PREFIX_MAX", raising=False)
-    ps.run_dtype("auto", {"out_dir": str(tmp_path)}, tmp_path, 60)
-    assert "VLLM_TURBOQUANT_OWN_FA_PREFIX_MAX" not in seen["env"]   # the A side: unchanged
-
-
+# -- the driver: --dtypes variants (NAME@VAR=VALUE), as in e2e.py (its worker runner's test:
+# tests/test_load_client.py) --------------------------------------------------------------------
 @pytest.mark.parametrize("script", ["profile_step", "step_log"])
 def test_bad_dtype_entries_stop_before_any_model(monkeypatch, script):
     import importlib
