@@ -470,7 +470,8 @@ def main():
             print(f"  {op:16s} " + "  ".join(f"{k}={v:.1f}" if isinstance(v, float) else
                                              f"{k}={v}" for k, v in r.items()))
     if args.sweep and cuda:
-        # block_m is tokens per program: x the padded group (4 for both shapes) = rows.
+        # block_m x the padded group (4 for both shapes) = rows per program (with the dense
+        # rows of 2026-12-07, the default, rows / G tokens: 42-43 at SmolLM2's G = 3).
         # First the 2026-12-02 default without the deq copy (the chunk's own older tokens
         # gathered and unpacked from their slots), then configs reading it, deq_stages =
         # software-pipeline depth of its loads.

@@ -1,8 +1,11 @@
 """Chunked-prefill attention over packed pages: no bf16 copy of the cached prefix.
 
-One program per (sequence, block of BLOCK_M chunk tokens, KV head) serves the G query heads of
-the group as BLOCK_M * G_PAD rows (row r = token r // G_PAD, head r % G_PAD), so each packed
-prefix tile is unpacked once per group. Precision follows the decode step (see
+One program per (sequence, block of rows, KV head) serves the G query heads of the group as
+ROWS = BLOCK_M * G_PAD rows of (token, head) pairs, so each packed prefix tile is unpacked once
+per group and program. The rows are dense (ROW_G = G rows per token: row r of the chunk is
+token r // G, head r % G), so a group of 3 (SmolLM2's 9 / 3 heads) fills all 128 rows with
+42-43 tokens instead of padding each token to 4 rows (32 tokens and a quarter of the rows
+masked): a quarter fewer programs, each re-reading the prefix, for the same chunk. Precision follows the decode step (see
 reference.tq_prefill_ref): the query at position t reads key j exactly iff j > t - W.
 One online softmax runs first over packed tiles (the cached prefix and the chunk's own tokens
 older than the window, dequantized in registers; prefix keys inside the window come from the
@@ -224,7 +227,7 @@ def _tq_prefill_kernel(
     KMODE: tl.constexpr, VMODE: tl.constexpr, KASM: tl.constexpr = "", VASM: tl.constexpr = "",
     DEQ: tl.constexpr = False, DEQ_STAGES: tl.constexpr = 1,
     INVARIANT: tl.constexpr = False, ALIGN: tl.constexpr = 0, ALIGN_B: tl.constexpr = 4,
-    OWN: tl.constexpr = False, OWN_PREFIX: tl.constexpr = False,
+    OWN: tl.constexpr = False, OWN_PREFIX: tl.constexpr = False, ROW_G: tl.constexpr = 0,
 ):
     """OWN (with DEQ): the attention of each row over its chunk's own keys j <= t - WIN comes
     precomputed (own_o, own_lse: FlashAttention over the chunk's dequantized copy, in the
@@ -234,7 +237,9 @@ def _tq_prefill_kernel(
     OWN_PREFIX (with OWN): own_o / own_lse cover the cached prefix's keys j <= t - WIN too
     (FlashAttention over the prefix unpacked by kernels/unpack.py, then the chunk's own), so
     the packed-prefix loop reads only the prefix keys inside the rows' windows (j > t - WIN:
-    at most the prefix's last WIN tokens, for the chunk's first rows)."""
+    at most the prefix's last WIN tokens, for the chunk's first rows).
+    ROW_G: rows per chunk token, G (dense rows, the default) or G_PAD (each token padded to a
+    power of two, the layout before 2026-12-07; 0 = G_PAD)."""
     b = tl.program_id(0)
     # Longest rows first: under causal masking the last blocks of a chunk do the most tiles,
     # and the GPU starts programs in launch order.
@@ -242,17 +247,20 @@ def _tq_prefill_kernel(
     h = tl.program_id(2)
     q_start = tl.load(cu_q_ptr + b)
     q_len = tl.load(cu_q_ptr + b + 1) - q_start
-    if mb * BLOCK_M >= q_len:
+    ROWS: tl.constexpr = BLOCK_M * G_PAD
+    RG: tl.constexpr = G_PAD if ROW_G == 0 else ROW_G   # rows per token
+    r0 = mb * ROWS                          # the program's first row of the chunk's T x RG
+    if r0 >= q_len * RG:
         return
     seq_len = tl.load(seq_lens_ptr + b)
     prefix = seq_len - q_len
 
-    ROWS: tl.constexpr = BLOCK_M * G_PAD
     HALF: tl.constexpr = D // 2
     offs_r = tl.arange(0, ROWS)
-    tok = mb * BLOCK_M + offs_r // G_PAD                 # chunk-local token index of each row
-    gi = offs_r % G_PAD
+    tok = (r0 + offs_r) // RG                             # chunk-local token index of each row
+    gi = (r0 + offs_r) % RG
     rmask = (tok < q_len) & (gi < G)
+    tok_first = r0 // RG                                  # the program's first token
     qh = h * G + gi
     offs_lo = tl.arange(0, HALF)
     offs_hi = HALF + offs_lo
@@ -272,8 +280,8 @@ def _tq_prefill_kernel(
     # slot. Rows of this program: positions first_pos..last_pos; _win_lo grows with t, so
     # lo_first / lo_last bound every row's.
     pos_r = prefix + tok                                  # [ROWS] position of each row's query
-    chunk_end = tl.minimum(q_len, (mb + 1) * BLOCK_M)    # chunk-local end of this program's rows
-    first_pos = prefix + mb * BLOCK_M
+    chunk_end = tl.minimum(q_len, (r0 + ROWS - 1) // RG + 1)   # chunk-local end of its tokens
+    first_pos = prefix + tok_first
     last_pos = prefix + chunk_end - 1
     last_packed = _win_lo(pos_r, WIN, ALIGN) - 1   # the newest key each row reads packed
     lo_first = _win_lo(first_pos, WIN, ALIGN)
@@ -364,7 +372,7 @@ def _tq_prefill_kernel(
             own_end = packed_end - prefix                      # chunk-local
             own_lo = 0
             if OWN:   # keys j <= t - WIN came with own_o; only (t - WIN, last_packed] remain
-                own_lo = (tl.maximum(mb * BLOCK_M - WIN + 1, 0) // BLOCK_N) * BLOCK_N
+                own_lo = (tl.maximum(tok_first - WIN + 1, 0) // BLOCK_N) * BLOCK_N
             for n0 in tl.range(own_lo, own_end, BLOCK_N, num_stages=DEQ_STAGES):
                 offs_n = n0 + tl.arange(0, BLOCK_N)
                 nmask = offs_n < own_end
@@ -449,8 +457,9 @@ _OVERRIDE_ENV = "VLLM_TURBOQUANT_PREFILL_CONFIG"
 @functools.lru_cache(maxsize=None)
 def launch_override() -> dict:
     """Launch-config defaults from $VLLM_TURBOQUANT_PREFILL_CONFIG, a JSON object with any of
-    block_m, block_n, num_warps, deq_stages (a tuning knob: benchmarks/layer_step.py --sweep
-    measures the candidates and --best prints the fastest correct one in this form). Read once."""
+    block_m, block_n, num_warps, deq_stages (positive ints) and dense_rows (0 or 1: the rows'
+    layout, see _tq_prefill_kernel's ROW_G); a tuning knob: benchmarks/layer_step.py --sweep
+    measures the candidates and --best prints the fastest correct one in this form. Read once."""
     raw = os.environ.get(_OVERRIDE_ENV, "").strip()
     if not raw:
         return {}
@@ -458,11 +467,13 @@ def launch_override() -> dict:
         cfg = json.loads(raw)
     except ValueError:
         cfg = None
-    if (not isinstance(cfg, dict) or set(cfg) - {"block_m", "block_n", "num_warps",
-                                                 "deq_stages"}
-            or not all(type(v) is int and v > 0 for v in cfg.values())):
+    sizes = {"block_m", "block_n", "num_warps", "deq_stages"}
+    dense = cfg.get("dense_rows", 1) if isinstance(cfg, dict) else None
+    if (not isinstance(cfg, dict) or set(cfg) - sizes - {"dense_rows"}
+            or not all(type(cfg[k]) is int and cfg[k] > 0 for k in sizes & set(cfg))
+            or type(dense) is not int or dense not in (0, 1)):
         raise ValueError(f"{_OVERRIDE_ENV}: expected positive ints for block_m, block_n, "
-                         f"num_warps, deq_stages, got {raw!r}")
+                         f"num_warps, deq_stages and 0 or 1 for dense_rows, got {raw!r}")
     return cfg
 
 
@@ -474,7 +485,8 @@ def tq_prefill(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                num_warps: int | None = None, num_stages: int = 1,
                lookup: int = 3, deq=None, deq_stages: int | None = None,
                invariant: bool = False, own=None, own_prefix: bool = False,
-               q_rotated: torch.Tensor | None = None) -> torch.Tensor:
+               q_rotated: torch.Tensor | None = None,
+               dense_rows: bool | None = None) -> torch.Tensor:
     """Triton prefill over packed pages; same contract as `reference.tq_prefill_ref`.
 
     query [T, Hq, D]; key, value [T, Hkv, D] (the chunk's own K/V; rotated=True: already
@@ -507,6 +519,10 @@ def tq_prefill(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     (64 decodes x 1K + a 1,984-token chunk at 2K) 412 us vs 550 at 8 warps (the previous
     default, chosen from spill counts alone) and 452-2,771 for the other 7; head 128, 32/8
     heads, 2K chunk at 8K: 2,701 us vs 2,947 at 8 warps. Head 256 keeps 8 warps (not swept).
+    dense_rows (default True): a program's block_m * next_pow2(G) rows are (token, head) pairs
+    packed densely, G rows per token, instead of next_pow2(G) rows per token with the padding
+    masked: for G = 3 a quarter fewer programs for the same chunk, so the packed prefix is
+    unpacked a quarter fewer times (no change where G is a power of two).
     $VLLM_TURBOQUANT_PREFILL_CONFIG overrides it (see launch_override).
     """
     p = as_params(params, query.device)
@@ -596,7 +612,10 @@ def tq_prefill(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
         raise ValueError("tq_prefill: table-lookup dequantization (lookup 1 or 2, or codes of "
                          "other than 4 bits) with a window at head size >= 128 is miscompiled "
                          "on CUDA (triton 3.6); use 4-bit codes with lookup=3 (the default)")
-    grid = (bsz, cdiv(max_query_len, block_m), hkv)
+    if dense_rows is None:
+        dense_rows = bool(tuned.get("dense_rows", 1))
+    row_g = g if dense_rows else g_pad
+    grid = (bsz, cdiv(max_query_len * row_g, block_m * g_pad), hkv)
     launch(_tq_prefill_kernel, grid,
         q, k, v, out, cu_seqlens_q, seq_lens, kv_cache, block_table,
         p.key_centroids, p.value_centroids, kpair, vpair, p.rotation_pm1,
@@ -610,7 +629,7 @@ def tq_prefill(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
         BLOCK_N=block_n,
         HAS_SIDE=has_side, F32=f32, COLS=min(d, 64), WIN=win, KMODE=kmode, VMODE=vmode,
         KASM=kasm, VASM=vasm, DEQ=deq is not None, DEQ_STAGES=deq_stages,
-        INVARIANT=invariant, OWN=own is not None, OWN_PREFIX=bool(own_prefix),
+        INVARIANT=invariant, OWN=own is not None, OWN_PREFIX=bool(own_prefix), ROW_G=row_g,
         ALIGN=p.align if has_side else 0,
         ALIGN_B=align_b, num_warps=num_warps,
         num_stages=num_stages)

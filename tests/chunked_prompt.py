@@ -35,8 +35,11 @@ def prompt_in_chunks(q, k, v, bounds, params, block_size, window, invariant, see
         if lo in wipe_side_at:
             side.tag.fill_(-1)
         rot = torch.empty(2, hi - lo, hkv, d, dtype=q.dtype, device=dev)
+        # invariant: the store's fixed tiles, as the backend's ops.store(invariant=True): else
+        # the tile (hence the rotation's summation order) follows the chunk's token count
         tq_store(k[c], v[c], cache, slots[c], params, side, rows[c], pos[c].int(),
-                 torch.full_like(rows[c], 1 << 30), rot_out=(rot[0], rot[1]))
+                 torch.full_like(rows[c], 1 << 30), rot_out=(rot[0], rot[1]),
+                 fixed_tiles=invariant)
         cu = torch.tensor([0, hi - lo], dtype=torch.int32, device=dev)
         sl = torch.tensor([hi], dtype=torch.int32, device=dev)
         outs.append(tq_prefill(q[c], rot[0], rot[1], cu, sl, cache, bt, params, d ** -0.5,
@@ -44,5 +47,5 @@ def prompt_in_chunks(q, k, v, bounds, params, block_size, window, invariant, see
                                **prefill_kw))
         idx = torch.arange(max(lo, hi - window), hi, device=dev)
         tq_store(k, v, cache, slots[idx], params, side, rows[idx], pos.int()[idx],
-                 torch.full_like(rows[idx], hi), token_index=idx)
+                 torch.full_like(rows[idx], hi), token_index=idx, fixed_tiles=invariant)
     return torch.cat(outs), cache, bt

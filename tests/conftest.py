@@ -44,3 +44,39 @@ def _alias_kernels():
 
 
 _alias_kernels()
+
+
+def _row_invariant_interpreter_dot():
+    """Under TRITON_INTERPRET=1 a tl.dot is numpy's matmul, i.e. CPU BLAS, whose fp32 GEMM
+    rounds a row by where its M-blocking puts it: on an AMD EPYC host (AVX-512, numpy 2.3.5's
+    OpenBLAS 0.3.30) the last 4 rows of a 64-row store tile came out 1 ulp off the same rows
+    placed higher up, so a token's rotation depended on its row in the tile (seen in
+    test_prefill_invariant_same_bits_however_chunked, 2026-12-07; earlier hosts did not
+    show it). A GPU's MMA rounds every row alike wherever it sits, which is what the kernels'
+    bit-for-bit tests assume. So fp32 dots of float operands are computed here in fp64 and
+    rounded to fp32 once: exact products, a sum far below fp32's rounding, the same bits for
+    a row wherever it sits (more exact than the GPU, never less)."""
+    try:
+        import numpy as np
+        from triton.runtime import interpreter as it
+    except ImportError:
+        return
+    builder = getattr(it, "InterpreterBuilder", None)
+    orig = getattr(builder, "create_dot", None)
+    if orig is None or getattr(orig, "_tq_fp64", False):
+        return
+    floats = (np.float16, np.float32)
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        if (d.data.dtype == np.float32 and a.data.dtype in floats
+                and b.data.dtype in floats):
+            out = np.matmul(a.data.astype(np.float64), b.data.astype(np.float64))
+            return it.TensorHandle(out.astype(np.float32) + d.data, d.dtype.scalar)
+        return orig(self, a, b, d, input_precision, max_num_imprecise_acc)
+
+    create_dot._tq_fp64 = True
+    builder.create_dot = create_dot
+
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    _row_invariant_interpreter_dot()

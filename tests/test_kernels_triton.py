@@ -417,6 +417,42 @@ def test_prefill_matches_reference(dtype, g, bs, window, name):
     assert (bad.float() - got_r.float()).norm() > 1e-2 * got_r.float().norm()
 
 
+@pytest.mark.parametrize("g,window", [(3, 8), (6, 0)])
+def test_prefill_dense_rows_match_padded_with_fewer_programs(g, window, monkeypatch):
+    """dense_rows (the default): a program's rows are (token, head) pairs, G per token, so a
+    program's tokens need not start at a multiple of block_m; the padded layout (each token
+    next_pow2(G) rows) gives the same output up to summation order, both match the
+    reference, and for G = 3 and 6 the dense grid has fewer programs per chunk."""
+    from vllm_turboquant.kernels import prefill as pf
+
+    grids = []
+    launch = pf.launch
+
+    def spy(kernel, grid, *a, **k):
+        grids.append(grid)
+        return launch(kernel, grid, *a, **k)
+
+    monkeypatch.setattr(pf, "launch", spy)
+    dtype = torch.float16
+    _, params = make_params("turboquant", window=window)
+    hkv, d = 2, 64
+    lens, qlens = [9, 45, 30], [9, 1, 13]     # fresh prefill, 1-token chunk, chunk + prefix
+    side, cache, bt, k, v, q, cu, sl = chunk_batch(lens, qlens, hkv, g, d, 16, params, dtype,
+                                                   window)
+    want = tq_prefill_ref(q, k, v, cu, sl, cache, bt, params, d ** -0.5, side)
+    dense = tq_prefill(q, k, v, cu, sl, cache, bt, params, d ** -0.5, side, block_m=4,
+                       block_n=16)
+    padded = tq_prefill(q, k, v, cu, sl, cache, bt, params, d ** -0.5, side, block_m=4,
+                        block_n=16, dense_rows=False)
+    assert_close(dense, want, dtype, "prefill, dense rows")
+    assert_close(padded, want, dtype, "prefill, padded rows")
+    diff = (dense.float() - padded.float()).norm() / padded.float().norm()
+    assert diff < 2e-3, f"dense vs padded rows: relative error {diff:.2e}"
+    rows = 4 * (4 if g == 3 else 8)                       # block_m x next_pow2(g)
+    assert grids[0][1] == -(-13 * g // rows) and grids[1][1] == -(-13 // 4)
+    assert grids[0][1] < grids[1][1]
+
+
 def _own_index(cu, window):
     """The backend's own-row index (backend/metadata.py): token i of chunk b -> row
     cu_k[b] + i of the FlashAttention copy if i < L_b - window, else -1; and cu_k."""
@@ -652,7 +688,11 @@ def test_prefill_launch_override_is_used_and_validated(monkeypatch):
         want = tq_prefill_ref(q, chunks[0][0], chunks[0][1], cu, sl, cache, bt, params,
                               d ** -0.5)
         torch.testing.assert_close(got.float(), want.float(), atol=3e-2, rtol=3e-2)
-        for bad in ('{"block_m": 4, "warps": 2}', '{"block_m": 4.0}', "block_m=4", "[4]"):
+        monkeypatch.setenv(pf._OVERRIDE_ENV, '{"dense_rows": 0}')
+        pf.launch_override.cache_clear()
+        assert pf.launch_override() == {"dense_rows": 0}
+        for bad in ('{"block_m": 4, "warps": 2}', '{"block_m": 4.0}', "block_m=4", "[4]",
+                    '{"dense_rows": 2}', '{"dense_rows": true}', '{"block_m": 0}'):
             monkeypatch.setenv(pf._OVERRIDE_ENV, bad)
             pf.launch_override.cache_clear()
             with pytest.raises(ValueError, match="VLLM_TURBOQUANT_PREFILL_CONFIG"):
