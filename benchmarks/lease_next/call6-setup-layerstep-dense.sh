@@ -13,12 +13,12 @@ d=$OUT/c6; mkdir -p $d
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader > $d/gpu.txt; cat $d/gpu.txt
 for v in 1 0; do
   echo "== layer_step dense_rows=$v $(date +%T)"
-  VLLM_TURBOQUANT_PREFILL_CONFIG="{\"dense_rows\": $v}" timeout 150 python3 benchmarks/layer_step.py --reps 30 \
-    --cases "continuation,long mixed,fresh 7700,mixed 64,mixed 96" --json $d/layer_step_dense$v.json > $d/layer_step_dense$v.log 2>&1; echo "rc=$?"
+  VLLM_TURBOQUANT_PREFILL_CONFIG="{\"dense_rows\": $v}" timeout 110 python3 benchmarks/layer_step.py --reps 30 \
+    --cases "continuation,long mixed,fresh 7700,mixed 96" --json $d/layer_step_dense$v.json > $d/layer_step_dense$v.log 2>&1; echo "rc=$?"
   grep -E "^==|  (prefill|prefill_own|forward_split_own_ws|forward_own_ws|fa_forward) " $d/layer_step_dense$v.log | cut -c1-120
 done
 echo "== pytest gpu: the prefill kernel's tests (dense rows now; G = 3 cases, invariance, own keys) $(date +%T)"
-timeout 170 python3 -m pytest -m gpu -v -p no:cacheprovider tests/gpu/test_kernels_gpu.py tests/gpu/test_own_attention_gpu.py \
+timeout 150 python3 -m pytest -m gpu -v -p no:cacheprovider tests/gpu/test_kernels_gpu.py tests/gpu/test_own_attention_gpu.py \
   -k "prefill or aligned or own" > $d/pytest-prefill.log 2>&1; echo "rc=$?"
 grep -c PASSED $d/pytest-prefill.log; grep -E "FAILED|ERROR" $d/pytest-prefill.log | cut -c1-160 | head; tail -1 $d/pytest-prefill.log
 echo "== done $(date +%T)"
