@@ -2,10 +2,11 @@
 
 One program per (sequence, block of rows, KV head) serves the G query heads of the group as
 ROWS = BLOCK_M * G_PAD rows of (token, head) pairs, so each packed prefix tile is unpacked once
-per group and program. The rows are dense (ROW_G = G rows per token: row r of the chunk is
-token r // G, head r % G), so a group of 3 (SmolLM2's 9 / 3 heads) fills all 128 rows with
-42-43 tokens instead of padding each token to 4 rows (32 tokens and a quarter of the rows
-masked): a quarter fewer programs, each re-reading the prefix, for the same chunk. Precision follows the decode step (see
+per group and program. The rows may be dense (ROW_G = G rows per token: row r of the chunk
+is token r // G, head r % G), so a group of 3 (SmolLM2's 9 / 3 heads) fills all 128 rows
+with 42-43 tokens instead of padding each token to 4 rows (32 tokens and a quarter of the rows
+masked): a quarter fewer programs for the same chunk; the launcher takes them where they
+measured faster (tq_prefill's dense_rows). Precision follows the decode step (see
 reference.tq_prefill_ref): the query at position t reads key j exactly iff j > t - W.
 One online softmax runs first over packed tiles (the cached prefix and the chunk's own tokens
 older than the window, dequantized in registers; prefix keys inside the window come from the
@@ -238,8 +239,8 @@ def _tq_prefill_kernel(
     (FlashAttention over the prefix unpacked by kernels/unpack.py, then the chunk's own), so
     the packed-prefix loop reads only the prefix keys inside the rows' windows (j > t - WIN:
     at most the prefix's last WIN tokens, for the chunk's first rows).
-    ROW_G: rows per chunk token, G (dense rows, the default) or G_PAD (each token padded to a
-    power of two, the layout before 2026-12-07; 0 = G_PAD)."""
+    ROW_G: rows per chunk token, G (dense rows) or G_PAD (each token padded to a power of two,
+    the only layout before 2026-12-07; 0 = G_PAD); tq_prefill's dense_rows picks it."""
     b = tl.program_id(0)
     # Longest rows first: under causal masking the last blocks of a chunk do the most tiles,
     # and the GPU starts programs in launch order.
@@ -519,10 +520,13 @@ def tq_prefill(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     (64 decodes x 1K + a 1,984-token chunk at 2K) 412 us vs 550 at 8 warps (the previous
     default, chosen from spill counts alone) and 452-2,771 for the other 7; head 128, 32/8
     heads, 2K chunk at 8K: 2,701 us vs 2,947 at 8 warps. Head 256 keeps 8 warps (not swept).
-    dense_rows (default True): a program's block_m * next_pow2(G) rows are (token, head) pairs
-    packed densely, G rows per token, instead of next_pow2(G) rows per token with the padding
-    masked: for G = 3 a quarter fewer programs for the same chunk, so the packed prefix is
-    unpacked a quarter fewer times (no change where G is a power of two).
+    dense_rows: a program's block_m * next_pow2(G) rows are (token, head) pairs packed densely,
+    G rows per token, instead of next_pow2(G) rows per token with the padding masked: for G = 3
+    a quarter fewer programs for the same chunk (no change where G is a power of two). Default:
+    dense without `own`, padded with it, as one SmolLM2 layer measured on the H100
+    (benchmarks/results/h100-20261207/, 2026-12-07): without `own` dense took 0.80-0.85x the
+    GPU time at 7,700-token chunks (fresh, beside 47 decodes, over a 7,700-token prefix) and
+    0.98x at a 2,048-token chunk; with `own` (the backend's CUDA path) 1.03-1.05x in all four.
     $VLLM_TURBOQUANT_PREFILL_CONFIG overrides it (see launch_override).
     """
     p = as_params(params, query.device)
@@ -612,8 +616,8 @@ def tq_prefill(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
         raise ValueError("tq_prefill: table-lookup dequantization (lookup 1 or 2, or codes of "
                          "other than 4 bits) with a window at head size >= 128 is miscompiled "
                          "on CUDA (triton 3.6); use 4-bit codes with lookup=3 (the default)")
-    if dense_rows is None:
-        dense_rows = bool(tuned.get("dense_rows", 1))
+    if dense_rows is None:   # see the docstring: measured per path
+        dense_rows = bool(tuned.get("dense_rows", own is None))
     row_g = g if dense_rows else g_pad
     grid = (bsz, cdiv(max_query_len * row_g, block_m * g_pad), hkv)
     launch(_tq_prefill_kernel, grid,

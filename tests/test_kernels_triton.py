@@ -419,10 +419,10 @@ def test_prefill_matches_reference(dtype, g, bs, window, name):
 
 @pytest.mark.parametrize("g,window", [(3, 8), (6, 0)])
 def test_prefill_dense_rows_match_padded_with_fewer_programs(g, window, monkeypatch):
-    """dense_rows (the default): a program's rows are (token, head) pairs, G per token, so a
-    program's tokens need not start at a multiple of block_m; the padded layout (each token
-    next_pow2(G) rows) gives the same output up to summation order, both match the
-    reference, and for G = 3 and 6 the dense grid has fewer programs per chunk."""
+    """dense_rows (the default without `own`): a program's rows are (token, head) pairs, G per
+    token, so a program's tokens need not start at a multiple of block_m; the padded layout
+    (each token next_pow2(G) rows) gives the same output up to summation order, both match
+    the reference, and for G = 3 and 6 the dense grid has fewer programs per chunk."""
     from vllm_turboquant.kernels import prefill as pf
 
     grids = []
@@ -441,10 +441,10 @@ def test_prefill_dense_rows_match_padded_with_fewer_programs(g, window, monkeypa
                                                    window)
     want = tq_prefill_ref(q, k, v, cu, sl, cache, bt, params, d ** -0.5, side)
     dense = tq_prefill(q, k, v, cu, sl, cache, bt, params, d ** -0.5, side, block_m=4,
-                       block_n=16)
+                       block_n=16)                        # the default without `own`
     padded = tq_prefill(q, k, v, cu, sl, cache, bt, params, d ** -0.5, side, block_m=4,
                         block_n=16, dense_rows=False)
-    assert_close(dense, want, dtype, "prefill, dense rows")
+    assert_close(dense, want, dtype, "prefill, dense rows (the default without own)")
     assert_close(padded, want, dtype, "prefill, padded rows")
     diff = (dense.float() - padded.float()).norm() / padded.float().norm()
     assert diff < 2e-3, f"dense vs padded rows: relative error {diff:.2e}"
@@ -467,10 +467,21 @@ def _own_index(cu, window):
 
 
 @pytest.mark.parametrize("window,align,g", [(0, 0, 2), (8, 0, 3), (8, 16, 3)])
-def test_prefill_own_attention_from_flash_matches_reference(window, align, g):
+def test_prefill_own_attention_from_flash_matches_reference(window, align, g, monkeypatch):
     """OWN: the chunk's own keys j <= t - W arrive as FlashAttention's (out, lse) over the
     store's own_out copy (C[code] * scale), the kernel adds the rest (prefix, the aligned
-    window's packed band, the exact window): the policy's answer, unchanged."""
+    window's packed band, the exact window): the policy's answer, unchanged; in the padded
+    rows it takes by default with `own` and in dense rows."""
+    from vllm_turboquant.kernels import prefill as pf
+
+    row_g = []
+    launch = pf.launch
+
+    def spy(kernel, grid, *a, **k):
+        row_g.append(k["ROW_G"])
+        return launch(kernel, grid, *a, **k)
+
+    monkeypatch.setattr(pf, "launch", spy)
     dtype, hkv, d, bs = torch.bfloat16, 2, 64, 16
     codec, params = make_params("turboquant", window=window, align=align)
     lens, qlens = [30, 45, 26, 40], [30, 20, 1, 11]   # fresh, continuation, decode-like, short
@@ -504,6 +515,13 @@ def test_prefill_own_attention_from_flash_matches_reference(window, align, g):
     got = tq_prefill(q, kr, vr, cu, sl, cache, bt, params, scale, side, block_m=4, block_n=16,
                      rotated=True, deq=deq, own=own, q_rotated=q_rot)
     assert_close(got, want, dtype, "prefill with own attention")
+    assert row_g[-1] == (4 if g == 3 else g), "with own the default is the padded rows"
+    if g == 3:
+        dense = tq_prefill(q, kr, vr, cu, sl, cache, bt, params, scale, side, block_m=4,
+                           block_n=16, rotated=True, deq=deq, own=own, q_rotated=q_rot,
+                           dense_rows=True)
+        assert row_g[-1] == 3
+        assert_close(dense, want, dtype, "prefill with own attention, dense rows")
     # the kernel really takes the own part from `own`: another (out, lse) changes the answer
     bad = tq_prefill(q, kr, vr, cu, sl, cache, bt, params, scale, side, block_m=4, block_n=16,
                      rotated=True, deq=deq, own=(own[0] * 0.5, own[1]), q_rotated=q_rot)
