@@ -254,6 +254,36 @@ def test_summary_matches_metrics(clock):
     assert not empty["available"] and empty["capacity_ratio"] is None
 
 
+def test_stats_retry_a_scrape_that_reads_a_file_being_written(clock):
+    """The multiprocess collector raises when another API server's .db file is read while
+    being created (prometheus/client_python#1199): the stats read retries and gets the
+    values; a file that stays broken is still an error, not an empty answer."""
+    import struct
+
+    registry = CollectorRegistry()
+    logger = metrics.TurboQuantStatLogger(fake_vllm_config(), [0], registry=registry)
+    clock[0] += 1.0
+    logger.record(scheduler_stats(0.25), iteration_stats(10, 0), engine_idx=0)
+
+    class Flaky:
+        def __init__(self, failures):
+            self.failures, self.calls = failures, 0
+
+        def collect(self):
+            self.calls += 1
+            if self.calls <= self.failures:
+                raise struct.error("unpack_from requires a buffer of at least 4 bytes")
+            return registry.collect()
+
+    flaky = Flaky(failures=2)
+    s = metrics.stats_snapshot(flaky)
+    assert flaky.calls == 3 and s["engines"]["0"]["kv_cache_used_tokens"] == 2720
+    broken = Flaky(failures=10)
+    with pytest.raises(struct.error):
+        metrics.collect_samples(broken, pause_s=0.0)
+    assert broken.calls == metrics.COLLECT_TRIES
+
+
 @pytest.fixture
 def fake_server_module(monkeypatch):
     """A module standing in for vLLM's API-server module, with a `build_app`."""

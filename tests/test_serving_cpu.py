@@ -20,6 +20,7 @@ import re
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -54,6 +55,21 @@ def get_json(url: str) -> dict:
 def get_text(url: str) -> str:
     with urllib.request.urlopen(url, timeout=10) as r:
         return r.read().decode()
+
+
+def scrape(url: str, tries: int = 3) -> str:
+    """GET /metrics as a Prometheus server scrapes it: under load with several API servers
+    vLLM's multiprocess collector can fail one scrape on another process's .db file being
+    created (HTTP 500, prometheus/client_python#1199; seen once in CI on 2026-12-07); the
+    next scrape reads the finished file. A 500 that persists fails the test."""
+    for attempt in range(tries):
+        try:
+            return get_text(url)
+        except urllib.error.HTTPError as e:
+            if e.code != 500 or attempt == tries - 1:
+                raise
+            time.sleep(0.2)
+    raise AssertionError("unreachable")
 
 
 def our_series(text: str) -> dict[str, list[float]]:
@@ -143,7 +159,7 @@ def test_serve_turboquant_metrics(model, tmp_path, api_servers):
             s = get_json(f"{base}/v1/turboquant/stats")
             peak_saved = max(peak_saved, s["saved_bytes"])
             peak_gen = max(peak_gen, s["generation_tokens_per_s"])
-            m = our_series(get_text(f"{base}/metrics"))
+            m = our_series(scrape(f"{base}/metrics"))
             peak_gen_metrics = max(peak_gen_metrics,
                                    m["vllm_turboquant:generation_throughput_toks_per_s"][0])
             time.sleep(0.5)

@@ -33,6 +33,7 @@ requests, so the throughput gauges use ``livesum``.
 from __future__ import annotations
 
 import collections
+import struct
 import time
 from dataclasses import dataclass
 
@@ -384,17 +385,40 @@ def make_gauges(registry=REGISTRY) -> dict[str, Gauge]:
 # The JSON summary (GET /v1/turboquant/stats) from whatever /metrics would show
 # ---------------------------------------------------------------------------------------
 
-def collect_samples(registry) -> dict[str, list[tuple[dict[str, str], float]]]:
+# prometheus_client's multiprocess collector reads every process's mmap'ed .db files; one that
+# another process is creating at that moment can be read empty or part-written
+# (prometheus/client_python#1199: created first, sized after), and that scrape raises
+# (struct.error, RuntimeError "Read beyond file size", a decode error). vLLM's own /metrics
+# answered 500 once that way under load with 2 API servers (tests/test_serving_cpu.py,
+# 2026-12-07). The next read a moment later sees the finished file: the stats API retries.
+COLLECT_TRIES = 3
+COLLECT_PAUSE_S = 0.05
+
+
+Samples = dict[str, list[tuple[dict[str, str], float]]]
+
+
+def collect_samples(registry, tries: int = COLLECT_TRIES,
+                    pause_s: float = COLLECT_PAUSE_S) -> Samples:
     """{metric name: [(labels, value)]} of our metrics and vLLM's KV usage in `registry`
-    (the multiprocess collector in multi-API-server mode, so all processes count)."""
+    (the multiprocess collector in multi-API-server mode, so all processes count). A read
+    that fails on a file another process is writing is retried (tries in all, pause_s
+    apart); the last failure is raised."""
     wanted = set(METRIC_NAMES) | {"vllm:kv_cache_usage_perc"}
-    out: dict[str, list[tuple[dict[str, str], float]]] = {}
-    for family in registry.collect():
-        for sample in family.samples:
-            if sample.name in wanted:
-                labels = {k: v for k, v in sample.labels.items() if k != "pid"}
-                out.setdefault(sample.name, []).append((labels, float(sample.value)))
-    return out
+    for attempt in range(tries):
+        try:
+            out: Samples = {}
+            for family in registry.collect():
+                for sample in family.samples:
+                    if sample.name in wanted:
+                        labels = {k: v for k, v in sample.labels.items() if k != "pid"}
+                        out.setdefault(sample.name, []).append((labels, float(sample.value)))
+            return out
+        except (struct.error, RuntimeError, ValueError):
+            if attempt == tries - 1:
+                raise
+            time.sleep(pause_s)
+    raise ValueError(f"collect_samples: tries must be >= 1, got {tries}")
 
 
 def summarize(samples: dict[str, list[tuple[dict[str, str], float]]]) -> dict:
