@@ -34,7 +34,8 @@ CONFIGS = [(64, 4, 0), (64, 4, 64), (128, 4, 0), (128, 2, 64), (128, 4, 64)]
 
 def resources(d: int, g_pad: int, window: int, num_warps: int) -> dict:
     consts = dict(D=d, KBITS=4, VBITS=4, V_OFF=d // 2, KS_OFF=d, BLOCK_SIZE=16,
-                  BLOCK_M=128 // g_pad, G_PAD=g_pad, BLOCK_N=32, HAS_SIDE=window > 0,
+                  BLOCK_M=128 // g_pad, G_PAD=g_pad, ROW_G=g_pad, BLOCK_N=32,
+                  HAS_SIDE=window > 0,
                   F32=False, COLS=min(d, 64), WIN=window, KMODE=2, VMODE=2, KASM="", VASM="",
                   DEQ=False, DEQ_STAGES=1, INVARIANT=False)
     st = loop_stats(compile_sm90(_tq_prefill_kernel, POINTERS, consts, num_warps, 1))

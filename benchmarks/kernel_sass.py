@@ -141,7 +141,8 @@ def prefill_row(d: int = 128, g_pad: int = 4, block_size: int = 16) -> dict:
     lay = codec.layout
     consts = dict(D=d, KBITS=4, VBITS=4, SLOT=lay.slot_bytes, V_OFF=lay.v_codes_offset,
                   KS_OFF=lay.k_scale_offset, ALIGN_B=16,
-                  BLOCK_SIZE=block_size, BLOCK_M=128 // g_pad, G_PAD=g_pad, BLOCK_N=32,
+                  BLOCK_SIZE=block_size, BLOCK_M=128 // g_pad, G_PAD=g_pad, ROW_G=g_pad,
+                  BLOCK_N=32,
                   HAS_SIDE=False, F32=False, COLS=min(d, 64), WIN=0, KMODE=3, VMODE=3,
                   KASM=asm, VASM=asm, DEQ=False, DEQ_STAGES=1, INVARIANT=False, ALIGN=0,
                   OWN=False)

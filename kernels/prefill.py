@@ -223,12 +223,12 @@ def _tq_prefill_kernel(
     stride_cb, stride_lh, stride_lt,
     D: tl.constexpr, KBITS: tl.constexpr, VBITS: tl.constexpr, SLOT: tl.constexpr,
     V_OFF: tl.constexpr, KS_OFF: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    BLOCK_M: tl.constexpr, G_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, G_PAD: tl.constexpr, ROW_G: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_SIDE: tl.constexpr, F32: tl.constexpr, COLS: tl.constexpr, WIN: tl.constexpr,
     KMODE: tl.constexpr, VMODE: tl.constexpr, KASM: tl.constexpr = "", VASM: tl.constexpr = "",
     DEQ: tl.constexpr = False, DEQ_STAGES: tl.constexpr = 1,
     INVARIANT: tl.constexpr = False, ALIGN: tl.constexpr = 0, ALIGN_B: tl.constexpr = 4,
-    OWN: tl.constexpr = False, OWN_PREFIX: tl.constexpr = False, ROW_G: tl.constexpr = 0,
+    OWN: tl.constexpr = False, OWN_PREFIX: tl.constexpr = False,
 ):
     """OWN (with DEQ): the attention of each row over its chunk's own keys j <= t - WIN comes
     precomputed (own_o, own_lse: FlashAttention over the chunk's dequantized copy, in the
@@ -240,7 +240,7 @@ def _tq_prefill_kernel(
     the packed-prefix loop reads only the prefix keys inside the rows' windows (j > t - WIN:
     at most the prefix's last WIN tokens, for the chunk's first rows).
     ROW_G: rows per chunk token, G (dense rows) or G_PAD (each token padded to a power of two,
-    the only layout before 2026-12-07; 0 = G_PAD); tq_prefill's dense_rows picks it."""
+    the only layout before 2026-12-07); tq_prefill's dense_rows picks it."""
     b = tl.program_id(0)
     # Longest rows first: under causal masking the last blocks of a chunk do the most tiles,
     # and the GPU starts programs in launch order.
@@ -249,19 +249,18 @@ def _tq_prefill_kernel(
     q_start = tl.load(cu_q_ptr + b)
     q_len = tl.load(cu_q_ptr + b + 1) - q_start
     ROWS: tl.constexpr = BLOCK_M * G_PAD
-    RG: tl.constexpr = G_PAD if ROW_G == 0 else ROW_G   # rows per token
-    r0 = mb * ROWS                          # the program's first row of the chunk's T x RG
-    if r0 >= q_len * RG:
+    r0 = mb * ROWS                          # the program's first row of the chunk's T x ROW_G
+    if r0 >= q_len * ROW_G:
         return
     seq_len = tl.load(seq_lens_ptr + b)
     prefix = seq_len - q_len
 
     HALF: tl.constexpr = D // 2
     offs_r = tl.arange(0, ROWS)
-    tok = (r0 + offs_r) // RG                             # chunk-local token index of each row
-    gi = (r0 + offs_r) % RG
+    tok = (r0 + offs_r) // ROW_G                          # chunk-local token index of each row
+    gi = (r0 + offs_r) % ROW_G
     rmask = (tok < q_len) & (gi < G)
-    tok_first = r0 // RG                                  # the program's first token
+    tok_first = r0 // ROW_G                               # the program's first token
     qh = h * G + gi
     offs_lo = tl.arange(0, HALF)
     offs_hi = HALF + offs_lo
@@ -281,7 +280,7 @@ def _tq_prefill_kernel(
     # slot. Rows of this program: positions first_pos..last_pos; _win_lo grows with t, so
     # lo_first / lo_last bound every row's.
     pos_r = prefix + tok                                  # [ROWS] position of each row's query
-    chunk_end = tl.minimum(q_len, (r0 + ROWS - 1) // RG + 1)   # chunk-local end of its tokens
+    chunk_end = tl.minimum(q_len, (r0 + ROWS - 1) // ROW_G + 1)   # chunk-local token end
     first_pos = prefix + tok_first
     last_pos = prefix + chunk_end - 1
     last_packed = _win_lo(pos_r, WIN, ALIGN) - 1   # the newest key each row reads packed
@@ -630,10 +629,11 @@ def tq_prefill(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
         D=d, KBITS=p.key_bits, VBITS=p.value_bits, SLOT=lay.slot_bytes,
         V_OFF=lay.v_codes_offset,
         KS_OFF=lay.k_scale_offset, BLOCK_SIZE=kv_cache.shape[1], BLOCK_M=block_m, G_PAD=g_pad,
+        ROW_G=row_g,
         BLOCK_N=block_n,
         HAS_SIDE=has_side, F32=f32, COLS=min(d, 64), WIN=win, KMODE=kmode, VMODE=vmode,
         KASM=kasm, VASM=vasm, DEQ=deq is not None, DEQ_STAGES=deq_stages,
-        INVARIANT=invariant, OWN=own is not None, OWN_PREFIX=bool(own_prefix), ROW_G=row_g,
+        INVARIANT=invariant, OWN=own is not None, OWN_PREFIX=bool(own_prefix),
         ALIGN=p.align if has_side else 0,
         ALIGN_B=align_b, num_warps=num_warps,
         num_stages=num_stages)

@@ -60,8 +60,9 @@ def get_text(url: str) -> str:
 def scrape(url: str, tries: int = 3) -> str:
     """GET /metrics as a Prometheus server scrapes it: under load with several API servers
     vLLM's multiprocess collector can fail one scrape on another process's .db file being
-    created (HTTP 500, prometheus/client_python#1199; seen once in CI on 2026-12-07); the
-    next scrape reads the finished file. A 500 that persists fails the test."""
+    created (HTTP 500, prometheus/client_python#1199; a 500 with no traceback was seen once
+    in CI on 2026-12-07, this race its likely cause); the next scrape reads the finished
+    file. A 500 that persists fails the test."""
     for attempt in range(tries):
         try:
             return get_text(url)

@@ -389,8 +389,9 @@ def make_gauges(registry=REGISTRY) -> dict[str, Gauge]:
 # another process is creating at that moment can be read empty or part-written
 # (prometheus/client_python#1199: created first, sized after), and that scrape raises
 # (struct.error, RuntimeError "Read beyond file size", a decode error). vLLM's own /metrics
-# answered 500 once that way under load with 2 API servers (tests/test_serving_cpu.py,
-# 2026-12-07). The next read a moment later sees the finished file: the stats API retries.
+# answered 500 once under load with 2 API servers (tests/test_serving_cpu.py, CI 2026-12-07;
+# no traceback was logged, so this race is the likely cause, not a seen one). The next read a
+# moment later sees the finished file: the stats API retries.
 COLLECT_TRIES = 3
 COLLECT_PAUSE_S = 0.05
 
@@ -421,7 +422,7 @@ def collect_samples(registry, tries: int = COLLECT_TRIES,
     raise ValueError(f"collect_samples: tries must be >= 1, got {tries}")
 
 
-def summarize(samples: dict[str, list[tuple[dict[str, str], float]]]) -> dict:
+def summarize(samples: Samples) -> dict:
     """The stats JSON: totals over engines plus one entry per engine."""
     engines: dict[str, dict] = {}
     meta: dict[str, str] = {}
