@@ -452,7 +452,14 @@ def _backend_prefill_paths(q, k, v, cu, sl, cache, bt, params, scale, prefix, m,
                      (backend/own_attention.py), its (out, lse) merged by the prefill kernel;
     dequant_fa       dequantize the whole prefix to bf16 (torch ops), then vLLM's
                      FlashAttention varlen, causal, over prefix + chunk: what the issue calls
-                     dequantize-then-FlashAttention (vLLM's built-in TurboQuant does this).
+                     dequantize-then-FlashAttention (vLLM's built-in TurboQuant does this);
+    unpack_fa        the same with a fast dequantization: our Triton unpack
+                     (kernels/unpack.py) of the prefix into a bf16 copy beside the chunk's
+                     dequantized own keys (the store's own_out), FlashAttention over both
+                     with the rotated query, the output rotated back: the strongest
+                     dequantize-then-FlashAttention baseline here, and what the backend's
+                     opt-in own_prefix does for prefixes up to its bound. Its output is
+                     compared with turboquant_own_fa's (the same values, max |difference|).
     The FlashAttention rows need vLLM (compat.flash_attn_varlen); absent: only the first."""
     from vllm_turboquant import compat
     from vllm_turboquant.backend import own_attention
@@ -491,7 +498,22 @@ def _backend_prefill_paths(q, k, v, cu, sl, cache, bt, params, scale, prefix, m,
         return func(q, kk, vv, max_seqlen_q=m, cu_seqlens_q=cu, max_seqlen_k=prefix + m,
                     cu_seqlens_k=cu_k, softmax_scale=scale, causal=True, fa_version=version)
 
-    out.update(turboquant_own_fa=own_fa, dequant_fa=dequant_fa)
+    from vllm_turboquant.kernels import tq_unpack_pages
+    zero = torch.zeros(prefix, dtype=torch.int32, device=DEV)
+    ppos32 = torch.arange(prefix, dtype=torch.int32, device=DEV)
+    cu_all = torch.tensor([0, prefix + m], dtype=torch.int32, device=DEV)
+
+    def unpack_fa():
+        kk = torch.empty(prefix + m, hkv, d, dtype=q.dtype, device=DEV)
+        vv = torch.empty_like(kk)
+        tq_unpack_pages(cache, bt, zero, ppos32, ppos32, params, kk, vv)
+        kk[prefix:] = ok
+        vv[prefix:] = ov
+        q_rot = rotate_query(q, params, scale)
+        o = own_attention.attend(q_rot, kk, vv, cu, cu_all, m, 0, max_seqlen_k=prefix + m)[0]
+        return (o.view(-1, d).float() @ params.rotation).to(q.dtype).view(m, -1, d)
+
+    out.update(turboquant_own_fa=own_fa, dequant_fa=dequant_fa, unpack_fa=unpack_fa)
     return out
 
 
@@ -538,6 +560,13 @@ def run_prefill(args, info, rows):
             rows.append(dict(op="prefill", kernel=name, error=f"{type(e).__name__}: {e}"[:300],
                              **info))
             traceback.print_exc()
+    if "unpack_fa" in times and "turboquant_own_fa" in times:
+        # the same attention two ways: the baseline's output must agree with ours
+        diff = (cands["unpack_fa"]().float() - cands["turboquant_own_fa"]().float()).abs().max()
+        print(f"prefill unpack_fa vs turboquant_own_fa: max |difference| {diff.item():.4g}")
+        for row in rows:
+            if row.get("op") == "prefill" and row.get("kernel") == "unpack_fa":
+                row["max_abs_diff_vs_own_fa"] = diff.item()
     return rows
 
 

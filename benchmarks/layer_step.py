@@ -76,6 +76,13 @@ def build_step(nd: int, dec_ctx: int, chunk: int, prefix: int, hq=9, hkv=3, d=64
     q = torch.randn(t, hq, d, generator=g).to(dtype).to(device)
     k = torch.randn(t, hkv, d, generator=g).to(dtype).to(device)
     v = torch.randn(t, hkv, d, generator=g).to(dtype).to(device)
+    if chunk and prefix:   # the chunk's cached prefix: real packed tokens (the paths' outputs
+        # are compared in main(); the kernels' time does not depend on the values)
+        ppos = torch.arange(prefix)
+        pslots = bt_cpu[nd, ppos // bs] * bs + ppos % bs
+        tq_store(torch.randn(prefix, hkv, d, generator=g).to(dtype).to(device),
+                 torch.randn(prefix, hkv, d, generator=g).to(dtype).to(device), cache,
+                 pslots.to(device), params)
     i32 = dict(dtype=torch.int32, device=device)
     # qsl: the whole batch's query starts (decodes as one-token chunks, what impl.forward hands
     # the prefill kernel); prefill_qsl: the chunk's alone, rebased to 0
@@ -89,7 +96,7 @@ def build_step(nd: int, dec_ctx: int, chunk: int, prefix: int, hq=9, hkv=3, d=64
         side_tok=side_tok.to(device), side_slots=slots[side_tok].to(device),
         side_rows=rows[side_tok].to(**i32), side_pos=pos[side_tok].to(**i32),
         side_end=send[side_tok].to(**i32), out=torch.empty_like(q), scale=d ** -0.5,
-        window=window, qlens=qlens, **_own_rows(qlens, nd, window, device))
+        window=window, qlens=qlens, lens=lens, **_own_rows(qlens, nd, window, device))
 
 
 def _own_rows(qlens, nd, window, device) -> dict:
@@ -255,10 +262,82 @@ def _own_ops(s, rot, deq, splits, side_p, store, decode, side_store):
         unified_own()
         side_store()
 
-    return {"store_own": store_own, "own_fa": own_fa, "prefill_own": prefill_own,
-            "unified_prefill_own": unified_own, "forward_split_own": forward_split_own,
-            "forward_own": forward_own, "forward_split_own_ws": forward_split_own_ws,
-            "forward_own_ws": forward_own_ws}
+    res = {"store_own": store_own, "own_fa": own_fa, "prefill_own": prefill_own,
+           "unified_prefill_own": unified_own, "forward_split_own": forward_split_own,
+           "forward_own": forward_own, "forward_split_own_ws": forward_split_own_ws,
+           "forward_own_ws": forward_own_ws}
+    if s["chunk"] and max(s["lens"][nd:]) > s["chunk"]:
+        res.update(_own_prefix_ops(s, rot, deq, side_p, decode, side_store))
+    return res
+
+
+def _own_prefix_rows(s) -> dict:
+    """What the metadata builder gives a split-path step whose chunks' cached prefixes go to
+    FlashAttention too (backend/metadata.py's _own_rows with prefix rows, own_prefix): request
+    b's copy holds its first seq_len - W positions (decodes none), its prefix tokens unpacked
+    there (unpack_*), its chunk's tokens after them (own_index)."""
+    nd, w = s["nd"], s["window"]
+    keys = [0 if b < nd else max(n - w, 0) for b, n in enumerate(s["lens"])]
+    n_pre = [min(n - q, k) for n, q, k in zip(s["lens"], s["qlens"], keys)]
+    cu = [0]
+    for k in keys:
+        cu.append(cu[-1] + k)
+    idx, req, pos, dst = [], [], [], []
+    for b, (q, k, p0) in enumerate(zip(s["qlens"], keys, n_pre)):
+        idx += [cu[b] + p0 + i if p0 + i < k else -1 for i in range(q)]
+        req += [b] * p0
+        pos += list(range(p0))
+        dst += [cu[b] + r for r in range(p0)]
+    i32 = dict(dtype=torch.int32, device=s["q"].device)
+    return dict(own_index=torch.tensor(idx, **i32), cu_k_p=torch.tensor(cu, **i32)[nd:],
+                req=torch.tensor(req, **i32), pos=torch.tensor(pos, **i32),
+                dst=torch.tensor(dst, **i32), rows=cu[-1], max_k=max(s["lens"]))
+
+
+def _own_prefix_ops(s, rot, deq, side_p, decode, side_store):
+    """The split path with the cached prefix through FlashAttention too
+    ($VLLM_TURBOQUANT_OWN_FA_PREFIX_MAX > 0; off by default since it lost the e2e long
+    workload by 10%, benchmarks/results/h200-20261207/): the store writes the chunk's rows of
+    the copy, kernels/unpack.py the prefix's, FlashAttention covers every key j <= t - W, the
+    prefill kernel only the window's part of the prefix and the chunk's window band."""
+    from vllm_turboquant.backend import own_attention
+    from vllm_turboquant.kernels import tq_unpack_pages
+    nd, w, mq = s["nd"], s["window"], max(s["chunk"], 1)
+    r = _own_prefix_rows(s)
+    buf = torch.zeros((2, max(r["rows"], 1)) + tuple(s["k"].shape[1:]), dtype=s["q"].dtype,
+                      device=s["q"].device)
+
+    def store_own_prefix():
+        tq_store(s["k"], s["v"], s["cache"], s["slots"], s["params"], s["side"], s["rows"],
+                 s["pos"], s["store_end"], rot_out=(rot[0], rot[1]), deq_out=deq,
+                 own_out=(buf[0], buf[1], r["own_index"]))
+
+    def unpack_prefix():
+        tq_unpack_pages(s["cache"], s["bt"], r["req"], r["pos"], r["dst"], s["params"],
+                        buf[0], buf[1])
+
+    def own_fa_prefix():
+        q_rot = rotate_query(s["q"][nd:], s["params"], s["scale"])
+        return q_rot, own_attention.attend(q_rot, buf[0], buf[1], s["prefill_qsl"],
+                                           r["cu_k_p"], mq, w, max_seqlen_k=r["max_k"])
+
+    def prefill_own_prefix():
+        q_rot, own = own_fa_prefix()
+        tq_prefill(s["q"][nd:], rot[0, nd:], rot[1, nd:], s["prefill_qsl"], s["seq_lens"][nd:],
+                   s["cache"], s["bt"][nd:], s["params"], s["scale"], side_p,
+                   max_query_len=s["chunk"], out=s["out"][nd:], rotated=True,
+                   deq=tuple(x[nd:] for x in deq), own=own, q_rotated=q_rot, own_prefix=True)
+
+    def forward_split_own_prefix_ws():
+        store_own_prefix()
+        unpack_prefix()
+        decode()
+        prefill_own_prefix()
+        side_store()
+
+    return {"store_own_prefix": store_own_prefix, "unpack_prefix": unpack_prefix,
+            "own_fa_prefix": own_fa_prefix, "prefill_own_prefix": prefill_own_prefix,
+            "forward_split_own_prefix_ws": forward_split_own_prefix_ws}
 
 
 def fa_ops(s):
@@ -416,6 +495,9 @@ def main():
     cases = ([("smoke", 2, 40, 20, 16), ("smoke decode only", 2, 40, 0, 0)] if args.smoke else
              [("mixed 64 dec x 1K + 1984 chunk @ 2K prefix", 64, 1024, 1984, 2048),
               ("mixed 16 dec x 1K + 2032 chunk fresh", 16, 1024, 2032, 0),
+              # the short e2e workload's mixed steps (400 x (1,024 in, 256 out), ~112 running
+              # at 1 GiB): a fresh prompt beside decodes at ~1.2K context
+              ("short mixed 112 dec x 1.2K + 1024 chunk fresh", 112, 1200, 1024, 0),
               ("mixed 96 dec x 8K + 2048 chunk @ 4K prefix", 96, 8084, 2048, 4096),
               ("fresh 7700-token prompt", 0, 1, 7700, 0),
               # the long e2e workload's mixed steps (96 x 7,700-token prompts, 16,384 tokens
@@ -459,6 +541,16 @@ def main():
                     row["ops"][op] = timeit(fn, reps, sync)
             except Exception as e:  # noqa: BLE001
                 row["fa_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        if "prefill_own_prefix" in fns:
+            # the two FlashAttention paths must give the same output (bf16 rounding apart)
+            fns["store_own"]()
+            fns["prefill_own"]()
+            ref = s["out"][nd:].float().clone()
+            fns["store_own_prefix"]()
+            fns["unpack_prefix"]()
+            fns["prefill_own_prefix"]()
+            row["own_prefix_max_abs_diff"] = (s["out"][nd:].float() - ref).abs().max().item()
+            print(f"  own vs own_prefix output: max abs diff {row['own_prefix_max_abs_diff']:.4g}")
         if chunk:
             row["profile_forward"] = profile(fns["forward"], 3 if args.smoke else 40)
         if args.host_table and args.host_table in fns:

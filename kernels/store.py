@@ -435,6 +435,16 @@ def store_config(tokens: int, num_kv_heads: int, head_size: int, device,
     return 32, 4
 
 
+def large_store_tokens(num_kv_heads: int, head_size: int, device) -> int | None:
+    """The fewest tokens whose store takes store_config's large-store tiles (32 tokens a
+    program; fewer tokens take 8), or None where every size takes one config (head 256).
+    The tile size is a constexpr: each config is a kernel variant of its own, which the
+    backend's warm-up compiles before serving (backend/warmup.py)."""
+    if head_size > 128:
+        return None
+    return 32 * (cdiv(_num_sms(device), num_kv_heads) - 1) + 1
+
+
 def tq_store(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
              slot_mapping: torch.Tensor, params, side: TQSide | None = None,
              token_rows: torch.Tensor | None = None, token_pos: torch.Tensor | None = None,

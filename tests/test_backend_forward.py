@@ -531,13 +531,15 @@ def test_warm_up_runs_every_step_kind_and_leaves_cache_and_ring_alone(monkeypatc
         slot_mapping=torch.zeros(1, dtype=torch.int64))
     ran = warmup.warm_up(h.builder, cm)
     kinds = [r.split(": ")[1] for r in ran]
+    # the interpreter's device counts 4 SMs: 33 tokens take the store's large tiles at 2 KV
+    # heads, and both large kinds fit this harness
     assert kinds == ["decode-only", "mixed-1", "mixed-4", "mixed-split-1", "mixed-split-4",
-                     "prefill-only"]
+                     "prefill-only", "prefill-only-large", "decode-only-large"]
     # per step: store + decode (decode-only); store + prefill + side store (mixed, one launch);
     # store + decode + prefill + side store (split); store + prefill + side store (prefill)
     assert calls == (["store", "decode"] + ["store", "prefill", "store"] * 2
                      + ["store", "decode", "prefill", "store"] * 2
-                     + ["store", "prefill", "store"]), calls
+                     + ["store", "prefill", "store"] * 2 + ["store", "decode"]), calls
     assert torch.equal(h.kv_cache, before)
     assert bool((state.side.tag == -1).all())
     # no split path when no request of this block table can reach split_decode_ctx
@@ -554,6 +556,40 @@ def test_warm_up_runs_every_step_kind_and_leaves_cache_and_ring_alone(monkeypatc
     _check(h, res, 4)
     _, res = h.step([("A", 1), ("B", 3)])
     _check(h, res, 4)
+
+
+def test_warm_up_covers_the_stores_large_tiles(monkeypatch):
+    """The store's tile size is picked by its token count (kernels/store.store_config) and is
+    a constexpr, so each size is a variant of its own: the warm-up must run a step of at least
+    large_store_tokens tokens, with and without FlashAttention's copy, or the first such step
+    in serving compiles one (every e2e engine on the H100 did, 2026-12-08: vLLM's JIT monitor
+    warned "_tq_store_kernel" after the warm-up)."""
+    from vllm_turboquant.backend import warmup
+    from vllm_turboquant.kernels import store as smod
+
+    for hkv in (1, 2, 3, 8):
+        for d in (64, 128):
+            n = smod.large_store_tokens(hkv, d, "cpu")
+            assert smod.store_config(n, hkv, d, "cpu") == (32, 4)
+            assert n == 1 or smod.store_config(n - 1, hkv, d, "cpu") == (8, 4)
+    assert smod.large_store_tokens(2, 256, "cpu") is None          # one config at head 256
+    monkeypatch.setattr(smod, "_num_sms", lambda device: 132)      # an H100
+    n = smod.large_store_tokens(3, 64, "cuda")
+    assert n == 1377 and smod.store_config(n - 1, 3, 64, "cuda") == (8, 4)
+    # SmolLM2 on the H100 with the e2e engine's limits: both large prefill kinds, no large
+    # decode step (128 requests at most)
+    steps = dict(warmup.compositions(4096, 8192, own_min=256, large=n, max_tokens=16384,
+                                     max_reqs=128))
+    own, plain = steps["prefill-only-large-own"], steps["prefill-only-large"]
+    assert own == [(0, 1377)]
+    assert all(c == (0, 255) for c in plain) and sum(c for _, c in plain) >= n
+    assert "decode-only-large" not in steps
+    # each large kind only where a step of its size can happen
+    assert "prefill-only-large-own" not in dict(warmup.compositions(
+        4096, 8192, own_min=256, large=n, max_tokens=1024, max_reqs=128))
+    assert dict(warmup.compositions(4096, 8192, large=100, max_tokens=2048,
+                                    max_reqs=256))["decode-only-large"] == [(40, 1)] * 100
+    assert not any("large" in c for c, _ in warmup.compositions(4096, 8192, large=None))
 
 
 def test_warm_up_is_skipped_off_cuda():

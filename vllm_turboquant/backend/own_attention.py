@@ -57,7 +57,10 @@ def min_query_len(environ=os.environ) -> int:
 # The cached prefix through FlashAttention too (metadata.py's own_prefix; OFF by default: in
 # the same-call A/B on the e2e long workload it was 10% slower than the kernel-only path in
 # both runs, 5,483 / 5,878 vs 6,125 / 6,521 out tok/s, H200, 2026-12-07,
-# benchmarks/results/h200-20261207/; opt in with $VLLM_TURBOQUANT_OWN_FA_PREFIX_MAX=16384):
+# benchmarks/results/h200-20261207/; again on the H100, 2026-12-08, 7,368 / 7,592 vs 8,191 /
+# 8,649, -11%, although there its layers took 0.34-0.62x the GPU time of the committed
+# path in benchmarks/layer_step.py, benchmarks/results/h100-20261208/; opt in with
+# $VLLM_TURBOQUANT_OWN_FA_PREFIX_MAX=16384):
 # a step whose continuation chunks have at most this many cached prefix tokens in all unpacks them
 # (kernels/unpack.py) into the copy FlashAttention reads, instead of the prefill kernel
 # re-reading the packed pages in every 128-row program. Why: on the H200 that loop took 14.9
@@ -65,8 +68,8 @@ def min_query_len(environ=os.environ) -> int:
 # benchmarks/results/h200-20261204b/). The bound keeps the copy's memory fixed: 16,384 tokens
 # are 2 x 16,384 x Hkv x D x 2 bytes (12.6 MB for SmolLM2, 67 MB at 8 KV heads x 128) beside
 # the chunk's own; a step with more prefix (long prefix-cache hits) reads it packed, in the
-# kernel, with no bf16 copy of it. Why it loses is not profiled yet (the unpack, the longer
-# FlashAttention key runs and the copy's host work are the candidates).
+# kernel, with no bf16 copy of it. Why it loses is not profiled yet: not its layers' GPU time
+# (above); per-step host work or something outside the attention layers remains.
 PREFIX_MAX = 0
 _PREFIX_ENV = "VLLM_TURBOQUANT_OWN_FA_PREFIX_MAX"
 

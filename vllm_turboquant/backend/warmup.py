@@ -17,6 +17,8 @@ of every composition forward tells apart:
   * mixed with a context >= split_decode_ctx (decodes through the split-KV kernel), with a
     continuation chunk over a cached prefix;
   * prefill-only, a fresh chunk and a continuation chunk;
+  * steps of enough tokens to take the store's large tiles (kernels/store.store_config picks
+    the tile size by the store's token count; each size is a variant of its own);
 with decode counts 1 and 4 for the mixed kinds (int32 slices at element offsets 1 and 4 differ
 in 16-byte alignment, one thing Triton may specialize on), and where the chunks' own keys go
 through FlashAttention (backend/own_attention.py) once more with chunks long enough to take
@@ -37,6 +39,8 @@ import logging
 import time
 
 import torch
+
+from vllm_turboquant.kernels.store import large_store_tokens
 
 logger = logging.getLogger("vllm.turboquant")
 
@@ -60,14 +64,24 @@ def _config_key(impl, kv_cache: torch.Tensor) -> tuple:
             tuple(kv_cache.shape), tuple(kv_cache.stride()), kv_cache.device)
 
 
-def compositions(split_ctx: int, capacity: int,
-                 own_min: int | None = None) -> list[tuple[str, list[tuple[int, int]]]]:
+def compositions(split_ctx: int, capacity: int, own_min: int | None = None,
+                 large: int | None = None, max_tokens: int | None = None,
+                 max_reqs: int | None = None) -> list[tuple[str, list[tuple[int, int]]]]:
     """The hand-made batches: (name, [(tokens cached before this step, new tokens)] per
     request), decodes first as vLLM orders them. capacity: the most tokens a request's block
     table can address; the split path is skipped when no request can reach split_ctx (it then
     never runs in serving either). own_min: the shortest longest-chunk that takes
     FlashAttention for the chunks' own keys (backend/own_attention.py; None: off): the mixed
-    and prefill kinds then run once with chunks below it and once at it."""
+    and prefill kinds then run once with chunks below it and once at it.
+    large: the fewest tokens whose store takes the large-store tiles
+    (kernels/store.large_store_tokens; None: one config for every size), max_tokens and
+    max_reqs the most tokens and requests a step has (the scheduler's budget and
+    max_num_seqs): steps of at least `large` tokens then run too, with and without the chunks'
+    own keys through FlashAttention, and a decode-only step of `large` decodes where one
+    fits. Before these (2026-12-08), every e2e engine on the H100 compiled a store variant on
+    its first step of >= 1,377 tokens (vLLM's JIT monitor: "Triton kernel JIT compilation
+    during inference: _tq_store_kernel"), a stall in the first long prompt's time to first
+    token (benchmarks/results/h100-20261208/)."""
     steps = []
     chunks = [CHUNK] if own_min is None or own_min <= CHUNK else [CHUNK, own_min]
     for c in chunks:
@@ -85,6 +99,31 @@ def compositions(split_ctx: int, capacity: int,
                 steps.append((f"mixed-split-{nd}{tag}",
                               [(long_ctx, 1)] * nd + [(long_ctx - c, c)]))
         steps.append((f"prefill-only{tag}", [(0, c), (c, c)]))
+    if large is not None and large > 1:
+        steps += _large_steps(split_ctx, capacity, own_min, large,
+                              max_tokens if max_tokens is not None else large,
+                              max_reqs if max_reqs is not None else large)
+    return steps
+
+
+def _large_steps(split_ctx: int, capacity: int, own_min: int | None, large: int,
+                 max_tokens: int, max_reqs: int) -> list[tuple[str, list[tuple[int, int]]]]:
+    """compositions' steps of at least `large` tokens: fresh chunks of length c, as few as
+    reach `large`, for each chunk length that picks another store variant (at or above
+    own_min: the store also writes FlashAttention's copy; below it: it does not), and
+    `large` decodes; each only where a step of that size can happen."""
+    steps = []
+    own = own_min is not None and own_min > CHUNK
+    lengths = [("-own" if own else "", min(capacity, max(large, own_min or 1)))]
+    if own:
+        lengths.append(("", min(capacity, own_min - 1)))
+    for tag, c in lengths:
+        n = -(-large // c)
+        if c >= 1 and n * c <= max_tokens and n <= max_reqs:
+            steps.append((f"prefill-only-large{tag}", [(0, c)] * n))
+    if large <= min(max_tokens, max_reqs):
+        short = min(CHUNK, max(1, split_ctx - 1), capacity - 1)
+        steps.append(("decode-only-large", [(short, 1)] * large))
     return steps
 
 
@@ -134,7 +173,9 @@ def warm_up(builder, cm) -> list[str]:
         capacity = cm.block_table_tensor.shape[1] * builder.kv_cache_spec.block_size
         hq, hkv, d = impl.num_heads, impl.num_kv_heads, impl.head_size
         own_min = builder.own_min_query if builder.own_fa else None
-        for what, spec in compositions(impl.split_decode_ctx, capacity, own_min):
+        large = large_store_tokens(hkv, d, device)
+        for what, spec in compositions(impl.split_decode_ctx, capacity, own_min, large,
+                                       builder.max_tokens, impl.rows):
             step_cm = _batch(cm, spec, device)
             md = builder._build_step(0, step_cm)
             t = step_cm.num_actual_tokens
