@@ -71,7 +71,9 @@ def build_step(nd: int, dec_ctx: int, chunk: int, prefix: int, hq=9, hkv=3, d=64
     bt_cpu = bt.cpu().long()
     slots = bt_cpu[rows, pos // bs] * bs + pos % bs
     send = torch.tensor(lens)[rows]
-    store_end = torch.where(torch.arange(t) >= nd, 1 << 30, send)
+    # the first store's window entries: decodes, and a fresh chunk's (no prefix); a
+    # continuation chunk's wait for the side store (backend/metadata.py, since 2026-12-08)
+    store_end = torch.where((torch.arange(t) >= nd) & (prefix > 0), 1 << 30, send)
     side_tok = torch.arange(max(nd, t - window), t)   # the chunk's last min(W, chunk) tokens
     q = torch.randn(t, hq, d, generator=g).to(dtype).to(device)
     k = torch.randn(t, hkv, d, generator=g).to(dtype).to(device)
@@ -88,7 +90,7 @@ def build_step(nd: int, dec_ctx: int, chunk: int, prefix: int, hq=9, hkv=3, d=64
     # the prefill kernel); prefill_qsl: the chunk's alone, rebased to 0
     return dict(
         params=params, q=q, k=k, v=v, cache=cache, bt=bt, seq_lens=seq_lens,
-        nd=nd, t=t, chunk=chunk, hkv=hkv, block_size=bs,
+        nd=nd, t=t, chunk=chunk, prefix=prefix, hkv=hkv, block_size=bs,
         max_model_len=max_model_len or max_blocks * bs,
         slots=slots.to(device), rows=rows.to(**i32), pos=pos.to(**i32),
         store_end=store_end.to(**i32), qsl=qsl, prefill_qsl=(qsl[nd:] - qsl[nd]).contiguous(),
@@ -151,8 +153,8 @@ def ops(s):
                    max_query_len=s["chunk"], out=s["out"][nd:], rotated=True,
                    deq=tuple(x[nd:] for x in deq))
 
-    def side_store():
-        if side is not None:
+    def side_store():    # a fresh chunk's step has none (its entries came with the store)
+        if side is not None and s["prefix"] > 0:
             tq_store(s["k"], s["v"], s["cache"], s["side_slots"], s["params"], side,
                      s["side_rows"], s["side_pos"], s["side_end"], token_index=s["side_tok"])
 

@@ -361,6 +361,47 @@ def test_token_positions_for_mixed_batch():
     assert md.side_pos.tolist() == [7, 8, 9, 10]
     md, _ = h.step([("A", 1), ("B", 1)])               # decodes only: no deferred store
     assert md.side_tokens is None and md.store_seq_end is md.token_seq_end
+    # a fresh chunk (C: nothing cached before it) takes its window entries in the first
+    # store like a decode, and a step of fresh chunks only has no deferred store
+    md, _ = h.step([("A", 1), ("C", 5)])
+    assert md.side_tokens is None and md.store_seq_end is md.token_seq_end
+    # beside a continuation chunk (B) only B's tokens defer theirs; D's side entries are pads
+    md, _ = h.step([("B", 2), ("D", 3)])
+    assert md.store_seq_end.tolist() == [NO_SIDE, NO_SIDE, 3, 3, 3]
+    assert md.side_tokens.tolist() == [0, 0, 0, 1, 0, 2, 3, 4]
+    assert md.side_slots.tolist()[:2] == [-1, -1]
+    assert md.side_slots.tolist()[2:4] == md.slot_mapping.tolist()[:2]
+    assert md.side_slots.tolist()[4:] == [-1] * 4
+
+
+def test_fresh_chunks_without_host_lengths_keep_the_side_store_but_write_nothing_there():
+    """Where vLLM hands the builder no host-side sequence lengths, it cannot tell on the host
+    that every chunk is fresh, so the step keeps its deferred store; the device-side lengths
+    still give a fresh chunk's tokens their window entries in the first store, and the
+    deferred store's entries are all padding (slot -1)."""
+    import dataclasses
+    from vllm.v1.attention.backend import CommonAttentionMetadata
+    from vllm_turboquant.backend.metadata import NO_SIDE
+
+    h = Harness(4)
+    qsl = torch.tensor([0, 1, 6], dtype=torch.int32)
+    cm = CommonAttentionMetadata(
+        query_start_loc=qsl, query_start_loc_cpu=qsl.clone(),
+        seq_lens=torch.tensor([8, 5], dtype=torch.int32), num_reqs=2, num_actual_tokens=6,
+        max_query_len=5, max_seq_len=8, block_table_tensor=torch.zeros(2, 4, dtype=torch.int32),
+        slot_mapping=torch.arange(6, dtype=torch.int64),
+        seq_lens_cpu_upper_bound=torch.tensor([8, 5], dtype=torch.int32))
+    md = h.builder.build(0, cm)                       # the chunk is fresh: nothing deferred
+    assert md.side_tokens is None
+    md = h.builder.build(0, dataclasses.replace(cm, seq_lens_cpu_upper_bound=None))
+    assert md.side_tokens is not None
+    assert md.store_seq_end.tolist() == [8, 5, 5, 5, 5, 5]
+    assert md.side_slots.tolist() == [-1] * 4
+    # a continuation chunk (3 tokens cached before its 5) defers its entries
+    md = h.builder.build(0, dataclasses.replace(
+        cm, seq_lens=torch.tensor([8, 8], dtype=torch.int32), seq_lens_cpu_upper_bound=None))
+    assert md.store_seq_end.tolist() == [8] + [NO_SIDE] * 5
+    assert md.side_slots.tolist() == [2, 3, 4, 5]
 
 
 def test_padded_decode_batch_like_a_full_cuda_graph():
@@ -534,12 +575,18 @@ def test_warm_up_runs_every_step_kind_and_leaves_cache_and_ring_alone(monkeypatc
     # the interpreter's device counts 4 SMs: 33 tokens take the store's large tiles at 2 KV
     # heads, and both large kinds fit this harness
     assert kinds == ["decode-only", "mixed-1", "mixed-4", "mixed-split-1", "mixed-split-4",
-                     "prefill-only", "prefill-only-large", "decode-only-large"]
-    # per step: store + decode (decode-only); store + prefill + side store (mixed, one launch);
-    # store + decode + prefill + side store (split); store + prefill + side store (prefill)
-    assert calls == (["store", "decode"] + ["store", "prefill", "store"] * 2
+                     "prefill-only", "prefill-only-large", "decode-only-large",
+                     "prefill-many-chunks"]
+    # per step: store + decode (decode-only); store + prefill (mixed, one launch: a fresh
+    # chunk's window entries come with the first store); store + decode + prefill + side
+    # store (split: a continuation chunk defers its entries); store + prefill + side store
+    # (prefill-only, with a continuation chunk); store + prefill (the large fresh chunk);
+    # store + decode (the large decode-only step); store + prefill + side store (9 chunks
+    # of W = 4 entries: the deferred store's large tiles)
+    assert calls == (["store", "decode"] + ["store", "prefill"] * 2
                      + ["store", "decode", "prefill", "store"] * 2
-                     + ["store", "prefill", "store"] * 2 + ["store", "decode"]), calls
+                     + ["store", "prefill", "store"] + ["store", "prefill"]
+                     + ["store", "decode"] + ["store", "prefill", "store"]), calls
     assert torch.equal(h.kv_cache, before)
     assert bool((state.side.tag == -1).all())
     # no split path when no request of this block table can reach split_decode_ctx
@@ -579,11 +626,15 @@ def test_warm_up_covers_the_stores_large_tiles(monkeypatch):
     # SmolLM2 on the H100 with the e2e engine's limits: both large prefill kinds, no large
     # decode step (128 requests at most)
     steps = dict(warmup.compositions(4096, 8192, own_min=256, large=n, max_tokens=16384,
-                                     max_reqs=128))
+                                     max_reqs=128, window=64))
     own, plain = steps["prefill-only-large-own"], steps["prefill-only-large"]
     assert own == [(0, 1377)]
     assert all(c == (0, 255) for c in plain) and sum(c for _, c in plain) >= n
     assert "decode-only-large" not in steps
+    # 22 chunks x W = 64 deferred entries >= 1,377, one chunk a continuation (fresh chunks
+    # alone skip the deferred store)
+    assert steps["prefill-many-chunks"] == [(0, 2)] * 21 + [(2, 2)]
+    assert 22 * 64 >= n > 21 * 64
     # each large kind only where a step of its size can happen
     assert "prefill-only-large-own" not in dict(warmup.compositions(
         4096, 8192, own_min=256, large=n, max_tokens=1024, max_reqs=128))

@@ -6,9 +6,9 @@ Decode-only steps (vLLM replays them as FULL CUDA graphs): one store (each token
 and window ring entry), then the split-KV decode kernel over the packed cache and the ring.
 
 Mixed and prefill-only steps (vLLM runs attention eagerly there, so every launch is host time
-paid per layer and step: 3 Triton launches and one small GEMM, the query rotation):
-  1. store: quantize every token's K/V into its packed slot, in one launch; decodes also write
-     their window ring entry; every token's rotated K/V comes back (rot_out) for step 2, and
+paid per layer and step: up to 3 Triton launches and one small GEMM, the query rotation):
+  1. store: quantize every token's K/V into its packed slot, in one launch; decodes and fresh
+     chunks also write their window ring entries; every token's rotated K/V comes back (rot_out) for step 2, and
      on CUDA its packed slot dequantized once (deq_out: centroids and scale words);
   2. one prefill-kernel launch for the whole batch, a decode being a one-token chunk. The
      precision policy is the decode step's, token by token: the query at position t reads key
@@ -20,9 +20,11 @@ paid per layer and step: 3 Triton launches and one small GEMM, the query rotatio
      sequence has >= split_decode_ctx() tokens (default 4096) sends its decodes to the
      split-KV decode kernel instead (2 launches and a query rotation more, but a decode's
      context spread over many programs), the chunks alone to the prefill kernel;
-  3. prefill chunks write their window ring entries (after 2, so 2 still saw the previous
-     chunk's): each chunk's last W tokens are stored a second time through an index list the
-     metadata builder made once for the step (md.side_*), no gathered copies.
+  3. continuation chunks write their window ring entries (after 2, so 2 still saw the
+     previous chunk's): each such chunk's last W tokens are stored a second time through an
+     index list the metadata builder made once for the step (md.side_*), no gathered copies.
+     Fresh chunks (nothing cached before them) write theirs in 1, like decodes; a step of
+     fresh chunks only skips 3.
 Before 2026-12-02 mixed steps ran decodes through the split kernel too (5 launches, 2 GEMMs):
 on the H200, benchmarks/layer_step.py measured that forward at 440 us of host time per layer.
 CUDA runs the Triton launchers, anything else the torch references (backend/ops.py).
@@ -219,9 +221,10 @@ class TurboQuantImpl(AttentionImpl):
                        num_splits=self.splits(nd, query.device), fused=self.decode_fused)
             return output
         # Mixed or prefill-only step (eager: every launch is host time per layer and step).
-        # 1. One store for every token, handing back the rotated K/V for step 2; prefill
-        # tokens get no window entry yet (md.store_seq_end): the previous chunk's newest
-        # tokens must still be in the ring when this chunk attends. Decodes get theirs.
+        # 1. One store for every token, handing back the rotated K/V for step 2; tokens of
+        # continuation chunks get no window entry yet (md.store_seq_end): the previous chunk's
+        # newest tokens must still be in the ring when this chunk attends. Decodes and fresh
+        # chunks get theirs.
         # On CUDA the store also hands back the packed slots dequantized (centroids + scale
         # words), so step 2 reads the chunk's own older tokens as contiguous tiles instead of
         # gathering and unpacking their slots.
@@ -269,10 +272,12 @@ class TurboQuantImpl(AttentionImpl):
                         max_query_len=md.max_query_len, rotated=True, deq=deq,
                         invariant=invariant, own=own, q_rotated=q_rot,
                         own_prefix=md.own_prefix)
-        # 3. The chunks' window entries: their last W tokens again (the same packed bytes up
-        # to the rotation's fp32 summation order: this smaller store may take smaller tiles,
-        # kernels/store.store_config; it rewrites the slots and their window check together).
-        if side is not None:
+        # 3. The continuation chunks' window entries: their last W tokens again (the same
+        # packed bytes up to the rotation's fp32 summation order: this smaller store may take
+        # smaller tiles, kernels/store.store_config; it rewrites the slots and their window
+        # check together). Fresh chunks got theirs in step 1; a step of fresh chunks only has
+        # no side lists (metadata._all_fresh).
+        if side is not None and md.side_slots is not None:
             ops.store(k, v, cache, md.side_slots, params, side, md.side_rows,
                       md.side_pos, md.side_seq_end, token_index=md.side_tokens,
                       invariant=self.batch_invariant)

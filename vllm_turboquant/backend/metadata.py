@@ -33,13 +33,16 @@ class TurboQuantMetadata(AttentionMetadata):
         seq_len of every token (window presets only, else None).
     Window presets with prefill chunks in the batch (built once per step, shared by every
     layer, so a layer's forward does no index arithmetic of its own):
-    store_seq_end  int32 [T]: token_seq_end for the step's first store, with the prefill tokens'
-        entries raised past any position, so that store writes window entries for decodes only
-        (a chunk's entries go after it attends: the previous chunk's newest must stay readable).
+    store_seq_end  int32 [T]: token_seq_end for the step's first store, with the entries of
+        continuation chunks' tokens raised past any position, so that store writes window
+        entries for decodes and fresh chunks only (a continuation chunk's entries go after it
+        attends: the previous chunk's newest must stay readable).
     side_tokens  int64 [P * W]: the tokens that get their window entry after attending, each
         chunk's last min(W, chunk) tokens (0 pads shorter chunks); side_slots int64 [P * W]
-        (-1 for the pads), side_rows / side_pos / side_seq_end int32 [P * W]: theirs.
-    Decode-only steps: store_seq_end is token_seq_end, side_* are None.
+        (-1 for the pads and for fresh chunks' tokens), side_rows / side_pos / side_seq_end
+        int32 [P * W]: theirs.
+    Decode-only steps, and steps whose chunks are all fresh (none has cached tokens before
+    it): store_seq_end is token_seq_end, side_* are None.
     prefill_qsl  int32 [P + 1]: the chunks' query starts rebased to 0 (steps with decodes and
         chunks; for impl.forward's split path, see SPLIT_DECODE_CTX there).
     Steps with prefill chunks where the chunks' own packed keys go through FlashAttention
@@ -181,9 +184,23 @@ class TurboQuantMetadataBuilder(AttentionMetadataBuilder[TurboQuantMetadata]):
             md.token_rows, md.token_pos, md.token_seq_end = self._token_positions(
                 qsl, cm.seq_lens[:b], t, decodes_only=not num_prefills and t == b)
             md.store_seq_end = md.token_seq_end
-            if num_prefills:
-                self._deferred_side_store(md, qsl[num_decodes:])
+            if num_prefills and not self._all_fresh(cm, num_decodes):
+                self._deferred_side_store(md, qsl, num_decodes)
         return md
+
+    @staticmethod
+    def _all_fresh(cm: CommonAttentionMetadata, nd: int) -> bool:
+        """Whether every chunk of the step starts its request (nothing cached before it), from
+        vLLM's host-side lengths (exact for prefill rows; no device->host sync). Such chunks
+        take their window entries in the step's first store, like decodes, and the step needs
+        no deferred store (see _deferred_side_store). False where vLLM gives no host lengths."""
+        seq_cpu = getattr(cm, "seq_lens_cpu_upper_bound", None)
+        qsl_cpu = getattr(cm, "query_start_loc_cpu", None)
+        if seq_cpu is None or qsl_cpu is None:
+            return False
+        b = cm.num_reqs
+        lens = qsl_cpu[nd + 1:b + 1] - qsl_cpu[nd:b]
+        return torch.equal(seq_cpu[nd:b].to(lens.dtype), lens)
 
     def _prefix_rows(self, cm: CommonAttentionMetadata, nd: int) -> tuple[int, int] | None:
         """(R, K): upper bounds of the prefix rows to unpack and of the copy's rows, when this
@@ -249,14 +266,26 @@ class TurboQuantMetadataBuilder(AttentionMetadataBuilder[TurboQuantMetadata]):
             n = max(t, self.max_tokens)
             self._arange = torch.arange(n, dtype=torch.int32, device=self.device)
 
-    def _deferred_side_store(self, md: TurboQuantMetadata, prefill_qsl: torch.Tensor) -> None:
-        """Fill md.store_seq_end and md.side_* (see TurboQuantMetadata), on device."""
+    def _deferred_side_store(self, md: TurboQuantMetadata, qsl: torch.Tensor, nd: int) -> None:
+        """Fill md.store_seq_end and md.side_* (see TurboQuantMetadata), on device.
+
+        Only continuation chunks (tokens cached before the chunk) defer their window entries:
+        the prefill kernel reads their prefix's newest keys from the ring while they attend,
+        so the ring must hold the previous chunk's until then. A fresh chunk has no prefix, and
+        nothing else reads its request's ring row in this step (a decode reads its own row), so
+        its tokens get their entries in the first store, like decodes, and its entries in the
+        side lists are padding (slot -1). Steps of fresh chunks only skip the deferred store
+        altogether (_all_fresh): one launch fewer per layer in the short e2e workload's mixed
+        steps (a new prompt beside decodes)."""
         t, ndt = md.num_actual_tokens, md.num_decode_tokens
-        md.store_seq_end = torch.where(self._arange[:t] >= ndt, NO_SIDE, md.token_seq_end)
-        idx = self._last_tokens(prefill_qsl)
+        rows = md.token_rows
+        context = md.seq_lens - (qsl[1:] - qsl[:-1])      # tokens cached before each chunk
+        deferred = (self._arange[:t] >= ndt) & (context[rows] > 0)
+        md.store_seq_end = torch.where(deferred, NO_SIDE, md.token_seq_end)
+        idx = self._last_tokens(qsl[nd:])
         take = idx.clamp(min=0)
         md.side_tokens = take
-        md.side_slots = torch.where(idx >= 0, md.slot_mapping[take], -1)
+        md.side_slots = torch.where((idx >= 0) & deferred[take], md.slot_mapping[take], -1)
         md.side_rows = md.token_rows[take]
         md.side_pos = md.token_pos[take]
         md.side_seq_end = md.token_seq_end[take]

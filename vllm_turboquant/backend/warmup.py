@@ -66,7 +66,8 @@ def _config_key(impl, kv_cache: torch.Tensor) -> tuple:
 
 def compositions(split_ctx: int, capacity: int, own_min: int | None = None,
                  large: int | None = None, max_tokens: int | None = None,
-                 max_reqs: int | None = None) -> list[tuple[str, list[tuple[int, int]]]]:
+                 max_reqs: int | None = None,
+                 window: int = 0) -> list[tuple[str, list[tuple[int, int]]]]:
     """The hand-made batches: (name, [(tokens cached before this step, new tokens)] per
     request), decodes first as vLLM orders them. capacity: the most tokens a request's block
     table can address; the split path is skipped when no request can reach split_ctx (it then
@@ -77,8 +78,9 @@ def compositions(split_ctx: int, capacity: int, own_min: int | None = None,
     (kernels/store.large_store_tokens; None: one config for every size), max_tokens and
     max_reqs the most tokens and requests a step has (the scheduler's budget and
     max_num_seqs): steps of at least `large` tokens then run too, with and without the chunks'
-    own keys through FlashAttention, and a decode-only step of `large` decodes where one
-    fits. Before these (2026-12-08), every e2e engine on the H100 compiled a store variant on
+    own keys through FlashAttention, a decode-only step of `large` decodes, and (window: the
+    preset's W) a step of enough chunks that its deferred window store (W entries per chunk)
+    reaches `large`, each where one fits. Before these (2026-12-08), every e2e engine on the H100 compiled a store variant on
     its first step of >= 1,377 tokens (vLLM's JIT monitor: "Triton kernel JIT compilation
     during inference: _tq_store_kernel"), a stall in the first long prompt's time to first
     token (benchmarks/results/h100-20261208/)."""
@@ -102,16 +104,19 @@ def compositions(split_ctx: int, capacity: int, own_min: int | None = None,
     if large is not None and large > 1:
         steps += _large_steps(split_ctx, capacity, own_min, large,
                               max_tokens if max_tokens is not None else large,
-                              max_reqs if max_reqs is not None else large)
+                              max_reqs if max_reqs is not None else large, window)
     return steps
 
 
 def _large_steps(split_ctx: int, capacity: int, own_min: int | None, large: int,
-                 max_tokens: int, max_reqs: int) -> list[tuple[str, list[tuple[int, int]]]]:
+                 max_tokens: int, max_reqs: int,
+                 window: int = 0) -> list[tuple[str, list[tuple[int, int]]]]:
     """compositions' steps of at least `large` tokens: fresh chunks of length c, as few as
     reach `large`, for each chunk length that picks another store variant (at or above
-    own_min: the store also writes FlashAttention's copy; below it: it does not), and
-    `large` decodes; each only where a step of that size can happen."""
+    own_min: the store also writes FlashAttention's copy; below it: it does not); `large`
+    decodes; and 2-token chunks, one a continuation, as many as make the deferred window
+    store (window entries per chunk, backend/metadata.py) reach `large`; each only where a
+    step of that size can happen."""
     steps = []
     own = own_min is not None and own_min > CHUNK
     lengths = [("-own" if own else "", min(capacity, max(large, own_min or 1)))]
@@ -124,6 +129,10 @@ def _large_steps(split_ctx: int, capacity: int, own_min: int | None, large: int,
     if large <= min(max_tokens, max_reqs):
         short = min(CHUNK, max(1, split_ctx - 1), capacity - 1)
         steps.append(("decode-only-large", [(short, 1)] * large))
+    if window > 0:
+        n = -(-large // window)
+        if 2 <= n <= max_reqs and 2 * n <= max_tokens and capacity >= 4:
+            steps.append(("prefill-many-chunks", [(0, 2)] * (n - 1) + [(2, 2)]))
     return steps
 
 
@@ -175,7 +184,7 @@ def warm_up(builder, cm) -> list[str]:
         own_min = builder.own_min_query if builder.own_fa else None
         large = large_store_tokens(hkv, d, device)
         for what, spec in compositions(impl.split_decode_ctx, capacity, own_min, large,
-                                       builder.max_tokens, impl.rows):
+                                       builder.max_tokens, impl.rows, builder.window):
             step_cm = _batch(cm, spec, device)
             md = builder._build_step(0, step_cm)
             t = step_cm.num_actual_tokens
