@@ -8,8 +8,9 @@ and window ring entry), then the split-KV decode kernel over the packed cache an
 Mixed and prefill-only steps (vLLM runs attention eagerly there, so every launch is host time
 paid per layer and step: up to 3 Triton launches and one small GEMM, the query rotation):
   1. store: quantize every token's K/V into its packed slot, in one launch; decodes and fresh
-     chunks also write their window ring entries; every token's rotated K/V comes back (rot_out) for step 2, and
-     on CUDA its packed slot dequantized once (deq_out: centroids and scale words);
+     chunks also write their window ring entries; every token's rotated K/V comes back
+     (rot_out) for step 2, and on CUDA its packed slot dequantized once (deq_out: centroids
+     and scale words);
   2. one prefill-kernel launch for the whole batch, a decode being a one-token chunk. The
      precision policy is the decode step's, token by token: the query at position t reads key
      j exactly iff j > t - W (the chunk's own K/V, or the previous chunk's newest tokens from

@@ -23,8 +23,8 @@ with decode counts 1 and 4 for the mixed kinds (int32 slices at element offsets 
 in 16-byte alignment, one thing Triton may specialize on), and where the chunks' own keys go
 through FlashAttention (backend/own_attention.py) once more with chunks long enough to take
 it (the store and prefill kernels' variants for it; its continuation chunks also take the
-unpacking of their prefix for FlashAttention, metadata.py's own_prefix). The tensors mirror what vLLM hands
-forward: q/k/v as views of one fused [T, (Hq + 2 Hkv) * D] projection, the step's block
+unpacking of their prefix for FlashAttention, metadata.py's own_prefix). The tensors mirror
+what vLLM hands forward: q/k/v as views of one fused [T, (Hq + 2 Hkv) * D] projection, the step's block
 table with the real one's row stride. Every slot is -1 (padding): the store writes nothing
 into the KV cache; the attention kernels read block 0 and their output is discarded; the
 window ring is reset after. Kernel sizes that change from step to step (token, decode and
@@ -80,10 +80,10 @@ def compositions(split_ctx: int, capacity: int, own_min: int | None = None,
     max_num_seqs): steps of at least `large` tokens then run too, with and without the chunks'
     own keys through FlashAttention, a decode-only step of `large` decodes, and (window: the
     preset's W) a step of enough chunks that its deferred window store (W entries per chunk)
-    reaches `large`, each where one fits. Before these (2026-12-08), every e2e engine on the H100 compiled a store variant on
-    its first step of >= 1,377 tokens (vLLM's JIT monitor: "Triton kernel JIT compilation
-    during inference: _tq_store_kernel"), a stall in the first long prompt's time to first
-    token (benchmarks/results/h100-20261208/)."""
+    reaches `large`, each where one fits. Before these (2026-12-08), every e2e engine on the
+    H100 compiled a store variant on its first step of >= 1,377 tokens (vLLM's JIT monitor:
+    "Triton kernel JIT compilation during inference: _tq_store_kernel"), a stall in the
+    first long prompt's time to first token (benchmarks/results/h100-20261208/)."""
     steps = []
     chunks = [CHUNK] if own_min is None or own_min <= CHUNK else [CHUNK, own_min]
     for c in chunks:
