@@ -16,6 +16,8 @@ import json
 def compare(a: dict, b: dict) -> list[dict]:
     """One row per (case, op) that both runs timed on a GPU."""
     rows = []
+    if len(a["cases"]) != len(b["cases"]):
+        raise SystemExit(f"the runs differ in cases: {len(a['cases'])} vs {len(b['cases'])}")
     for ca, cb in zip(a["cases"], b["cases"]):
         if ca["case"] != cb["case"]:
             raise SystemExit(f"the runs differ in cases: {ca['case']!r} vs {cb['case']!r}")

@@ -211,10 +211,11 @@ def main() -> None:
     rows.insert(1, decode_row(True, 128, 4, 1, prefetch=True, fused=False))
     rows.append(prefill_row())
     # decode-step config, its parts off one at a time, 1 and 2 warps; 32 / 8, the large-store
-    # config before 2026-12-04 (store_config now takes 32 / 4; not in the recorded JSONs yet)
+    # config before 2026-12-04; 32 / 4 at head 128 without a window: store_config's large
+    # config on issue 3's store shape (8K tokens x 8 KV heads x 128, benchmarks/kernels.py)
     stores = [store_row(8, 4), store_row(8, 4, stack=False), store_row(8, 4, sym=False),
               store_row(8, 4, preload=False), store_row(8, 4, rot=0), store_row(8, 1),
-              store_row(8, 2), store_row(32, 8)]
+              store_row(8, 2), store_row(32, 8), store_row(32, 4, d=128, side=False)]
     print("| kernel | words | prefetch | block_n | warps | stages | loop instrs | per 64 tokens "
           "| loads 1 / 4 / 16 B | regs | shared B |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")

@@ -34,6 +34,7 @@ import time
 import torch
 
 from vllm_turboquant import settings
+from vllm_turboquant.backend.metadata import own_copy_rows
 from vllm_turboquant.codec import TQConfig, TQLayerCodec
 from vllm_turboquant.kernels import (TQLayerParams, TQSide, _launch, tq_decode, tq_prefill,
                                      tq_store)
@@ -98,22 +99,11 @@ def build_step(nd: int, dec_ctx: int, chunk: int, prefix: int, hq=9, hkv=3, d=64
         side_tok=side_tok.to(device), side_slots=slots[side_tok].to(device),
         side_rows=rows[side_tok].to(**i32), side_pos=pos[side_tok].to(**i32),
         side_end=send[side_tok].to(**i32), out=torch.empty_like(q), scale=d ** -0.5,
-        window=window, qlens=qlens, lens=lens, **_own_rows(qlens, nd, window, device))
-
-
-def _own_rows(qlens, nd, window, device) -> dict:
-    """What the metadata builder gives a step whose chunks' own packed keys go through
-    FlashAttention (backend/own_attention.py): each token's row in the compact copy, and the
-    key starts per request (all rows) and per chunk (the split path's rows nd on)."""
-    keys = [max(n - window, 0) for n in qlens]
-    idx = []
-    start = 0
-    for n, k in zip(qlens, keys):
-        idx += [start + i if i < k else -1 for i in range(n)]
-        start += k
-    cu_k = torch.tensor([0] + keys, device=device).cumsum(0).to(torch.int32)
-    return dict(own_index=torch.tensor(idx, dtype=torch.int32, device=device), own_cu_k=cu_k,
-                own_cu_k_p=cu_k[nd:])
+        window=window, qlens=qlens, lens=lens,
+        # what the metadata builder gives a step whose chunks' own packed keys go through
+        # FlashAttention (backend/own_attention.py): own_index, own_cu_k, own_cu_k_p
+        **own_copy_rows(qsl, seq_lens, t, nd, window,
+                        torch.arange(t, dtype=torch.int32, device=device)))
 
 
 def new_rot(s) -> tuple[torch.Tensor, tuple]:
@@ -216,22 +206,8 @@ def _own_ops(s, rot, deq, splits, side_p, store, decode, side_store):
         return rot6, torch.empty((s["t"], s["k"].shape[1]), dtype=torch.int32,
                                  device=s["q"].device)
 
-    def store_own():
-        tq_store(s["k"], s["v"], s["cache"], s["slots"], s["params"], s["side"], s["rows"],
-                 s["pos"], s["store_end"], rot_out=(rot[0], rot[1]), deq_out=deq,
-                 own_out=(buf[0], buf[1], s["own_index"]))
-
-    def own_fa():            # the FlashAttention call alone (split path: the chunk's rows)
-        q_rot = rotate_query(s["q"][nd:], s["params"], s["scale"])
-        return q_rot, own_attention.attend(q_rot, buf[0], buf[1], s["prefill_qsl"],
-                                           s["own_cu_k_p"], mq, w)
-
-    def prefill_own():
-        q_rot, own = own_fa()
-        tq_prefill(s["q"][nd:], rot[0, nd:], rot[1, nd:], s["prefill_qsl"], s["seq_lens"][nd:],
-                   s["cache"], s["bt"][nd:], s["params"], s["scale"], side_p,
-                   max_query_len=s["chunk"], out=s["out"][nd:], rotated=True,
-                   deq=tuple(x[nd:] for x in deq), own=own, q_rotated=q_rot)
+    store_own, own_fa, prefill_own = _own_path(s, rot, deq, side_p, buf, s["own_index"],
+                                               s["own_cu_k_p"])
 
     def unified_own():
         q_rot = rotate_query(s["q"], s["params"], s["scale"])
@@ -273,27 +249,35 @@ def _own_ops(s, rot, deq, splits, side_p, store, decode, side_store):
     return res
 
 
-def _own_prefix_rows(s) -> dict:
-    """What the metadata builder gives a split-path step whose chunks' cached prefixes go to
-    FlashAttention too (backend/metadata.py's _own_rows with prefix rows, own_prefix): request
-    b's copy holds its first seq_len - W positions (decodes none), its prefix tokens unpacked
-    there (unpack_*), its chunk's tokens after them (own_index)."""
-    nd, w = s["nd"], s["window"]
-    keys = [0 if b < nd else max(n - w, 0) for b, n in enumerate(s["lens"])]
-    n_pre = [min(n - q, k) for n, q, k in zip(s["lens"], s["qlens"], keys)]
-    cu = [0]
-    for k in keys:
-        cu.append(cu[-1] + k)
-    idx, req, pos, dst = [], [], [], []
-    for b, (q, k, p0) in enumerate(zip(s["qlens"], keys, n_pre)):
-        idx += [cu[b] + p0 + i if p0 + i < k else -1 for i in range(q)]
-        req += [b] * p0
-        pos += list(range(p0))
-        dst += [cu[b] + r for r in range(p0)]
-    i32 = dict(dtype=torch.int32, device=s["q"].device)
-    return dict(own_index=torch.tensor(idx, **i32), cu_k_p=torch.tensor(cu, **i32)[nd:],
-                req=torch.tensor(req, **i32), pos=torch.tensor(pos, **i32),
-                dst=torch.tensor(dst, **i32), rows=cu[-1], max_k=max(s["lens"]))
+def _own_path(s, rot, deq, side_p, buf, own_index, cu_k_p, max_k=None,
+              own_prefix: bool = False):
+    """(store, FlashAttention, prefill) of the split path with FlashAttention's copy `buf`
+    ([2, rows, Hkv, D]): the store writes the chunk's rows of it (own_index),
+    FlashAttention covers each chunk's keys in it (cu_k_p; max_k: the longest key run when
+    the copy holds the prefixes too), the prefill kernel the rest (own_prefix: all but the
+    window's part of the prefix)."""
+    from vllm_turboquant.backend import own_attention
+    nd, mq = s["nd"], max(s["chunk"], 1)
+
+    def store():
+        tq_store(s["k"], s["v"], s["cache"], s["slots"], s["params"], s["side"], s["rows"],
+                 s["pos"], s["store_end"], rot_out=(rot[0], rot[1]), deq_out=deq,
+                 own_out=(buf[0], buf[1], own_index))
+
+    def fa():                # the FlashAttention call alone (split path: the chunk's rows)
+        q_rot = rotate_query(s["q"][nd:], s["params"], s["scale"])
+        return q_rot, own_attention.attend(q_rot, buf[0], buf[1], s["prefill_qsl"], cu_k_p,
+                                           mq, s["window"], max_seqlen_k=max_k)
+
+    def prefill():
+        q_rot, own = fa()
+        tq_prefill(s["q"][nd:], rot[0, nd:], rot[1, nd:], s["prefill_qsl"], s["seq_lens"][nd:],
+                   s["cache"], s["bt"][nd:], s["params"], s["scale"], side_p,
+                   max_query_len=s["chunk"], out=s["out"][nd:], rotated=True,
+                   deq=tuple(x[nd:] for x in deq), own=own, q_rotated=q_rot,
+                   own_prefix=own_prefix)
+
+    return store, fa, prefill
 
 
 def _own_prefix_ops(s, rot, deq, side_p, decode, side_store):
@@ -301,44 +285,33 @@ def _own_prefix_ops(s, rot, deq, side_p, decode, side_store):
     ($VLLM_TURBOQUANT_OWN_FA_PREFIX_MAX > 0; off by default since it lost the e2e long
     workload by 10%, benchmarks/results/h200-20261207/): the store writes the chunk's rows of
     the copy, kernels/unpack.py the prefix's, FlashAttention covers every key j <= t - W, the
-    prefill kernel only the window's part of the prefix and the chunk's window band."""
-    from vllm_turboquant.backend import own_attention
+    prefill kernel only the window's part of the prefix and the chunk's window band. The rows
+    are the metadata builder's (own_copy_rows with prefix rows)."""
     from vllm_turboquant.kernels import tq_unpack_pages
-    nd, w, mq = s["nd"], s["window"], max(s["chunk"], 1)
-    r = _own_prefix_rows(s)
-    buf = torch.zeros((2, max(r["rows"], 1)) + tuple(s["k"].shape[1:]), dtype=s["q"].dtype,
-                      device=s["q"].device)
-
-    def store_own_prefix():
-        tq_store(s["k"], s["v"], s["cache"], s["slots"], s["params"], s["side"], s["rows"],
-                 s["pos"], s["store_end"], rot_out=(rot[0], rot[1]), deq_out=deq,
-                 own_out=(buf[0], buf[1], r["own_index"]))
+    nd, w, dev = s["nd"], s["window"], s["q"].device
+    keys = [0 if b < nd else max(n - w, 0) for b, n in enumerate(s["lens"])]
+    n_pre = sum(min(n - q, k) for n, q, k in zip(s["lens"], s["qlens"], keys))
+    r = own_copy_rows(s["qsl"], s["seq_lens"], s["t"], nd, w,
+                      torch.arange(max(s["t"], n_pre), dtype=torch.int32, device=dev),
+                      (n_pre, sum(keys)))
+    buf = torch.zeros((2, r["own_rows"]) + tuple(s["k"].shape[1:]), dtype=s["q"].dtype,
+                      device=dev)
+    store, fa, prefill = _own_path(s, rot, deq, side_p, buf, r["own_index"], r["own_cu_k_p"],
+                                   max(s["lens"]), own_prefix=True)
 
     def unpack_prefix():
-        tq_unpack_pages(s["cache"], s["bt"], r["req"], r["pos"], r["dst"], s["params"],
-                        buf[0], buf[1])
-
-    def own_fa_prefix():
-        q_rot = rotate_query(s["q"][nd:], s["params"], s["scale"])
-        return q_rot, own_attention.attend(q_rot, buf[0], buf[1], s["prefill_qsl"],
-                                           r["cu_k_p"], mq, w, max_seqlen_k=r["max_k"])
-
-    def prefill_own_prefix():
-        q_rot, own = own_fa_prefix()
-        tq_prefill(s["q"][nd:], rot[0, nd:], rot[1, nd:], s["prefill_qsl"], s["seq_lens"][nd:],
-                   s["cache"], s["bt"][nd:], s["params"], s["scale"], side_p,
-                   max_query_len=s["chunk"], out=s["out"][nd:], rotated=True,
-                   deq=tuple(x[nd:] for x in deq), own=own, q_rotated=q_rot, own_prefix=True)
+        tq_unpack_pages(s["cache"], s["bt"], r["unpack_req"], r["unpack_pos"],
+                        r["unpack_dst"], s["params"], buf[0], buf[1])
 
     def forward_split_own_prefix_ws():
-        store_own_prefix()
+        store()
         unpack_prefix()
         decode()
-        prefill_own_prefix()
+        prefill()
         side_store()
 
-    return {"store_own_prefix": store_own_prefix, "unpack_prefix": unpack_prefix,
-            "own_fa_prefix": own_fa_prefix, "prefill_own_prefix": prefill_own_prefix,
+    return {"store_own_prefix": store, "unpack_prefix": unpack_prefix,
+            "own_fa_prefix": fa, "prefill_own_prefix": prefill,
             "forward_split_own_prefix_ws": forward_split_own_prefix_ws}
 
 

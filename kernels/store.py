@@ -436,13 +436,23 @@ def store_config(tokens: int, num_kv_heads: int, head_size: int, device,
 
 
 def large_store_tokens(num_kv_heads: int, head_size: int, device) -> int | None:
-    """The fewest tokens whose store takes store_config's large-store tiles (32 tokens a
-    program; fewer tokens take 8), or None where every size takes one config (head 256).
-    The tile size is a constexpr: each config is a kernel variant of its own, which the
-    backend's warm-up compiles before serving (backend/warmup.py)."""
-    if head_size > 128:
+    """The fewest tokens whose store takes another store_config than a one-token store (its
+    large-store tiles), or None where every size takes one config (head 256; or so many KV
+    heads that one token fills the GPU). The tile size is a constexpr: each config is a
+    kernel variant of its own, which the backend's warm-up compiles before serving
+    (backend/warmup.py). Found by bisection over store_config itself (its size rule stays in
+    one place)."""
+    small = store_config(1, num_kv_heads, head_size, device)
+    lo, hi = 1, 1 << 24                 # more tokens than any step has
+    if store_config(hi, num_kv_heads, head_size, device) == small:
         return None
-    return 32 * (cdiv(_num_sms(device), num_kv_heads) - 1) + 1
+    while hi - lo > 1:                  # store_config(lo) is small, store_config(hi) is not
+        mid = (lo + hi) // 2
+        if store_config(mid, num_kv_heads, head_size, device) == small:
+            lo = mid
+        else:
+            hi = mid
+    return hi
 
 
 def tq_store(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,

@@ -42,3 +42,8 @@ def test_cli_writes_json_and_refuses_different_cases(tmp_path):
     assert bad.returncode != 0 and "differ in cases" in bad.stderr
     with pytest.raises(SystemExit):
         compare(json.loads(a.read_text()), json.loads(c.read_text()))
+    # a run with a case more is no pair either (zip alone would drop the extra case)
+    longer = json.loads(a.read_text())
+    longer["cases"].append(dict(longer["cases"][0], case="another"))
+    with pytest.raises(SystemExit, match="differ in cases"):
+        compare(json.loads(a.read_text()), longer)

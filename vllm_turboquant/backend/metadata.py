@@ -100,6 +100,48 @@ class TurboQuantMetadata(AttentionMetadata):
 NO_SIDE = 1 << 30
 
 
+def own_copy_rows(qsl: torch.Tensor, seq_lens: torch.Tensor, t: int, nd: int, window: int,
+                  arange: torch.Tensor, prefix_rows: tuple[int, int] | None = None) -> dict:
+    """The rows of FlashAttention's compact copy (backend/own_attention.py) for a step of
+    t tokens, decodes first (the first nd of the B requests), on qsl's device, no host sync:
+    {"own_index", "own_cu_k", "own_cu_k_p"} and, with prefix_rows (R, K) = upper bounds of
+    the prefix rows to unpack and of the copy's rows (the builder's _prefix_rows), also
+    {"unpack_req", "unpack_pos", "unpack_dst", "own_prefix", "own_rows"}; each as
+    TurboQuantMetadata documents it. qsl int32 [B + 1], seq_lens int32 [B]; arange int32
+    [>= max(t, R)] (0, 1, 2, ...). benchmarks/layer_step.py builds its steps' rows with it."""
+    b = len(seq_lens)
+    lens = (qsl[1:] - qsl[:-1]).to(torch.int32)
+    if prefix_rows is None:
+        keys = (lens - window).clamp(min=0).to(torch.int32)
+        n_pre = torch.zeros_like(keys)
+    else:
+        seq = seq_lens.to(torch.int32)
+        keys = (seq - window).clamp(min=0).to(torch.int32)
+        keys = torch.where(arange[:b] >= nd, keys, 0)     # decodes: no rows
+        n_pre = torch.minimum(seq - lens, keys)
+    cu_k = torch.zeros(len(keys) + 1, dtype=torch.int32, device=qsl.device)
+    torch.cumsum(keys, 0, out=cu_k[1:])
+    tok = arange[:t]
+    ends = qsl[1:].to(torch.int32)
+    rows = torch.searchsorted(ends, tok, right=True).clamp_(max=max(len(ends) - 1, 0))
+    local = tok - qsl[:-1].to(torch.int32)[rows] + n_pre[rows]   # position in the copy
+    out = {"own_index": torch.where(local < keys[rows], cu_k[rows] + local, -1).to(torch.int32),
+           "own_cu_k": cu_k,
+           # the chunks' rows (not rebased: W = 0 gives decodes rows)
+           "own_cu_k_p": cu_k[nd:]}
+    if prefix_rows is not None:
+        r_max, k_max = prefix_rows
+        cu_p = torch.zeros(b + 1, dtype=torch.int32, device=qsl.device)
+        torch.cumsum(n_pre, 0, out=cu_p[1:])
+        r = arange[:r_max]
+        req = torch.searchsorted(cu_p[1:], r, right=True).clamp_(max=max(b - 1, 0))
+        pos = r - cu_p[req]
+        out.update(unpack_req=req.to(torch.int32), unpack_pos=pos.to(torch.int32),
+                   unpack_dst=torch.where(r < cu_p[-1], cu_k[req] + pos, -1).to(torch.int32),
+                   own_prefix=True, own_rows=max(k_max, 1))
+    return out
+
+
 class TurboQuantMetadataBuilder(AttentionMetadataBuilder[TurboQuantMetadata]):
     # FULL CUDA graphs for pure decode batches; mixed batches run PIECEWISE (attention eager).
     _cudagraph_support: ClassVar[AttentionCGSupport] = (
@@ -228,38 +270,11 @@ class TurboQuantMetadataBuilder(AttentionMetadataBuilder[TurboQuantMetadata]):
                   prefix_rows: tuple[int, int] | None = None) -> None:
         """Fill md.own_index / own_cu_k / own_cu_k_p and, with prefix_rows (_prefix_rows),
         md.own_prefix / own_rows / unpack_* (see TurboQuantMetadata), on device."""
-        t, b = md.num_actual_tokens, md.num_reqs
+        t = md.num_actual_tokens
         self._ensure_arange(max(t, prefix_rows[0] if prefix_rows else 0))
-        lens = (qsl[1:] - qsl[:-1]).to(torch.int32)
-        if prefix_rows is None:
-            keys = (lens - self.window).clamp(min=0).to(torch.int32)
-            n_pre = torch.zeros_like(keys)
-        else:
-            seq = md.seq_lens.to(torch.int32)
-            keys = (seq - self.window).clamp(min=0).to(torch.int32)
-            keys = torch.where(self._arange[:b] >= nd, keys, 0)     # decodes: no rows
-            n_pre = torch.minimum(seq - lens, keys)
-        cu_k = torch.zeros(len(keys) + 1, dtype=torch.int32, device=qsl.device)
-        torch.cumsum(keys, 0, out=cu_k[1:])
-        tok = self._arange[:t]
-        ends = qsl[1:].to(torch.int32)
-        rows = torch.searchsorted(ends, tok, right=True).clamp_(max=max(len(ends) - 1, 0))
-        local = tok - qsl[:-1].to(torch.int32)[rows] + n_pre[rows]   # position in the copy
-        md.own_index = torch.where(local < keys[rows], cu_k[rows] + local, -1).to(torch.int32)
-        md.own_cu_k = cu_k
-        md.own_cu_k_p = cu_k[nd:]   # the chunks' rows (not rebased: W = 0 gives decodes rows)
-        if prefix_rows is not None:
-            r_max, k_max = prefix_rows
-            cu_p = torch.zeros(b + 1, dtype=torch.int32, device=qsl.device)
-            torch.cumsum(n_pre, 0, out=cu_p[1:])
-            r = self._arange[:r_max]
-            req = torch.searchsorted(cu_p[1:], r, right=True).clamp_(max=max(b - 1, 0))
-            pos = r - cu_p[req]
-            md.unpack_req = req.to(torch.int32)
-            md.unpack_pos = pos.to(torch.int32)
-            md.unpack_dst = torch.where(r < cu_p[-1], cu_k[req] + pos, -1).to(torch.int32)
-            md.own_prefix = True
-            md.own_rows = max(k_max, 1)
+        for name, value in own_copy_rows(qsl, md.seq_lens, t, nd, self.window, self._arange,
+                                         prefix_rows).items():
+            setattr(md, name, value)
 
     def _ensure_arange(self, t: int) -> None:
         if getattr(self, "_arange", None) is None or self._arange.numel() < t:

@@ -101,7 +101,7 @@ def compositions(split_ctx: int, capacity: int, own_min: int | None = None,
                 steps.append((f"mixed-split-{nd}{tag}",
                               [(long_ctx, 1)] * nd + [(long_ctx - c, c)]))
         steps.append((f"prefill-only{tag}", [(0, c), (c, c)]))
-    if large is not None and large > 1:
+    if large is not None:
         steps += _large_steps(split_ctx, capacity, own_min, large,
                               max_tokens if max_tokens is not None else large,
                               max_reqs if max_reqs is not None else large, window)
